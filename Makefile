@@ -1,0 +1,54 @@
+# poodle: the two commands a new user types are `make demo` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+ORT_VERSION := 1.31.1
+
+DATASET ?= sample
+ROOT ?=
+OUT ?= out/$(DATASET)
+MODEL ?= models/raft_small_random.json
+DEVICE ?= cpu
+PREP_ARGS ?=
+CARGO_RELEASE := cargo build --release -p poodle-prep -p poodle-train
+
+.PHONY: setup build demo prep test fmt clippy bench clean
+
+## setup: Python venv with PyPI's ONNX Runtime (the library ort loads) and zarr (interop tests).
+setup: $(VENV)/.ok
+$(VENV)/.ok: tools/requirements.txt
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r tools/requirements.txt
+	@command -v ffmpeg >/dev/null || { echo "ffmpeg is missing: apt-get install ffmpeg"; exit 1; }
+	touch $@
+
+build:
+	$(CARGO_RELEASE)
+
+## prep: prepare a dataset: make prep DATASET=bdd ROOT=/data/bdd100k OUT=/data/prep
+## (Slurm arrays: SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT pick the part.)
+prep: setup build
+	./target/release/poodle-prep prep --config manifests/$(DATASET).json \
+	  $(if $(ROOT),--root $(ROOT)) --out $(OUT) --model $(MODEL) --device $(DEVICE) $(PREP_ARGS)
+
+## demo: the sample dashcam clips -> store, then a summary and a picture of one pair.
+demo: DATASET = sample
+demo: prep
+	./target/release/poodle-prep inspect $(OUT)/sample-part-00000-of-00001.zarr
+	./target/release/poodle-prep show $(OUT)/sample-part-00000-of-00001.zarr --pair 0 --out $(OUT)/pair0.png
+
+fmt:
+	cargo fmt --all -- --check
+
+clippy:
+	cargo clippy --workspace --all-targets -- -D warnings
+
+## test: formatting, lints, every test (needs setup for ONNX Runtime and zarr-python).
+test: setup fmt clippy
+	cargo test --workspace
+
+bench: setup build
+	$(VENV)/bin/python bench/prep_stages.py
+
+clean:
+	rm -rf out

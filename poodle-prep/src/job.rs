@@ -1,0 +1,163 @@
+//! One prep job part: its plan, its lock, which shards are done, and its summary.
+//!
+//! State lives beside the Zarr data in `STORE/.poodle/`: `plan.json` (what this store is a
+//! part of; a rerun with another plan is refused), `lock` (held with an exclusive file lock
+//! while a job writes; the OS drops it when the process dies, even by SIGKILL) and
+//! `done/shard-NNNNNN.json` (written atomically after a shard's arrays are written).
+
+use crate::{PrepError, Result};
+use poodle_common::atomic::{read_json, write_json_atomic};
+use poodle_common::manifest::Pair;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub schema_version: u32,
+    pub dataset: poodle_common::config::DatasetConfig,
+    pub root: String,
+    pub manifest_sha256: String,
+    pub part_index: usize,
+    pub num_parts: usize,
+    pub first_pair: usize,
+    pub pairs: Vec<Pair>,
+    pub videos: Vec<String>,
+    pub flow_group: String,
+    pub model_sha256: String,
+    pub store_backward: bool,
+}
+
+/// A skipped pair, by index in the store, with its video and the reason.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SkippedPair {
+    pub pair: usize,
+    pub video: String,
+    pub t: u64,
+    pub dt: u64,
+    pub reason: String,
+}
+
+/// What one finished shard recorded.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShardDone {
+    pub shard: usize,
+    pub pairs_written: usize,
+    pub skipped: Vec<SkippedPair>,
+}
+
+pub struct JobDir {
+    pub store: PathBuf,
+    _lock: std::fs::File,
+}
+
+impl JobDir {
+    fn state(store: &Path) -> PathBuf {
+        store.join(".poodle")
+    }
+
+    /// Opens (or creates) the job state of `store` and takes its lock; refuses when another
+    /// job holds it.
+    pub fn open(store: &Path) -> Result<Self> {
+        let state = Self::state(store);
+        std::fs::create_dir_all(state.join("done"))
+            .map_err(|e| poodle_common::Error::io(&state, e))?;
+        let lock_path = state.join("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| poodle_common::Error::io(&lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(PrepError::Job {
+                    path: store.to_path_buf(),
+                    reason: "another job is writing this part (its lock is held); refusing to write it twice".into(),
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(poodle_common::Error::io(&lock_path, e).into())
+            }
+        }
+        Ok(JobDir {
+            store: store.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    /// Records the plan, or checks it against the one already recorded.
+    pub fn check_plan(&self, plan: &Plan) -> Result<()> {
+        let p = Self::state(&self.store).join("plan.json");
+        if p.exists() {
+            let old: Plan = read_json(&p)?;
+            if &old != plan {
+                let what = if old.dataset != plan.dataset {
+                    "dataset config"
+                } else if old.pairs != plan.pairs || old.videos != plan.videos {
+                    "pair manifest"
+                } else if old.model_sha256 != plan.model_sha256 || old.flow_group != plan.flow_group
+                {
+                    "flow model"
+                } else {
+                    "part split or options"
+                };
+                return Err(PrepError::Job {
+                    path: self.store.clone(),
+                    reason: format!(
+                        "this store was started with another {what}; use another --out, or delete the store to start over"
+                    ),
+                });
+            }
+            return Ok(());
+        }
+        write_json_atomic(&p, plan)?;
+        Ok(())
+    }
+
+    fn done_path(&self, shard: usize) -> PathBuf {
+        Self::state(&self.store)
+            .join("done")
+            .join(format!("shard-{shard:06}.json"))
+    }
+
+    pub fn done(&self, shard: usize) -> Option<ShardDone> {
+        read_json(&self.done_path(shard)).ok()
+    }
+
+    pub fn mark_done(&self, d: &ShardDone) -> Result<()> {
+        write_json_atomic(&self.done_path(d.shard), d)?;
+        Ok(())
+    }
+}
+
+/// Throughput of one pipeline stage.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageStats {
+    pub items: usize,
+    pub busy_s: f64,
+    pub per_s: f64,
+}
+
+/// The job's machine-readable summary (also printed).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub store: String,
+    pub part_index: usize,
+    pub num_parts: usize,
+    pub pairs_total: usize,
+    pub pairs_written: usize,
+    pub pairs_skipped: usize,
+    pub shards_total: usize,
+    pub shards_resumed: usize,
+    pub shards_written_now: usize,
+    pub skipped_pairs: Vec<SkippedPair>,
+    pub skipped_videos: Vec<poodle_common::manifest::Skipped>,
+    pub store_bytes: u64,
+    pub bytes_per_pair: f64,
+    pub raw_bytes_per_pair: f64,
+    pub wall_s: f64,
+    pub decode: StageStats,
+    pub flow: StageStats,
+    pub write: StageStats,
+}

@@ -1,0 +1,14 @@
+//! poodle-prep: decode videos, sample frame pairs, compute optical flow with an ONNX model,
+//! derive occlusion, and write everything into sharded Zarr v3 stores (schema:
+//! `poodle_common::store`).
+
+pub mod decode;
+pub mod discover;
+pub mod error;
+pub mod flowmodel;
+pub mod inspect;
+pub mod job;
+pub mod pipeline;
+pub mod tools;
+
+pub use error::{PrepError, Result};

@@ -1,0 +1,702 @@
+//! The prep job: manifest -> part -> bounded stages decode -> flow -> occlusion -> write.
+//!
+//! Decoding runs on a rayon pool; the flow model runs on one thread in batches; occlusion and
+//! statistics run on rayon beside it; one writer thread writes each shard as soon as all its
+//! pairs arrived. Stages are joined by bounded crossbeam channels, so memory is bounded by
+//! channel sizes (plus the few shards open at once), not by the dataset. Batches are fixed
+//! groups of pair slots inside one shard, so a resumed run computes exactly the same values.
+
+use crate::decode::{decode_frames, decode_image, Frame};
+use crate::discover::probe_all;
+use crate::flowmodel::{Device, FlowModel};
+use crate::job::{JobDir, Plan, ShardDone, SkippedPair, StageStats, Summary};
+use crate::tools::{check_ffmpeg, find_ort_library};
+use crate::{PrepError, Result};
+use crossbeam_channel::{bounded, Receiver, Sender};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use poodle_common::atomic::{read_json, write_json_atomic};
+use poodle_common::config::{DatasetConfig, Layout};
+use poodle_common::flowmath::{
+    flow_stats, occlusion_fb, quantize_flow, Map, FLOW_QUANT_SCALE, FLOW_STAT_NAMES, OCC_ALPHA1,
+    OCC_ALPHA2,
+};
+use poodle_common::manifest::{
+    json_sha256, part_range, sample_pairs, Pair, VideoInfo, VideoManifest,
+};
+use poodle_common::store::{Codecs, FlowAttrs, Geometry, StoreArrays, StoreAttrs, SCHEMA_VERSION};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct PrepOptions {
+    pub config: DatasetConfig,
+    pub root: PathBuf,
+    pub out: PathBuf,
+    pub part_index: usize,
+    pub num_parts: usize,
+    pub model_card: PathBuf,
+    pub device: Device,
+    pub ort_lib: Option<PathBuf>,
+    /// Flow group name; defaults to the model card's name.
+    pub flow_group: Option<String>,
+    pub store_backward: bool,
+    pub batch_size: usize,
+    pub decode_workers: usize,
+    pub flow_threads: usize,
+    pub show_progress: bool,
+    /// Use only the first N pairs of the manifest (demos, quick checks).
+    pub max_pairs: Option<usize>,
+}
+
+/// The probed manifest cached under OUT/manifest/, shared by all parts of a job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct CachedManifest {
+    dataset: DatasetConfig,
+    root: String,
+    videos: VideoManifest,
+}
+
+pub fn store_path(out: &Path, cfg: &DatasetConfig, part: usize, parts: usize) -> PathBuf {
+    out.join(format!("{}-part-{part:05}-of-{parts:05}.zarr", cfg.name))
+}
+
+fn bar(mp: &MultiProgress, len: u64, what: &str) -> ProgressBar {
+    let pb = mp.add(ProgressBar::new(len));
+    pb.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what:>7} {{bar:30}} {{pos}}/{{len}} {{per_sec}} eta {{eta}}"
+        ))
+        .expect("template"),
+    );
+    pb
+}
+
+/// Probes the dataset (or reuses the cached manifest of an identical config and root).
+pub fn load_or_probe(
+    cfg: &DatasetConfig,
+    root: &Path,
+    out: &Path,
+    mp: &MultiProgress,
+) -> Result<VideoManifest> {
+    let path = out
+        .join("manifest")
+        .join(format!("{}-videos.json", cfg.name));
+    let root_s = root.display().to_string();
+    if let Ok(c) = read_json::<CachedManifest>(&path) {
+        if &c.dataset == cfg && c.root == root_s {
+            return Ok(c.videos);
+        }
+    }
+    let pb = bar(mp, 0, "probe");
+    let videos = probe_all(cfg, root, &pb)?;
+    pb.finish_and_clear();
+    write_json_atomic(
+        &path,
+        &CachedManifest {
+            dataset: cfg.clone(),
+            root: root_s,
+            videos: videos.clone(),
+        },
+    )?;
+    Ok(videos)
+}
+
+struct Slot {
+    index: usize,
+    shard: usize,
+    pair: Pair,
+}
+
+/// A flow batch being filled: items received so far, and the decoded pairs among them.
+type GroupBuf = (usize, Vec<(usize, Frame, Frame)>);
+
+enum Decoded {
+    Ok { slot: usize, f1: Frame, f2: Frame },
+    Failed { slot: usize, reason: String },
+}
+
+struct PairOut {
+    slot: usize,
+    frames: Vec<u8>,
+    forward: Vec<i16>,
+    backward: Option<Vec<i16>>,
+    occlusion: Vec<bool>,
+    stats: Vec<f32>,
+}
+
+enum Flowed {
+    Ok(Box<PairOut>),
+    Failed { slot: usize, reason: String },
+}
+
+fn decode_segment(
+    cfg: &DatasetConfig,
+    root: &Path,
+    video: &VideoInfo,
+    slots: &[&Slot],
+) -> Vec<Decoded> {
+    let (h, w) = (cfg.height, cfg.width);
+    let fail_all = |reason: String| -> Vec<Decoded> {
+        slots
+            .iter()
+            .map(|s| Decoded::Failed {
+                slot: s.index,
+                reason: reason.clone(),
+            })
+            .collect()
+    };
+    if let Layout::Frames { .. } = cfg.layout {
+        let file = |n: u64| -> Option<PathBuf> {
+            let i = video.frame_numbers.binary_search(&n).ok()?;
+            Some(root.join(&video.frame_files[i]))
+        };
+        return slots
+            .iter()
+            .map(|s| {
+                let (Some(a), Some(b)) = (file(s.pair.t), file(s.pair.t + s.pair.dt)) else {
+                    return Decoded::Failed {
+                        slot: s.index,
+                        reason: "frame file missing".into(),
+                    };
+                };
+                match (decode_image(&a, h, w), decode_image(&b, h, w)) {
+                    (Ok(f1), Ok(f2)) => Decoded::Ok {
+                        slot: s.index,
+                        f1,
+                        f2,
+                    },
+                    (Err(e), _) | (_, Err(e)) => Decoded::Failed {
+                        slot: s.index,
+                        reason: e.to_string(),
+                    },
+                }
+            })
+            .collect();
+    }
+    let indices: Vec<u64> = slots
+        .iter()
+        .flat_map(|s| [s.pair.t, s.pair.t + s.pair.dt])
+        .collect();
+    let frames = match decode_frames(&root.join(&video.path), &indices, h, w) {
+        Ok(f) => f,
+        Err(PrepError::Video { reason, .. }) => return fail_all(reason),
+        Err(e) => return fail_all(e.to_string()),
+    };
+    let got = frames.len();
+    slots
+        .iter()
+        .map(|s| {
+            let (a, b) = (s.pair.t, s.pair.t + s.pair.dt);
+            match (frames.get(&a), frames.get(&b)) {
+                (Some(f1), Some(f2)) => Decoded::Ok {
+                    slot: s.index,
+                    f1: f1.clone(),
+                    f2: f2.clone(),
+                },
+                _ => Decoded::Failed {
+                    slot: s.index,
+                    reason: format!(
+                        "frame {} not decoded (truncated or corrupt video: {got} of {} wanted frames decoded)",
+                        if frames.contains_key(&a) { b } else { a },
+                        indices.len()
+                    ),
+                },
+            }
+        })
+        .collect()
+}
+
+/// Runs one job part end to end and returns its summary.
+pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
+    let start = Instant::now();
+    let cfg = &opts.config;
+    if opts.num_parts == 0 || opts.part_index >= opts.num_parts {
+        return Err(PrepError::Usage(format!(
+            "--part-index {} must be below --num-parts {}",
+            opts.part_index, opts.num_parts
+        )));
+    }
+    if opts.batch_size == 0 {
+        return Err(PrepError::Usage("--batch-size must be positive".into()));
+    }
+    // Everything that can fail for the whole job fails here, before any work.
+    check_ffmpeg()?;
+    let ort_lib = find_ort_library(opts.ort_lib.as_deref())?;
+    let mut model = FlowModel::load(&opts.model_card, opts.device, &ort_lib, opts.flow_threads)?;
+    let flow_group = opts
+        .flow_group
+        .clone()
+        .unwrap_or_else(|| model.card.name.clone());
+    poodle_common::store::validate_group_name(&flow_group).map_err(PrepError::Usage)?;
+
+    let mp = MultiProgress::with_draw_target(if opts.show_progress {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let manifest = load_or_probe(cfg, &opts.root, &opts.out, &mp)?;
+    let (mut all_pairs, mut skipped_videos) = sample_pairs(cfg, &manifest.videos);
+    skipped_videos.extend(manifest.skipped.iter().cloned());
+    if let Some(m) = opts.max_pairs {
+        all_pairs.truncate(m);
+    }
+    let manifest_sha256 = json_sha256(&(
+        &all_pairs,
+        &manifest.videos.iter().map(|v| &v.path).collect::<Vec<_>>(),
+    ));
+    write_json_atomic(
+        &opts
+            .out
+            .join("manifest")
+            .join(format!("{}-pairs.json", cfg.name)),
+        &serde_json::json!({"manifest_sha256": manifest_sha256, "pairs": all_pairs}),
+    )?;
+    let range = part_range(all_pairs.len(), opts.part_index, opts.num_parts);
+    let first_pair = range.start;
+    let part_pairs: Vec<Pair> = all_pairs[range].to_vec();
+    if part_pairs.is_empty() {
+        return Err(PrepError::Usage(format!(
+            "part {} of {} has no pairs ({} pairs in the manifest, {} videos skipped)",
+            opts.part_index,
+            opts.num_parts,
+            all_pairs.len(),
+            skipped_videos.len()
+        )));
+    }
+    // Only the videos this part uses go into its store; pairs index that list.
+    let mut used: Vec<u32> = part_pairs.iter().map(|p| p.video).collect();
+    used.dedup();
+    let remap: BTreeMap<u32, u32> = used
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (v, i as u32))
+        .collect();
+    let videos: Vec<VideoInfo> = used
+        .iter()
+        .map(|&v| manifest.videos[v as usize].clone())
+        .collect();
+    let pairs: Vec<Pair> = part_pairs
+        .iter()
+        .map(|p| Pair {
+            video: remap[&p.video],
+            ..*p
+        })
+        .collect();
+
+    let store = store_path(&opts.out, cfg, opts.part_index, opts.num_parts);
+    let job = JobDir::open(&store)?;
+    let plan = Plan {
+        schema_version: SCHEMA_VERSION,
+        dataset: cfg.clone(),
+        root: opts.root.display().to_string(),
+        manifest_sha256: manifest_sha256.clone(),
+        part_index: opts.part_index,
+        num_parts: opts.num_parts,
+        first_pair,
+        pairs: pairs.clone(),
+        videos: videos.iter().map(|v| v.path.clone()).collect(),
+        flow_group: flow_group.clone(),
+        model_sha256: model.model_sha256.clone(),
+        store_backward: opts.store_backward,
+    };
+    job.check_plan(&plan)?;
+
+    let geometry = Geometry {
+        num_pairs: pairs.len(),
+        height: cfg.height,
+        width: cfg.width,
+        pairs_per_shard: cfg.pairs_per_shard,
+    };
+    let codecs = Codecs::default();
+    let arrays = StoreArrays::new(&store, geometry, codecs)?;
+    let flow_arrays = arrays.flow_arrays(&flow_group, opts.store_backward, codecs)?;
+
+    let shards_total = geometry.num_shards();
+    let mut done: BTreeMap<usize, ShardDone> = BTreeMap::new();
+    for k in 0..shards_total {
+        if let Some(d) = job.done(k) {
+            done.insert(k, d);
+        }
+    }
+    let shards_resumed = done.len();
+    let todo: Vec<usize> = (0..shards_total)
+        .filter(|k| !done.contains_key(k))
+        .collect();
+
+    // Work list: per shard, the runs of consecutive slots of one video (one decode each).
+    let slots: Vec<Slot> = todo
+        .iter()
+        .flat_map(|&k| geometry.shard_pairs(k).map(move |i| (k, i)))
+        .map(|(k, i)| Slot {
+            index: i,
+            shard: k,
+            pair: pairs[i],
+        })
+        .collect();
+    let mut segments: Vec<Vec<&Slot>> = Vec::new();
+    for s in &slots {
+        match segments.last_mut() {
+            Some(seg) if seg[0].shard == s.shard && seg[0].pair.video == s.pair.video => {
+                seg.push(s)
+            }
+            _ => segments.push(vec![s]),
+        }
+    }
+
+    let n_todo = slots.len();
+    let pb_dec = bar(&mp, n_todo as u64, "decode");
+    let pb_flow = bar(&mp, n_todo as u64, "flow");
+    let pb_write = bar(&mp, todo.len() as u64, "shards");
+    let cap = 2 * opts.batch_size.max(2);
+    let (tx_dec, rx_dec): (Sender<Decoded>, Receiver<Decoded>) = bounded(cap);
+    let (tx_flow, rx_flow): (Sender<Flowed>, Receiver<Flowed>) = bounded(cap);
+    let decode_pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.decode_workers.max(1))
+        .thread_name(|i| format!("decode-{i}"))
+        .build()
+        .map_err(|e| PrepError::Usage(format!("decode pool: {e}")))?;
+    let videos = Arc::new(videos);
+    let shard_of = |slot: usize| slot / geometry.pairs_per_shard;
+
+    let mut dec_stats = StageStats::default();
+    let mut flow_stats_s = StageStats::default();
+    let mut write_stats = StageStats::default();
+    let mut newly_done: Vec<ShardDone> = Vec::new();
+
+    std::thread::scope(|scope| -> Result<()> {
+        // Stage 1: decode (rayon pool), in manifest order as workers free up.
+        let dec_handle = {
+            let videos = videos.clone();
+            let segments = &segments;
+            let pb = pb_dec.clone();
+            let root = opts.root.clone();
+            scope.spawn(move || {
+                let t0 = Instant::now();
+                decode_pool.install(|| {
+                    segments
+                        .iter()
+                        .par_bridge()
+                        .for_each_with(tx_dec, |tx, seg| {
+                            let v = &videos[seg[0].pair.video as usize];
+                            for d in decode_segment(cfg, &root, v, seg) {
+                                pb.inc(1);
+                                if tx.send(d).is_err() {
+                                    return; // downstream failed; it reports why
+                                }
+                            }
+                        })
+                });
+                t0.elapsed().as_secs_f64()
+            })
+        };
+
+        // Stage 3: write whole shards, one writer.
+        let write_handle = {
+            let pb = pb_write.clone();
+            let arrays = &arrays;
+            let flow_arrays = &flow_arrays;
+            let job = &job;
+            let videos = videos.clone();
+            let pairs = &pairs;
+            scope.spawn(move || -> Result<(Vec<ShardDone>, f64)> {
+                let mut busy = 0.0;
+                let mut open: BTreeMap<usize, Vec<Flowed>> = BTreeMap::new();
+                let mut finished = Vec::new();
+                for item in rx_flow {
+                    let slot = match &item {
+                        Flowed::Ok(p) => p.slot,
+                        Flowed::Failed { slot, .. } => *slot,
+                    };
+                    let k = shard_of(slot);
+                    let entry = open.entry(k).or_default();
+                    entry.push(item);
+                    if entry.len() < geometry.shard_pairs(k).len() {
+                        continue;
+                    }
+                    let mut items = open.remove(&k).expect("open shard");
+                    items.sort_by_key(|i| match i {
+                        Flowed::Ok(p) => p.slot,
+                        Flowed::Failed { slot, .. } => *slot,
+                    });
+                    let t0 = Instant::now();
+                    let d = write_shard(
+                        arrays,
+                        flow_arrays,
+                        geometry,
+                        k,
+                        items,
+                        pairs,
+                        &videos,
+                        opts.store_backward,
+                    )?;
+                    job.mark_done(&d)?;
+                    busy += t0.elapsed().as_secs_f64();
+                    finished.push(d);
+                    pb.inc(1);
+                }
+                Ok((finished, busy))
+            })
+        };
+
+        // Stage 2: flow in fixed slot groups, occlusion and statistics on rayon.
+        let t_flow = Instant::now();
+        let mut flow_busy = 0.0;
+        let b = opts.batch_size;
+        let group_of = |slot: usize| {
+            let k = shard_of(slot);
+            (k, (slot - geometry.shard_pairs(k).start) / b)
+        };
+        let group_len = |(k, g): (usize, usize)| {
+            let r = geometry.shard_pairs(k);
+            (r.len() - g * b).min(b)
+        };
+        let mut groups: BTreeMap<(usize, usize), GroupBuf> = BTreeMap::new();
+        let mut flow_err: Option<PrepError> = None;
+        for d in rx_dec {
+            let slot = match &d {
+                Decoded::Ok { slot, .. } | Decoded::Failed { slot, .. } => *slot,
+            };
+            let g = group_of(slot);
+            let entry = groups.entry(g).or_insert((0, Vec::new()));
+            entry.0 += 1;
+            match d {
+                Decoded::Ok { slot, f1, f2 } => entry.1.push((slot, f1, f2)),
+                Decoded::Failed { slot, reason } => {
+                    pb_flow.inc(1);
+                    if tx_flow.send(Flowed::Failed { slot, reason }).is_err() {
+                        break;
+                    }
+                }
+            }
+            if entry.0 < group_len(g) {
+                continue;
+            }
+            let (_, mut batch) = groups.remove(&g).expect("group");
+            batch.sort_by_key(|x| x.0);
+            let t0 = Instant::now();
+            match flow_batch(&mut model, batch, opts.store_backward) {
+                Ok(outs) => {
+                    flow_busy += t0.elapsed().as_secs_f64();
+                    for o in outs {
+                        pb_flow.inc(1);
+                        if tx_flow.send(Flowed::Ok(Box::new(o))).is_err() {
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    flow_err = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(tx_flow);
+        let dec_s = dec_handle.join().expect("decode thread");
+        let (finished, write_busy) = write_handle.join().expect("writer thread")?;
+        if let Some(e) = flow_err {
+            return Err(e);
+        }
+        let _ = t_flow;
+        dec_stats = StageStats {
+            items: n_todo,
+            busy_s: dec_s,
+            per_s: n_todo as f64 / dec_s.max(1e-9),
+        };
+        flow_stats_s = StageStats {
+            items: n_todo,
+            busy_s: flow_busy,
+            per_s: n_todo as f64 / flow_busy.max(1e-9),
+        };
+        write_stats = StageStats {
+            items: n_todo,
+            busy_s: write_busy,
+            per_s: n_todo as f64 / write_busy.max(1e-9),
+        };
+        newly_done = finished;
+        Ok(())
+    })?;
+    pb_dec.finish_and_clear();
+    pb_flow.finish_and_clear();
+    pb_write.finish_and_clear();
+
+    for d in &newly_done {
+        done.insert(d.shard, d.clone());
+    }
+    if done.len() != shards_total {
+        return Err(PrepError::Job {
+            path: store.clone(),
+            reason: format!("only {} of {shards_total} shards finished", done.len()),
+        });
+    }
+    // All shards done: metadata last, so valid metadata means complete data.
+    let attrs = StoreAttrs {
+        schema_version: SCHEMA_VERSION,
+        tool_version: poodle_common::TOOL_VERSION.to_string(),
+        dataset: cfg.clone(),
+        manifest_sha256,
+        part_index: opts.part_index,
+        num_parts: opts.num_parts,
+        first_pair,
+        geometry,
+        videos: videos.iter().map(|v| v.path.clone()).collect(),
+        root: opts.root.display().to_string(),
+    };
+    arrays.finalize_flow(
+        &flow_arrays,
+        &FlowAttrs {
+            model_name: model.card.name.clone(),
+            model_sha256: model.model_sha256.clone(),
+            card: model.card_json.clone(),
+            flow_scale: FLOW_QUANT_SCALE,
+            backward: opts.store_backward,
+            occlusion: format!(
+                "DDFlow forward-backward check: |f + b'|^2 > {OCC_ALPHA1} (|f|^2 + |b'|^2) + {OCC_ALPHA2}"
+            ),
+            stat_names: FLOW_STAT_NAMES.iter().map(|s| s.to_string()).collect(),
+        },
+    )?;
+    arrays.finalize(&attrs)?;
+
+    let skipped_pairs: Vec<SkippedPair> = done.values().flat_map(|d| d.skipped.clone()).collect();
+    let written: usize = done.values().map(|d| d.pairs_written).sum();
+    let store_bytes = poodle_common::store::dir_size(&store);
+    let summary = Summary {
+        store: store.display().to_string(),
+        part_index: opts.part_index,
+        num_parts: opts.num_parts,
+        pairs_total: pairs.len(),
+        pairs_written: written,
+        pairs_skipped: skipped_pairs.len(),
+        shards_total,
+        shards_resumed,
+        shards_written_now: newly_done.len(),
+        skipped_pairs,
+        skipped_videos,
+        store_bytes,
+        bytes_per_pair: store_bytes as f64 / written.max(1) as f64,
+        raw_bytes_per_pair: raw_bytes_per_pair(&geometry, opts.store_backward),
+        wall_s: start.elapsed().as_secs_f64(),
+        decode: dec_stats,
+        flow: flow_stats_s,
+        write: write_stats,
+    };
+    write_json_atomic(&store.with_extension("summary.json"), &summary)?;
+    Ok(summary)
+}
+
+/// Raw size of a pair: two uint8 RGB frames plus float32 forward (and backward) flow.
+pub fn raw_bytes_per_pair(g: &Geometry, backward: bool) -> f64 {
+    let px = (g.height * g.width) as f64;
+    2.0 * 3.0 * px + 8.0 * px * if backward { 2.0 } else { 1.0 }
+}
+
+fn flow_batch(
+    model: &mut FlowModel,
+    batch: Vec<(usize, Frame, Frame)>,
+    keep_bwd: bool,
+) -> Result<Vec<PairOut>> {
+    let imgs: Vec<(Map, Map)> = batch
+        .par_iter()
+        .map(|(_, f1, f2)| {
+            (
+                Map::from_hwc_u8(f1.height, f1.width, &f1.rgb),
+                Map::from_hwc_u8(f2.height, f2.width, &f2.rgb),
+            )
+        })
+        .collect();
+    // Forward and backward flow in one batch: (f1, f2) then (f2, f1).
+    let mut inputs: Vec<(&Map, &Map)> = imgs.iter().map(|(a, b)| (a, b)).collect();
+    inputs.extend(imgs.iter().map(|(a, b)| (b, a)));
+    let flows = model.flow(&inputs)?;
+    let n = batch.len();
+    Ok(batch
+        .into_par_iter()
+        .enumerate()
+        .map(|(i, (slot, f1, f2))| {
+            let (fwd, bwd) = (&flows[i], &flows[n + i]);
+            let occ = occlusion_fb(fwd, bwd, OCC_ALPHA1, OCC_ALPHA2);
+            let st = flow_stats(&imgs[i].0, &imgs[i].1, fwd, bwd, &occ);
+            let mut frames = f1.to_planar();
+            frames.extend(f2.to_planar());
+            PairOut {
+                slot,
+                frames,
+                forward: quantize_flow(fwd, FLOW_QUANT_SCALE),
+                backward: keep_bwd.then(|| quantize_flow(bwd, FLOW_QUANT_SCALE)),
+                occlusion: occ,
+                stats: st.to_array().to_vec(),
+            }
+        })
+        .collect())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_shard(
+    arrays: &StoreArrays,
+    fa: &poodle_common::store::FlowArrays,
+    g: Geometry,
+    k: usize,
+    items: Vec<Flowed>,
+    pairs: &[Pair],
+    videos: &[VideoInfo],
+    keep_bwd: bool,
+) -> Result<ShardDone> {
+    let n = items.len();
+    let mut frames = vec![0u8; n * g.frame_len()];
+    let mut meta = Vec::with_capacity(n * 3);
+    let mut valid = vec![false; n];
+    let mut fwd = vec![0i16; n * g.flow_len()];
+    let mut bwd = if keep_bwd {
+        vec![0i16; n * g.flow_len()]
+    } else {
+        vec![]
+    };
+    let mut occ = vec![false; n * g.mask_len()];
+    let mut stats = vec![0f32; n * FLOW_STAT_NAMES.len()];
+    let mut d = ShardDone {
+        shard: k,
+        ..Default::default()
+    };
+    let start = g.shard_pairs(k).start;
+    for (j, item) in items.into_iter().enumerate() {
+        let slot = start + j;
+        let p = pairs[slot];
+        meta.extend([i64::from(p.video), p.t as i64, p.dt as i64]);
+        match item {
+            Flowed::Ok(o) => {
+                debug_assert_eq!(o.slot, slot);
+                valid[j] = true;
+                frames[j * g.frame_len()..(j + 1) * g.frame_len()].copy_from_slice(&o.frames);
+                fwd[j * g.flow_len()..(j + 1) * g.flow_len()].copy_from_slice(&o.forward);
+                if let Some(b) = &o.backward {
+                    bwd[j * g.flow_len()..(j + 1) * g.flow_len()].copy_from_slice(b);
+                }
+                occ[j * g.mask_len()..(j + 1) * g.mask_len()].copy_from_slice(&o.occlusion);
+                let s = FLOW_STAT_NAMES.len();
+                stats[j * s..(j + 1) * s].copy_from_slice(&o.stats);
+                d.pairs_written += 1;
+            }
+            Flowed::Failed { reason, .. } => d.skipped.push(SkippedPair {
+                pair: slot,
+                video: videos[p.video as usize].path.clone(),
+                t: p.t,
+                dt: p.dt,
+                reason,
+            }),
+        }
+    }
+    arrays.write_shard(k, &frames, &meta, &valid)?;
+    arrays.write_flow_shard(
+        fa,
+        k,
+        &fwd,
+        keep_bwd.then_some(bwd.as_slice()),
+        &occ,
+        &stats,
+    )?;
+    Ok(d)
+}
