@@ -199,7 +199,10 @@ fn zarr_python_reads_prep_store() {
     let store = PoodleStore::open(&store_path).expect("open store");
     let g = store.attrs.geometry;
     assert_eq!(g.num_pairs, NUM_PAIRS, "the sample videos give fewer pairs");
-    assert!(g.num_pairs % 2 == 1 && g.num_pairs % g.pairs_per_shard != 0);
+    assert!(
+        !g.num_pairs.is_multiple_of(2) && !g.num_pairs.is_multiple_of(g.pairs_per_shard),
+        "odd pairs and a partial last shard"
+    );
     assert_eq!(store.flow_groups.len(), 1);
     assert!(store.flow_groups[0].1.backward, "backward flow stored");
     // First pair, a shard boundary, and both pairs around the partial last shard.
