@@ -88,10 +88,11 @@ fn run_ok(mut c: Command) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("summary JSON on stdout")
 }
 
+/// Every value of one pair: frames, flow, occlusion, stats, (video, t, dt), valid.
+type PairValues = (Vec<u8>, Vec<f32>, Vec<bool>, Vec<f32>, i64, i64, i64, bool);
+
 /// Every value of every pair, for comparing two stores.
-fn store_contents(
-    path: &Path,
-) -> Vec<(Vec<u8>, Vec<f32>, Vec<bool>, Vec<f32>, i64, i64, i64, bool)> {
+fn store_contents(path: &Path) -> Vec<PairValues> {
     let s = PoodleStore::open(path).unwrap();
     let (group, _) = s.flow_group(None).unwrap().clone();
     (0..s.num_pairs())
