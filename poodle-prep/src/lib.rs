@@ -5,6 +5,7 @@
 pub mod decode;
 pub mod discover;
 pub mod error;
+pub mod evalflow;
 pub mod flowmodel;
 pub mod inspect;
 pub mod job;
