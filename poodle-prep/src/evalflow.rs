@@ -42,12 +42,12 @@ pub fn read_flo(path: &Path) -> Result<GroundTruth> {
     }
     let mut flow = Map::zeros(2, h, w);
     let mut valid = vec![true; w * h];
-    for i in 0..w * h {
+    for (i, ok) in valid.iter_mut().enumerate() {
         let o = 12 + i * 8;
         let u = f32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
         let v = f32::from_le_bytes(b[o + 4..o + 8].try_into().expect("4 bytes"));
         if !(u.abs() < 1e9 && v.abs() < 1e9) {
-            valid[i] = false;
+            *ok = false;
             continue;
         }
         flow.data[i] = u;
@@ -83,9 +83,9 @@ pub fn read_kitti_png(path: &Path) -> Result<GroundTruth> {
     };
     let mut flow = Map::zeros(2, h, w);
     let mut valid = vec![false; w * h];
-    for i in 0..w * h {
+    for (i, ok) in valid.iter_mut().enumerate() {
         if px(i, 2) > 0 {
-            valid[i] = true;
+            *ok = true;
             flow.data[i] = (f32::from(px(i, 0)) - 32768.0) / 64.0;
             flow.data[w * h + i] = (f32::from(px(i, 1)) - 32768.0) / 64.0;
         }
@@ -148,13 +148,11 @@ pub fn photometric_error(f1: &Map, f2: &Map, flow: &Map) -> f64 {
     let (warped, inb) = warp_backward(f2, flow);
     let n = f1.h * f1.w;
     let (mut s, mut c) = (0.0f64, 0usize);
-    for i in 0..n {
-        if inb[i] {
-            for ch in 0..3 {
-                s += f64::from((f1.data[ch * n + i] - warped.data[ch * n + i]).abs());
-            }
-            c += 3;
+    for (i, _) in inb.iter().enumerate().filter(|(_, &v)| v) {
+        for ch in 0..3 {
+            s += f64::from((f1.data[ch * n + i] - warped.data[ch * n + i]).abs());
         }
+        c += 3;
     }
     s / c.max(1) as f64
 }

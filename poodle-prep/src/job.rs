@@ -47,20 +47,31 @@ pub struct ShardDone {
 
 pub struct JobDir {
     pub store: PathBuf,
+    state: PathBuf,
     _lock: std::fs::File,
 }
 
+/// Names a plan field for the "started with another ..." message.
+fn plan_field_name(key: &str) -> &str {
+    match key {
+        "dataset" => "dataset config",
+        "pairs" | "videos" | "manifest_sha256" | "root" => "pair manifest",
+        "model_sha256" | "flow_group" => "flow model",
+        _ => "part split or options",
+    }
+}
+
 impl JobDir {
-    fn state(store: &Path) -> PathBuf {
-        store.join(".poodle")
+    /// Opens (or creates) the job state of `store` (the prep job's) and takes its lock;
+    /// refuses when another job holds it.
+    pub fn open(store: &Path) -> Result<Self> {
+        Self::open_in(store, &store.join(".poodle"))
     }
 
-    /// Opens (or creates) the job state of `store` and takes its lock; refuses when another
-    /// job holds it.
-    pub fn open(store: &Path) -> Result<Self> {
-        let state = Self::state(store);
+    /// Job state in another folder (a `flow` job keeps its own per flow group).
+    pub fn open_in(store: &Path, state: &Path) -> Result<Self> {
         std::fs::create_dir_all(state.join("done"))
-            .map_err(|e| poodle_common::Error::io(&state, e))?;
+            .map_err(|e| poodle_common::Error::io(state, e))?;
         let lock_path = state.join("lock");
         let lock = std::fs::OpenOptions::new()
             .create(true)
@@ -82,30 +93,27 @@ impl JobDir {
         }
         Ok(JobDir {
             store: store.to_path_buf(),
+            state: state.to_path_buf(),
             _lock: lock,
         })
     }
 
     /// Records the plan, or checks it against the one already recorded.
-    pub fn check_plan(&self, plan: &Plan) -> Result<()> {
-        let p = Self::state(&self.store).join("plan.json");
+    pub fn check_plan<T: Serialize + serde::de::DeserializeOwned>(&self, plan: &T) -> Result<()> {
+        let p = self.state.join("plan.json");
+        let new = serde_json::to_value(plan).expect("plan serialises");
         if p.exists() {
-            let old: Plan = read_json(&p)?;
-            if &old != plan {
-                let what = if old.dataset != plan.dataset {
-                    "dataset config"
-                } else if old.pairs != plan.pairs || old.videos != plan.videos {
-                    "pair manifest"
-                } else if old.model_sha256 != plan.model_sha256 || old.flow_group != plan.flow_group
-                {
-                    "flow model"
-                } else {
-                    "part split or options"
-                };
+            let old: serde_json::Value = read_json(&p)?;
+            if old != new {
+                let key = new
+                    .as_object()
+                    .and_then(|n| n.iter().find(|(k, v)| old.get(k.as_str()) != Some(v)))
+                    .map_or("options", |(k, _)| k.as_str());
                 return Err(PrepError::Job {
                     path: self.store.clone(),
                     reason: format!(
-                        "this store was started with another {what}; use another --out, or delete the store to start over"
+                        "this store was started with another {}; use another --out, or delete the store to start over",
+                        plan_field_name(key)
                     ),
                 });
             }
@@ -116,7 +124,7 @@ impl JobDir {
     }
 
     fn done_path(&self, shard: usize) -> PathBuf {
-        Self::state(&self.store)
+        self.state
             .join("done")
             .join(format!("shard-{shard:06}.json"))
     }
@@ -153,6 +161,8 @@ pub struct Summary {
     pub shards_written_now: usize,
     pub skipped_pairs: Vec<SkippedPair>,
     pub skipped_videos: Vec<poodle_common::manifest::Skipped>,
+    /// Skipped pairs counted by kind: decode, near_static, black, frozen.
+    pub skipped_by_kind: std::collections::BTreeMap<String, usize>,
     pub store_bytes: u64,
     pub bytes_per_pair: f64,
     pub raw_bytes_per_pair: f64,
@@ -160,4 +170,19 @@ pub struct Summary {
     pub decode: StageStats,
     pub flow: StageStats,
     pub write: StageStats,
+}
+
+impl SkippedPair {
+    /// The kind of skip, for the summary's counts.
+    pub fn kind(&self) -> &'static str {
+        if self.reason.starts_with("near-static") {
+            "near_static"
+        } else if self.reason.starts_with("black frame") {
+            "black"
+        } else if self.reason.starts_with("frozen frames") {
+            "frozen"
+        } else {
+            "decode"
+        }
+    }
 }

@@ -7,9 +7,11 @@ pub mod discover;
 pub mod error;
 pub mod evalflow;
 pub mod flowmodel;
+pub mod flowstage;
 pub mod inspect;
 pub mod job;
 pub mod pipeline;
+pub mod reflow;
 pub mod tools;
 
 pub use error::{PrepError, Result};

@@ -29,6 +29,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Recompute flow and occlusion over a finished store with another model (no video
+    /// decoding) into its own flow group; rerun to resume.
+    Flow(FlowArgs),
+    /// Accuracy of a flow model against ground truth: AEE, KITTI Fl-all, photometric error.
+    EvalFlow(EvalFlowArgs),
     /// Write one pair as a PNG: both frames, the flow colour wheel, the occlusion mask.
     Show {
         store: PathBuf,
@@ -40,6 +45,70 @@ enum Cmd {
         #[arg(long)]
         flow_group: Option<String>,
     },
+}
+
+/// Options shared by every command that runs a flow model.
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Flow model card (JSON beside the ONNX file).
+    #[arg(long, default_value = "models/raft_small_random.json")]
+    model: PathBuf,
+    /// cpu or cuda:N. An unavailable CUDA provider is an error, not a fallback.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// ONNX Runtime shared library (default: $ORT_DYLIB_PATH, then .venv's onnxruntime).
+    #[arg(long)]
+    ort_lib: Option<PathBuf>,
+    /// ONNX Runtime intra-op threads on CPU (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    flow_threads: usize,
+}
+
+impl ModelArgs {
+    fn threads(&self) -> usize {
+        if self.flow_threads == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            self.flow_threads
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct FlowArgs {
+    /// A finished store (one part).
+    store: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Name of the new flow group (default: the model card's name).
+    #[arg(long)]
+    flow_group: Option<String>,
+    /// Also store the backward flow.
+    #[arg(long)]
+    store_backward: bool,
+    /// Pairs per flow batch.
+    #[arg(long, default_value_t = 2)]
+    batch_size: usize,
+    /// Hide progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(clap::Args)]
+struct EvalFlowArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Folder with the known pairs (Middlebury RubberWhale, KITTI).
+    #[arg(long, default_value = "../shared/data/flow")]
+    data: PathBuf,
+    /// Extra pairs: IMG1,IMG2,GT (GT: Middlebury .flo or KITTI 16-bit .png). Repeatable.
+    #[arg(long, value_delimiter = ';')]
+    pair: Vec<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -59,15 +128,8 @@ struct PrepArgs {
     max_pairs: Option<usize>,
 
     // --- Flow ---
-    /// Flow model card (JSON beside the ONNX file).
-    #[arg(long, default_value = "models/raft_small_random.json")]
-    model: PathBuf,
-    /// cpu or cuda:N. An unavailable CUDA provider is an error, not a fallback.
-    #[arg(long, default_value = "cpu")]
-    device: Device,
-    /// ONNX Runtime shared library (default: $ORT_DYLIB_PATH, then .venv's onnxruntime).
-    #[arg(long)]
-    ort_lib: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Name of the flow group (default: the model card's name).
     #[arg(long)]
     flow_group: Option<String>,
@@ -88,12 +150,22 @@ struct PrepArgs {
     /// Decoder threads (each runs one ffmpeg).
     #[arg(long, default_value_t = 2)]
     decode_workers: usize,
-    /// ONNX Runtime intra-op threads (CPU).
-    #[arg(long, default_value_t = 0)]
-    flow_threads: usize,
+
+    // --- Filters (skipped pairs are counted by kind in the summary) ---
+    /// Skip near-static pairs: median forward flow below this many pixels (try 0.5).
+    #[arg(long)]
+    min_median_flow: Option<f32>,
+    /// Skip pairs with a black frame or frozen (identical) frames.
+    #[arg(long)]
+    drop_degenerate: bool,
     /// Hide progress bars.
     #[arg(long)]
     quiet: bool,
+}
+
+fn check_model_tools() -> Result<()> {
+    poodle_prep::tools::check_ffmpeg()?;
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -111,22 +183,16 @@ fn main() -> Result<()> {
                     a.config.display()
                 ),
             };
-            let threads = if a.flow_threads == 0 {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            } else {
-                a.flow_threads
-            };
+            let threads = a.model.threads();
             let opts = PrepOptions {
                 config,
                 root,
                 out: a.out,
                 part_index: a.part_index,
                 num_parts: a.num_parts,
-                model_card: a.model,
-                device: a.device,
-                ort_lib: a.ort_lib,
+                model_card: a.model.model,
+                device: a.model.device,
+                ort_lib: a.model.ort_lib,
                 flow_group: a.flow_group,
                 store_backward: a.store_backward,
                 batch_size: a.batch_size,
@@ -134,6 +200,8 @@ fn main() -> Result<()> {
                 flow_threads: threads,
                 show_progress: !a.quiet,
                 max_pairs: a.max_pairs,
+                min_median_flow: a.min_median_flow,
+                drop_degenerate: a.drop_degenerate,
             };
             let s = run_prep(&opts).context("prep failed")?;
             eprintln!(
@@ -159,6 +227,86 @@ fn main() -> Result<()> {
                 eprintln!("skipped video {}: {}", sv.path, sv.reason);
             }
             println!("{}", serde_json::to_string(&s)?);
+        }
+        Cmd::Flow(a) => {
+            let opts = poodle_prep::reflow::ReflowOptions {
+                store: a.store,
+                model_card: a.model.model.clone(),
+                device: a.model.device,
+                ort_lib: a.model.ort_lib.clone(),
+                flow_group: a.flow_group,
+                store_backward: a.store_backward,
+                batch_size: a.batch_size,
+                flow_threads: a.model.threads(),
+                show_progress: !a.quiet,
+            };
+            let s = poodle_prep::reflow::run_reflow(&opts).context("flow failed")?;
+            eprintln!(
+                "flow: group {} over {}: {} pairs flowed, {} shards ({} resumed), {} bytes, {:.1} s",
+                s.flow_group, s.store, s.pairs_flowed, s.shards_total, s.shards_resumed, s.group_bytes, s.wall_s
+            );
+            println!("{}", serde_json::to_string(&s)?);
+        }
+        Cmd::EvalFlow(a) => {
+            use poodle_prep::evalflow::{eval_pair, known_pairs};
+            let mut pairs = known_pairs(&a.data);
+            for p in &a.pair {
+                let parts: Vec<&str> = p.split(',').collect();
+                anyhow::ensure!(parts.len() == 3, "--pair {p:?}: expected IMG1,IMG2,GT");
+                pairs.push((
+                    std::path::Path::new(parts[0])
+                        .file_stem()
+                        .map_or(p.clone(), |s| s.to_string_lossy().into_owned()),
+                    parts[0].into(),
+                    parts[1].into(),
+                    parts[2].into(),
+                ));
+            }
+            anyhow::ensure!(
+                !pairs.is_empty(),
+                "no pairs: {} has none of the known files and no --pair was given",
+                a.data.display()
+            );
+            check_model_tools()?;
+            let ort = poodle_prep::tools::find_ort_library(a.model.ort_lib.as_deref())?;
+            let mut model = poodle_prep::flowmodel::FlowModel::load(
+                &a.model.model,
+                a.model.device,
+                &ort,
+                a.model.threads(),
+            )?;
+            let mut rows = Vec::new();
+            for (name, i1, i2, gt) in &pairs {
+                rows.push(eval_pair(&mut model, name, i1, i2, gt)?);
+            }
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"model": model.card.name, "model_sha256": model.model_sha256, "pairs": rows})
+                    )?
+                );
+            } else {
+                println!("model {} ({})", model.card.name, a.model.model.display());
+                println!(
+                    "{:<24} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8}",
+                    "pair", "size", "AEE px", "Fl-all %", "photo", "photo0", "photoGT", "time s"
+                );
+                for r in &rows {
+                    println!(
+                        "{:<24} {:>10} {:>8.3} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8.2}",
+                        r.name,
+                        format!("{}x{}", r.size[1], r.size[0]),
+                        r.aee,
+                        r.fl_all,
+                        r.photometric_pred,
+                        r.photometric_zero,
+                        r.photometric_gt,
+                        r.seconds
+                    );
+                }
+                println!("photo: mean |frame1 - warp(frame2)| (0-255) with the predicted flow; photo0 with zero flow; photoGT with the ground truth where it is valid");
+            }
         }
         Cmd::Inspect { store, json } => {
             let i = poodle_prep::inspect::inspect(&store)?;

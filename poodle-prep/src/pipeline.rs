@@ -9,6 +9,7 @@
 use crate::decode::{decode_frames, decode_image, Frame};
 use crate::discover::probe_all;
 use crate::flowmodel::{Device, FlowModel};
+use crate::flowstage::{degenerate, flow_batch, FlowOut};
 use crate::job::{JobDir, Plan, ShardDone, SkippedPair, StageStats, Summary};
 use crate::tools::{check_ffmpeg, find_ort_library};
 use crate::{PrepError, Result};
@@ -16,10 +17,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use poodle_common::atomic::{read_json, write_json_atomic};
 use poodle_common::config::{DatasetConfig, Layout};
-use poodle_common::flowmath::{
-    flow_stats, occlusion_fb, quantize_flow, Map, FLOW_QUANT_SCALE, FLOW_STAT_NAMES, OCC_ALPHA1,
-    OCC_ALPHA2,
-};
+use poodle_common::flowmath::{Map, FLOW_QUANT_SCALE, FLOW_STAT_NAMES, OCC_ALPHA1, OCC_ALPHA2};
 use poodle_common::manifest::{
     json_sha256, part_range, sample_pairs, Pair, VideoInfo, VideoManifest,
 };
@@ -50,6 +48,10 @@ pub struct PrepOptions {
     pub show_progress: bool,
     /// Use only the first N pairs of the manifest (demos, quick checks).
     pub max_pairs: Option<usize>,
+    /// Skip pairs whose median forward flow is below this many pixels (a car at a red light).
+    pub min_median_flow: Option<f32>,
+    /// Skip pairs with a black frame or two identical (frozen) frames.
+    pub drop_degenerate: bool,
 }
 
 /// The probed manifest cached under OUT/manifest/, shared by all parts of a job.
@@ -122,10 +124,7 @@ enum Decoded {
 struct PairOut {
     slot: usize,
     frames: Vec<u8>,
-    forward: Vec<i16>,
-    backward: Option<Vec<i16>>,
-    occlusion: Vec<bool>,
-    stats: Vec<f32>,
+    flow: FlowOut,
 }
 
 enum Flowed {
@@ -133,11 +132,25 @@ enum Flowed {
     Failed { slot: usize, reason: String },
 }
 
+impl Decoded {
+    /// Turns a black or frozen pair into a skip when asked to.
+    fn filtered(self, drop_degenerate: bool) -> Decoded {
+        match self {
+            Decoded::Ok { slot, f1, f2 } if drop_degenerate => match degenerate(&f1.rgb, &f2.rgb) {
+                Some(reason) => Decoded::Failed { slot, reason },
+                None => Decoded::Ok { slot, f1, f2 },
+            },
+            other => other,
+        }
+    }
+}
+
 fn decode_segment(
     cfg: &DatasetConfig,
     root: &Path,
     video: &VideoInfo,
     slots: &[&Slot],
+    drop_degenerate: bool,
 ) -> Vec<Decoded> {
     let (h, w) = (cfg.height, cfg.width);
     let fail_all = |reason: String| -> Vec<Decoded> {
@@ -168,7 +181,8 @@ fn decode_segment(
                         slot: s.index,
                         f1,
                         f2,
-                    },
+                    }
+                    .filtered(drop_degenerate),
                     (Err(e), _) | (_, Err(e)) => Decoded::Failed {
                         slot: s.index,
                         reason: e.to_string(),
@@ -196,7 +210,8 @@ fn decode_segment(
                     slot: s.index,
                     f1: f1.clone(),
                     f2: f2.clone(),
-                },
+                }
+                .filtered(drop_degenerate),
                 _ => Decoded::Failed {
                     slot: s.index,
                     reason: format!(
@@ -382,7 +397,7 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
                         .par_bridge()
                         .for_each_with(tx_dec, |tx, seg| {
                             let v = &videos[seg[0].pair.video as usize];
-                            for d in decode_segment(cfg, &root, v, seg) {
+                            for d in decode_segment(cfg, &root, v, seg, opts.drop_degenerate) {
                                 pb.inc(1);
                                 if tx.send(d).is_err() {
                                     return; // downstream failed; it reports why
@@ -478,12 +493,35 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
             let (_, mut batch) = groups.remove(&g).expect("group");
             batch.sort_by_key(|x| x.0);
             let t0 = Instant::now();
-            match flow_batch(&mut model, batch, opts.store_backward) {
+            let imgs: Vec<(Map, Map)> = batch
+                .par_iter()
+                .map(|(_, f1, f2)| {
+                    (
+                        Map::from_hwc_u8(f1.height, f1.width, &f1.rgb),
+                        Map::from_hwc_u8(f2.height, f2.width, &f2.rgb),
+                    )
+                })
+                .collect();
+            match flow_batch(&mut model, &imgs, opts.store_backward) {
                 Ok(outs) => {
                     flow_busy += t0.elapsed().as_secs_f64();
-                    for o in outs {
+                    for ((slot, f1, f2), flow) in batch.into_iter().zip(outs) {
                         pb_flow.inc(1);
-                        if tx_flow.send(Flowed::Ok(Box::new(o))).is_err() {
+                        let item = match opts.min_median_flow {
+                            Some(min) if flow.median_mag < min => Flowed::Failed {
+                                slot,
+                                reason: format!(
+                                    "near-static: median flow {:.2} px < {min} px",
+                                    flow.median_mag
+                                ),
+                            },
+                            _ => {
+                                let mut frames = f1.to_planar();
+                                frames.extend(f2.to_planar());
+                                Flowed::Ok(Box::new(PairOut { slot, frames, flow }))
+                            }
+                        };
+                        if tx_flow.send(item).is_err() {
                             break;
                         }
                     }
@@ -574,6 +612,10 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
         shards_total,
         shards_resumed,
         shards_written_now: newly_done.len(),
+        skipped_by_kind: skipped_pairs.iter().fold(BTreeMap::new(), |mut m, p| {
+            *m.entry(p.kind().to_string()).or_insert(0) += 1;
+            m
+        }),
         skipped_pairs,
         skipped_videos,
         store_bytes,
@@ -592,46 +634,6 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
 pub fn raw_bytes_per_pair(g: &Geometry, backward: bool) -> f64 {
     let px = (g.height * g.width) as f64;
     2.0 * 3.0 * px + 8.0 * px * if backward { 2.0 } else { 1.0 }
-}
-
-fn flow_batch(
-    model: &mut FlowModel,
-    batch: Vec<(usize, Frame, Frame)>,
-    keep_bwd: bool,
-) -> Result<Vec<PairOut>> {
-    let imgs: Vec<(Map, Map)> = batch
-        .par_iter()
-        .map(|(_, f1, f2)| {
-            (
-                Map::from_hwc_u8(f1.height, f1.width, &f1.rgb),
-                Map::from_hwc_u8(f2.height, f2.width, &f2.rgb),
-            )
-        })
-        .collect();
-    // Forward and backward flow in one batch: (f1, f2) then (f2, f1).
-    let mut inputs: Vec<(&Map, &Map)> = imgs.iter().map(|(a, b)| (a, b)).collect();
-    inputs.extend(imgs.iter().map(|(a, b)| (b, a)));
-    let flows = model.flow(&inputs)?;
-    let n = batch.len();
-    Ok(batch
-        .into_par_iter()
-        .enumerate()
-        .map(|(i, (slot, f1, f2))| {
-            let (fwd, bwd) = (&flows[i], &flows[n + i]);
-            let occ = occlusion_fb(fwd, bwd, OCC_ALPHA1, OCC_ALPHA2);
-            let st = flow_stats(&imgs[i].0, &imgs[i].1, fwd, bwd, &occ);
-            let mut frames = f1.to_planar();
-            frames.extend(f2.to_planar());
-            PairOut {
-                slot,
-                frames,
-                forward: quantize_flow(fwd, FLOW_QUANT_SCALE),
-                backward: keep_bwd.then(|| quantize_flow(bwd, FLOW_QUANT_SCALE)),
-                occlusion: occ,
-                stats: st.to_array().to_vec(),
-            }
-        })
-        .collect())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -671,13 +673,14 @@ fn write_shard(
                 debug_assert_eq!(o.slot, slot);
                 valid[j] = true;
                 frames[j * g.frame_len()..(j + 1) * g.frame_len()].copy_from_slice(&o.frames);
-                fwd[j * g.flow_len()..(j + 1) * g.flow_len()].copy_from_slice(&o.forward);
-                if let Some(b) = &o.backward {
+                let f = &o.flow;
+                fwd[j * g.flow_len()..(j + 1) * g.flow_len()].copy_from_slice(&f.forward);
+                if let Some(b) = &f.backward {
                     bwd[j * g.flow_len()..(j + 1) * g.flow_len()].copy_from_slice(b);
                 }
-                occ[j * g.mask_len()..(j + 1) * g.mask_len()].copy_from_slice(&o.occlusion);
+                occ[j * g.mask_len()..(j + 1) * g.mask_len()].copy_from_slice(&f.occlusion);
                 let s = FLOW_STAT_NAMES.len();
-                stats[j * s..(j + 1) * s].copy_from_slice(&o.stats);
+                stats[j * s..(j + 1) * s].copy_from_slice(&f.stats);
                 d.pairs_written += 1;
             }
             Flowed::Failed { reason, .. } => d.skipped.push(SkippedPair {

@@ -1,0 +1,82 @@
+//! The flow stage shared by `prep` and `flow`: forward and backward flow in one batch, then
+//! occlusion, statistics and quantisation per pair on rayon.
+
+use crate::flowmodel::FlowModel;
+use crate::Result;
+use poodle_common::flowmath::{
+    flow_stats, occlusion_fb, quantize_flow, Map, FLOW_QUANT_SCALE, OCC_ALPHA1, OCC_ALPHA2,
+};
+use rayon::prelude::*;
+
+/// What the flow stage produces for one pair, ready for the store.
+pub struct FlowOut {
+    pub forward: Vec<i16>,
+    pub backward: Option<Vec<i16>>,
+    pub occlusion: Vec<bool>,
+    pub stats: Vec<f32>,
+    /// Median forward flow magnitude (px), for the near-static filter.
+    pub median_mag: f32,
+}
+
+/// Flow for a batch of frame pairs (planar RGB 0..255): (f1, f2) then (f2, f1) in one call.
+pub fn flow_batch(
+    model: &mut FlowModel,
+    imgs: &[(Map, Map)],
+    keep_bwd: bool,
+) -> Result<Vec<FlowOut>> {
+    let mut inputs: Vec<(&Map, &Map)> = imgs.iter().map(|(a, b)| (a, b)).collect();
+    inputs.extend(imgs.iter().map(|(a, b)| (b, a)));
+    let flows = model.flow(&inputs)?;
+    let n = imgs.len();
+    Ok((0..n)
+        .into_par_iter()
+        .map(|i| {
+            let (fwd, bwd) = (&flows[i], &flows[n + i]);
+            let occ = occlusion_fb(fwd, bwd, OCC_ALPHA1, OCC_ALPHA2);
+            let st = flow_stats(&imgs[i].0, &imgs[i].1, fwd, bwd, &occ);
+            FlowOut {
+                forward: quantize_flow(fwd, FLOW_QUANT_SCALE),
+                backward: keep_bwd.then(|| quantize_flow(bwd, FLOW_QUANT_SCALE)),
+                occlusion: occ,
+                stats: st.to_array().to_vec(),
+                median_mag: st.median_mag,
+            }
+        })
+        .collect())
+}
+
+/// Why a pair is degenerate, if it is: a black frame (mean below 8 of 255) or frozen frames
+/// (mean absolute difference below 0.5 grey levels: a stalled stream or duplicated frames).
+pub fn degenerate(f1: &[u8], f2: &[u8]) -> Option<String> {
+    let mean =
+        |f: &[u8]| f.iter().map(|&v| u64::from(v)).sum::<u64>() as f64 / f.len().max(1) as f64;
+    let (m1, m2) = (mean(f1), mean(f2));
+    if m1 < 8.0 || m2 < 8.0 {
+        return Some(format!("black frame (mean intensity {:.1})", m1.min(m2)));
+    }
+    let diff = f1
+        .iter()
+        .zip(f2)
+        .map(|(&a, &b)| u64::from(a.abs_diff(b)))
+        .sum::<u64>() as f64
+        / f1.len().max(1) as f64;
+    if diff < 0.5 {
+        return Some(format!("frozen frames (mean difference {diff:.2})"));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn black_and_frozen_pairs_are_named() {
+        let black = vec![3u8; 300];
+        let img: Vec<u8> = (0..300).map(|i| (i % 200) as u8 + 20).collect();
+        assert!(degenerate(&black, &img).unwrap().starts_with("black frame"));
+        assert!(degenerate(&img, &img).unwrap().starts_with("frozen frames"));
+        let moved: Vec<u8> = img.iter().map(|&v| v + 3).collect();
+        assert_eq!(degenerate(&img, &moved), None);
+    }
+}

@@ -1,0 +1,244 @@
+//! `flow STORE --model M`: recompute flow and occlusion over a finished store with another
+//! model, without decoding any video, into its own flow group `flow/<name>`.
+//!
+//! Resumable and crash-safe like `prep`: its state is `STORE/.poodle/flow-<name>/` (lock,
+//! plan, done shards), and the group's metadata is written last, so the store stays valid
+//! (without the new group) until the group is complete.
+
+use crate::flowmodel::{Device, FlowModel};
+use crate::flowstage::flow_batch;
+use crate::job::{JobDir, ShardDone, StageStats};
+use crate::tools::find_ort_library;
+use crate::{PrepError, Result};
+use crossbeam_channel::bounded;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use poodle_common::flowmath::{Map, FLOW_QUANT_SCALE, FLOW_STAT_NAMES, OCC_ALPHA1, OCC_ALPHA2};
+use poodle_common::store::{Codecs, FlowAttrs, PoodleStore, StoreArrays};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct ReflowOptions {
+    pub store: PathBuf,
+    pub model_card: PathBuf,
+    pub device: Device,
+    pub ort_lib: Option<PathBuf>,
+    pub flow_group: Option<String>,
+    pub store_backward: bool,
+    pub batch_size: usize,
+    pub flow_threads: usize,
+    pub show_progress: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct ReflowPlan {
+    manifest_sha256: String,
+    num_pairs: usize,
+    flow_group: String,
+    model_sha256: String,
+    store_backward: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ReflowSummary {
+    pub store: String,
+    pub flow_group: String,
+    pub model_sha256: String,
+    pub pairs_flowed: usize,
+    pub pairs_invalid_in_store: usize,
+    pub shards_total: usize,
+    pub shards_resumed: usize,
+    pub group_bytes: u64,
+    pub wall_s: f64,
+    pub flow: StageStats,
+}
+
+/// One shard's pairs as read from the store: (slot, frames (2,3,H,W)) of valid pairs.
+type ShardFrames = (usize, Vec<(usize, Vec<u8>)>);
+
+pub fn run_reflow(opts: &ReflowOptions) -> Result<ReflowSummary> {
+    let start = Instant::now();
+    if opts.batch_size == 0 {
+        return Err(PrepError::Usage("--batch-size must be positive".into()));
+    }
+    let ort_lib = find_ort_library(opts.ort_lib.as_deref())?;
+    let mut model = FlowModel::load(&opts.model_card, opts.device, &ort_lib, opts.flow_threads)?;
+    let store = PoodleStore::open(&opts.store)?;
+    let group = opts
+        .flow_group
+        .clone()
+        .unwrap_or_else(|| model.card.name.clone());
+    poodle_common::store::validate_group_name(&group).map_err(PrepError::Usage)?;
+    if let Some((_, fa)) = store.flow_groups.iter().find(|(g, _)| g == &group) {
+        if fa.model_sha256 == model.model_sha256 {
+            return Ok(ReflowSummary {
+                store: opts.store.display().to_string(),
+                flow_group: group,
+                model_sha256: model.model_sha256,
+                wall_s: start.elapsed().as_secs_f64(),
+                ..Default::default()
+            });
+        }
+        return Err(PrepError::Job {
+            path: opts.store.clone(),
+            reason: format!(
+                "flow group {group:?} already holds flow of another model ({}); choose another --flow-group",
+                fa.model_name
+            ),
+        });
+    }
+    let geometry = store.attrs.geometry;
+    let job = JobDir::open_in(
+        &opts.store,
+        &opts.store.join(".poodle").join(format!("flow-{group}")),
+    )?;
+    job.check_plan(&ReflowPlan {
+        manifest_sha256: store.attrs.manifest_sha256.clone(),
+        num_pairs: geometry.num_pairs,
+        flow_group: group.clone(),
+        model_sha256: model.model_sha256.clone(),
+        store_backward: opts.store_backward,
+    })?;
+    let codecs = Codecs::default();
+    let arrays = StoreArrays::new(&opts.store, geometry, codecs)?;
+    let fa = arrays.flow_arrays(&group, opts.store_backward, codecs)?;
+    let shards_total = geometry.num_shards();
+    let todo: Vec<usize> = (0..shards_total)
+        .filter(|&k| job.done(k).is_none())
+        .collect();
+    let shards_resumed = shards_total - todo.len();
+    let valid = store.read_all_valid()?;
+
+    let pb = ProgressBar::with_draw_target(
+        Some(
+            todo.iter()
+                .map(|&k| geometry.shard_pairs(k).len() as u64)
+                .sum(),
+        ),
+        if opts.show_progress {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
+    pb.set_style(
+        ProgressStyle::with_template("   flow {bar:30} {pos}/{len} {per_sec} eta {eta}")
+            .expect("template"),
+    );
+    let (tx, rx) = bounded::<Result<ShardFrames>>(2);
+    let (h, w) = (geometry.height, geometry.width);
+    let mut flowed = 0usize;
+    let mut busy = 0.0;
+    std::thread::scope(|scope| -> Result<()> {
+        // Reader: whole shards of frames, ahead of the flow model.
+        let store = &store;
+        let valid = &valid;
+        let todo = &todo;
+        scope.spawn(move || {
+            for &k in todo {
+                let read = || -> Result<ShardFrames> {
+                    let mut v = Vec::new();
+                    for i in geometry.shard_pairs(k) {
+                        if valid[i] {
+                            v.push((i, store.read_pair(i)?.frames));
+                        }
+                    }
+                    Ok((k, v))
+                };
+                if tx.send(read()).is_err() {
+                    return;
+                }
+            }
+        });
+        for item in rx {
+            let (k, pairs) = item?;
+            let n = geometry.shard_pairs(k).len();
+            let start = geometry.shard_pairs(k).start;
+            let mut fwd = vec![0i16; n * geometry.flow_len()];
+            let mut bwd = if opts.store_backward {
+                fwd.clone()
+            } else {
+                vec![]
+            };
+            let mut occ = vec![false; n * geometry.mask_len()];
+            let ns = FLOW_STAT_NAMES.len();
+            let mut stats = vec![0f32; n * ns];
+            let t0 = Instant::now();
+            // Fixed batches of slots, as in prep, so reruns compute the same values.
+            for chunk in pairs.chunks(opts.batch_size) {
+                let to_map = |f: &[u8]| Map {
+                    c: 3,
+                    h,
+                    w,
+                    data: f.iter().map(|&v| f32::from(v)).collect(),
+                };
+                let imgs: Vec<(Map, Map)> = chunk
+                    .iter()
+                    .map(|(_, f)| (to_map(&f[..3 * h * w]), to_map(&f[3 * h * w..])))
+                    .collect();
+                let outs = flow_batch(&mut model, &imgs, opts.store_backward)?;
+                for ((slot, _), o) in chunk.iter().zip(outs) {
+                    let j = slot - start;
+                    let fl = geometry.flow_len();
+                    fwd[j * fl..(j + 1) * fl].copy_from_slice(&o.forward);
+                    if let Some(b) = &o.backward {
+                        bwd[j * fl..(j + 1) * fl].copy_from_slice(b);
+                    }
+                    let ml = geometry.mask_len();
+                    occ[j * ml..(j + 1) * ml].copy_from_slice(&o.occlusion);
+                    stats[j * ns..(j + 1) * ns].copy_from_slice(&o.stats);
+                }
+                pb.inc(chunk.len() as u64);
+            }
+            busy += t0.elapsed().as_secs_f64();
+            arrays.write_flow_shard(
+                &fa,
+                k,
+                &fwd,
+                opts.store_backward.then_some(bwd.as_slice()),
+                &occ,
+                &stats,
+            )?;
+            job.mark_done(&ShardDone {
+                shard: k,
+                pairs_written: pairs.len(),
+                skipped: vec![],
+            })?;
+            flowed += pairs.len();
+            pb.inc((n - pairs.len()) as u64);
+        }
+        Ok(())
+    })?;
+    pb.finish_and_clear();
+    arrays.finalize_flow(
+        &fa,
+        &FlowAttrs {
+            model_name: model.card.name.clone(),
+            model_sha256: model.model_sha256.clone(),
+            card: model.card_json.clone(),
+            flow_scale: FLOW_QUANT_SCALE,
+            backward: opts.store_backward,
+            occlusion: format!(
+                "DDFlow forward-backward check: |f + b'|^2 > {OCC_ALPHA1} (|f|^2 + |b'|^2) + {OCC_ALPHA2}"
+            ),
+            stat_names: FLOW_STAT_NAMES.iter().map(|s| s.to_string()).collect(),
+        },
+    )?;
+    Ok(ReflowSummary {
+        store: opts.store.display().to_string(),
+        flow_group: group.clone(),
+        model_sha256: model.model_sha256.clone(),
+        pairs_flowed: flowed,
+        pairs_invalid_in_store: valid.iter().filter(|&&v| !v).count(),
+        shards_total,
+        shards_resumed,
+        group_bytes: poodle_common::store::dir_size(&opts.store.join("flow").join(&group)),
+        wall_s: start.elapsed().as_secs_f64(),
+        flow: StageStats {
+            items: flowed,
+            busy_s: busy,
+            per_s: flowed as f64 / busy.max(1e-9),
+        },
+    })
+}

@@ -1,0 +1,189 @@
+//! `flow STORE --model M`: a second flow group over a finished store, resumable after
+//! SIGKILL, invisible until complete; and the prep filters for near-static and degenerate
+//! pairs.
+
+use poodle_common::store::PoodleStore;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn ort_lib() -> PathBuf {
+    let lib = repo().join(".venv/lib");
+    let py = std::fs::read_dir(&lib)
+        .unwrap_or_else(|_| panic!("{} missing: run `make setup`", lib.display()))
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().starts_with("python3"))
+        .expect("no python3 in .venv/lib: run `make setup`");
+    py.path()
+        .join("site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1")
+}
+
+fn bin(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_poodle-prep"));
+    c.current_dir(repo())
+        .args(args)
+        .env("ORT_DYLIB_PATH", ort_lib())
+        .env_remove("SLURM_ARRAY_TASK_ID")
+        .env_remove("SLURM_ARRAY_TASK_COUNT");
+    c
+}
+
+fn ok(mut c: Command) -> serde_json::Value {
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("poodle-flowgroups-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn config(dir: &Path, per_shard: usize, r: usize) -> PathBuf {
+    let p = dir.join("fg.json");
+    let cfg = serde_json::json!({
+        "name": "fg", "layout": {"kind": "folder", "extensions": ["mp4"]},
+        "sampling": {"kind": "per_video", "pairs_per_video": r, "dt_min": 15, "dt_max": 30},
+        "height": 128, "width": 224, "pairs_per_shard": per_shard, "seed": 2
+    });
+    std::fs::write(&p, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    p
+}
+
+#[test]
+fn second_flow_group_is_resumable_and_matches_prep_flow() {
+    let videos = repo().join("../shared/data/video");
+    if !videos.exists() {
+        eprintln!("SKIP: ../shared/data/video is absent");
+        return;
+    }
+    let d = tmpdir("reflow");
+    let cfg = config(&d, 1, 4);
+    let out = d.join("out");
+    ok(bin(&[
+        "prep",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--root",
+        videos.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]));
+    let store = out.join("fg-part-00000-of-00001.zarr");
+    let s = store.to_str().unwrap();
+    let done_dir = store.join(".poodle/flow-again/done");
+    let done = || std::fs::read_dir(&done_dir).map_or(0, |rd| rd.count());
+    let mut kills = 0;
+    for delay in [700u64, 1400, 2100, 2800, 3500, 4200] {
+        let mut child = bin(&["flow", s, "--flow-group", "again", "--quiet"])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        child.wait().unwrap();
+        let partial =
+            PoodleStore::open(&store).expect("the store stays valid while a flow group is written");
+        if partial.flow_groups.len() == 2 {
+            break;
+        }
+        assert_eq!(
+            partial.flow_groups.len(),
+            1,
+            "an unfinished group must be invisible"
+        );
+        if done() >= 1 {
+            break;
+        }
+    }
+    assert!(kills >= 1, "the flow job was never interrupted");
+    let summary = ok(bin(&["flow", s, "--flow-group", "again", "--quiet"]));
+    if summary["pairs_flowed"] != 0 {
+        assert!(
+            summary["shards_resumed"].as_u64().unwrap() >= 1,
+            "{summary}"
+        );
+    }
+    let st = PoodleStore::open(&store).unwrap();
+    let names: Vec<&str> = st.flow_groups.iter().map(|(g, _)| g.as_str()).collect();
+    assert_eq!(names, vec!["again", "raft_small_random"]);
+    // Same model over the stored frames: exactly the flow prep computed from the video.
+    for i in 0..st.num_pairs() {
+        let a = st.read_flow("raft_small_random", i).unwrap();
+        let b = st.read_flow("again", i).unwrap();
+        assert_eq!(a.forward, b.forward, "pair {i}");
+        assert_eq!(a.occlusion, b.occlusion, "pair {i}");
+    }
+    // Rerunning a complete group is a no-op.
+    let again = ok(bin(&["flow", s, "--flow-group", "again", "--quiet"]));
+    assert_eq!(again["pairs_flowed"], 0);
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn near_static_and_degenerate_pairs_are_dropped_and_counted() {
+    let d = tmpdir("filters");
+    let vids = d.join("videos");
+    std::fs::create_dir_all(&vids).unwrap();
+    for (name, src) in [
+        ("black.mp4", "color=black:size=320x240:rate=25"),
+        ("still.mp4", "testsrc=size=320x240:rate=25"),
+    ] {
+        let mut c = Command::new("ffmpeg");
+        c.args(["-v", "error", "-y", "-f", "lavfi", "-i", src]);
+        if name == "still.mp4" {
+            // One test pattern frame, repeated: frozen.
+            c.args([
+                "-vf",
+                "select=eq(n\\,0),loop=loop=60:size=1:start=0,setpts=N/25/TB",
+            ]);
+        }
+        let st = c
+            .args(["-frames:v", "60", "-pix_fmt", "yuv420p"])
+            .arg(vids.join(name))
+            .status()
+            .unwrap();
+        assert!(st.success(), "ffmpeg failed for {name}");
+    }
+    let cfg = config(&d, 2, 2);
+    let base = [
+        "prep",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--root",
+        vids.to_str().unwrap(),
+        "--quiet",
+    ];
+    let mut args: Vec<&str> = base.to_vec();
+    let out1 = d.join("out1");
+    args.extend(["--out", out1.to_str().unwrap(), "--drop-degenerate"]);
+    let s = ok(bin(&args));
+    assert_eq!(s["pairs_written"], 0, "{s}");
+    assert_eq!(s["skipped_by_kind"]["black"], 2, "{s}");
+    assert_eq!(s["skipped_by_kind"]["frozen"], 2, "{s}");
+    // Without the filter the same pairs are written; with an absurd motion threshold every
+    // pair is near-static.
+    let mut args: Vec<&str> = base.to_vec();
+    let out2 = d.join("out2");
+    args.extend(["--out", out2.to_str().unwrap()]);
+    assert_eq!(ok(bin(&args))["pairs_written"], 4);
+    let mut args: Vec<&str> = base.to_vec();
+    let out3 = d.join("out3");
+    args.extend(["--out", out3.to_str().unwrap(), "--min-median-flow", "1000"]);
+    let s = ok(bin(&args));
+    assert_eq!(s["skipped_by_kind"]["near_static"], 4, "{s}");
+    assert!(s["skipped_pairs"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("median flow"));
+    std::fs::remove_dir_all(d).unwrap();
+}

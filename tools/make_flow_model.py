@@ -1,0 +1,586 @@
+#!/usr/bin/env python3
+"""Generate a learning-free optical-flow model as a pure ONNX graph, plus its model card.
+
+Method: coarse-to-fine TV-L1 optical flow (Zach, Pock & Bischof 2007; Wedel, Pock, Zach,
+Bischof & Cremers 2009, "An improved algorithm for TV-L1 optical flow"; the IPOL write-up
+of Sanchez, Meinhardt-Llopis & Facciolo 2013), with the practices of Sun, Roth & Black,
+"Secrets of optical flow estimation" (2010): a 5x5 median filter of the flow between
+iterations, image warping with several warps per pyramid level, and a structure-texture
+split of the images. Nothing is learned: every number in the graph is a filter tap or a
+method parameter given on the command line.
+
+The graph
+---------
+inputs  image1, image2: float32 N x 3 x H x W, RGB, values 0..255 (dynamic N, H, W)
+output  flow:          float32 N x 2 x H x W, (u, v) = (dx, dy) in input pixels, from image1
+                       to image2 (pixel x of image1 is at x + flow in image2)
+
+1. grey = 0.299 R + 0.587 G + 0.114 B; both frames of a pair are stretched jointly to
+   0..255 (min/max over the pair), then split into structure and texture: texture = I -
+   alpha * G_sigma_st * I (a linear stand-in for Wedel's ROF structure), stretched again.
+2. Gaussian pyramid: blur (sigma --sigma0 at the finest level, 0.6 * sqrt(3) before each
+   2x reduction), Resize linear half-pixel to floor(size / 2) (never under 8 px).
+3. At each level, coarsest first: --warps times { warp image2 and its centred derivatives
+   with the current flow (GridSample bilinear, border padding; a pixel warped outside the
+   image drops its data term), then --outer times { 5x5 median filter of the flow, then
+   --iters primal-dual TV-L1 iterations (thresholding step, u = v + theta div p, dual
+   ascent with projection) in an ONNX Loop } }. The flow is resized to the next level with
+   its vectors rescaled (Resize linear half-pixel, ratio of the level sizes).
+
+Every step uses standard ONNX ops (Conv, Pad, Slice, Resize, GridSample, TopK, Loop, ...),
+opset 17; the model accepts any size (levels of odd size are fine), and the card's
+size_multiple is only what keeps all pyramid levels exact halves.
+
+After building, the script checks the graph with onnx.checker, runs it with ONNX Runtime on
+the real pairs in ../shared/data/flow (Middlebury RubberWhale, KITTI) when they exist, and
+writes the card with the measured average endpoint errors. It refuses to write the card
+when a bar given by --max-aee-middlebury / --max-aee-kitti is missed.
+
+    python tools/make_flow_model.py                 # models/tvl1_flow.onnx + .json
+    python tools/make_flow_model.py --no-eval       # build only (no data, no opencv)
+
+Needs numpy, onnx and onnxruntime; the evaluation reads PNGs with opencv-python-headless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA = REPO_ROOT.parent / "shared" / "data" / "flow"
+OPSET = 17
+INT64_MAX = np.iinfo(np.int64).max
+
+
+# --------------------------------------------------------------------------------------
+# A tiny graph builder on top of onnx.helper
+# --------------------------------------------------------------------------------------
+class Graph:
+    """Collects nodes; constants go to the shared (outer) initializer table."""
+
+    def __init__(self, consts: "Consts", prefix: str):
+        self.nodes: list[onnx.NodeProto] = []
+        self.consts = consts
+        self.prefix = prefix
+        self.n = 0
+
+    def _name(self, op: str) -> str:
+        self.n += 1
+        return f"{self.prefix}{op.lower()}_{self.n}"
+
+    def op(self, op_type: str, *inputs: str, n_out: int = 1, **attrs):
+        name = self._name(op_type)
+        outs = [f"{name}_o{i}" if n_out > 1 else name for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name, **attrs))
+        return outs if n_out > 1 else outs[0]
+
+    def c(self, value, dtype=np.float32) -> str:
+        return self.consts.get(value, dtype)
+
+    # ---- shorthands -------------------------------------------------------------------
+    def add(self, a, b): return self.op("Add", a, b)
+    def sub(self, a, b): return self.op("Sub", a, b)
+    def mul(self, a, b): return self.op("Mul", a, b)
+    def div(self, a, b): return self.op("Div", a, b)
+
+    def slice(self, x, starts, ends, axes):
+        return self.op("Slice", x, self.c(starts, np.int64), self.c(ends, np.int64),
+                       self.c(axes, np.int64))
+
+    def pad(self, x, pads, mode="edge"):
+        return self.op("Pad", x, self.c(pads, np.int64), mode=mode)
+
+    def conv(self, x, w, group=1, pads=(0, 0, 0, 0)):
+        return self.op("Conv", x, self.c(w), group=group, pads=list(pads))
+
+    def sep_blur(self, x, sigma: float, channels: int):
+        """Gaussian blur with replicated borders (two 1-D convolutions)."""
+        if sigma <= 0:
+            return x
+        r = max(1, int(math.ceil(2.5 * sigma)))
+        t = np.arange(-r, r + 1, dtype=np.float64)
+        k = np.exp(-0.5 * (t / sigma) ** 2)
+        k = (k / k.sum()).astype(np.float32)
+        kx = np.tile(k.reshape(1, 1, 1, -1), (channels, 1, 1, 1))
+        ky = np.tile(k.reshape(1, 1, -1, 1), (channels, 1, 1, 1))
+        x = self.conv(self.pad(x, [0, 0, 0, r, 0, 0, 0, r]), kx, group=channels)
+        return self.conv(self.pad(x, [0, 0, r, 0, 0, 0, r, 0]), ky, group=channels)
+
+
+class Consts:
+    def __init__(self):
+        self.table: dict = {}
+        self.inits: list[onnx.TensorProto] = []
+
+    def get(self, value, dtype) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self.table:
+            name = f"c{len(self.table)}"
+            self.table[key] = name
+            self.inits.append(numpy_helper.from_array(arr, name))
+        return self.table[key]
+
+
+# --------------------------------------------------------------------------------------
+# The method
+# --------------------------------------------------------------------------------------
+DEFAULTS = dict(
+    levels=7,          # pyramid levels (factor 2 each)
+    min_level_size=8,  # a level is never smaller than this (pixels, each side)
+    finest=0,          # finest level estimated (0 = full resolution)
+    warps=5,           # warps per level
+    outer=2,           # median filter + inner loop rounds per warp
+    iters=15,          # primal-dual iterations per round
+    lam=0.15,          # data term weight (images 0..255)
+    theta=0.3,         # coupling of u and v
+    tau=0.25,          # dual step
+    sigma0=0.8,        # pre-smoothing at the finest level
+    median=5,          # median filter size (0 = none)
+    texture=0.0,       # structure-texture: I - alpha * blur(I) (0 = plain images)
+    texture_sigma=3.0, # sigma of the structure blur
+    grad_blend=0.0,    # derivatives: (1 - b) * warped image2 + b * image1 (Secrets: 0.4)
+    match_level=4,     # level of the global census matching (-1 = none)
+    match_rx=12,       # horizontal search radius at that level (pixels of the level)
+    match_ry=6,        # vertical search radius
+    match_win=5,       # cost aggregation window
+    census_delta=4.0,  # soft census: tanh(difference / delta)
+    match_margin=0.5,  # take the match where its cost is lower than the current flow's by this
+)
+
+
+def median_weights(k: int) -> np.ndarray:
+    w = np.zeros((k * k, 1, k, k), np.float32)
+    for i in range(k * k):
+        w[i, 0, i // k, i % k] = 1.0
+    return w
+
+
+def build(p: dict) -> onnx.ModelProto:
+    consts = Consts()
+    g = Graph(consts, "")
+    lam, theta, tau = p["lam"], p["theta"], p["tau"]
+
+    # ---- grey, joint contrast stretch ------------------------------------------------
+    rgb_w = np.array([0.299, 0.587, 0.114], np.float32).reshape(1, 3, 1, 1)
+    gray = [g.conv(x, rgb_w) for x in ("image1", "image2")]
+
+    def stretch(a, b):
+        axes = [1, 2, 3]
+        lo = g.op("Min", g.op("ReduceMin", a, axes=axes, keepdims=1), g.op("ReduceMin", b, axes=axes, keepdims=1))
+        hi = g.op("Max", g.op("ReduceMax", a, axes=axes, keepdims=1), g.op("ReduceMax", b, axes=axes, keepdims=1))
+        scale = g.div(g.c(255.0), g.op("Max", g.sub(hi, lo), g.c(1e-3)))
+        return g.mul(g.sub(a, lo), scale), g.mul(g.sub(b, lo), scale)
+
+    i0, i1 = stretch(*gray)
+    if p["texture"] > 0:
+        t0 = g.sub(i0, g.mul(g.c(p["texture"]), g.sep_blur(i0, p["texture_sigma"], 1)))
+        t1 = g.sub(i1, g.mul(g.c(p["texture"]), g.sep_blur(i1, p["texture_sigma"], 1)))
+        i0, i1 = stretch(t0, t1)
+
+    # ---- pyramid (both frames in one tensor: channel 0 = image1, 1 = image2) ----------
+    pair = g.op("Concat", i0, i1, axis=1)
+    pyr = [g.sep_blur(pair, p["sigma0"], 2)]
+    sig_down = 0.6 * math.sqrt(3.0)
+    for lev in range(1, p["levels"]):
+        prev = pyr[-1]
+        blurred = g.sep_blur(prev, sig_down, 2)
+        shp = g.op("Shape", prev)
+        hw = g.slice(shp, [2], [4], [0])
+        hw2 = g.op("Max", g.op("Div", hw, g.c([2, 2], np.int64)), g.c([p["min_level_size"]] * 2, np.int64))
+        hw2 = g.op("Min", hw2, hw)  # never upsample
+        sizes = g.op("Concat", g.slice(shp, [0], [2], [0]), hw2, axis=0)
+        pyr.append(g.op("Resize", blurred, "", "", sizes, mode="linear",
+                        coordinate_transformation_mode="half_pixel"))
+
+    # ---- levels, coarsest first -------------------------------------------------------
+    cdx = np.array([-0.5, 0.0, 0.5], np.float32)
+    deriv_w = np.zeros((2, 1, 3, 3), np.float32)
+    deriv_w[0, 0, 1, :] = cdx
+    deriv_w[1, 0, :, 1] = cdx
+    flow = None
+    loop_bodies = 0
+    for lev in range(p["levels"] - 1, p["finest"] - 1, -1):
+        L = pyr[lev]
+        I0 = g.slice(L, [0], [1], [1])
+        I1 = g.slice(L, [1], [2], [1])
+        shp = g.op("Shape", L)                       # N, 2, H, W
+        hw = g.slice(shp, [2], [4], [0])
+        flow_shape = g.op("Concat", g.slice(shp, [0], [1], [0]), g.c([2], np.int64), hw, axis=0)
+        if flow is None:
+            flow = g.op("ConstantOfShape", flow_shape,
+                        value=numpy_helper.from_array(np.zeros(1, np.float32)))
+        else:
+            fshp = g.op("Cast", g.op("Shape", flow), to=TensorProto.FLOAT)
+            ratio = g.div(g.op("Cast", shp, to=TensorProto.FLOAT), fshp)     # [1, 1, rh, rw]
+            rh = g.slice(ratio, [2], [3], [0])
+            rw = g.slice(ratio, [3], [4], [0])
+            scl = g.op("Reshape", g.op("Concat", rw, rh, axis=0), g.c([1, 2, 1, 1], np.int64))
+            flow = g.mul(g.op("Resize", flow, "", "", flow_shape, mode="linear",
+                              coordinate_transformation_mode="half_pixel"), scl)
+
+        if lev == p["match_level"]:
+            flow = match_and_fuse(g, p, I0, I1, flow, shp)
+
+        # derivatives of image2 (centred, replicated border), stacked with it: N x 3 x H x W
+        I1d = g.conv(g.pad(I1, [0, 0, 1, 1, 0, 0, 1, 1]), deriv_w)
+        I1all = g.op("Concat", I1, I1d, axis=1)
+        if p["grad_blend"] > 0:
+            I0d = g.conv(g.pad(I0, [0, 0, 1, 1, 0, 0, 1, 1]), deriv_w)
+        # pixel grids
+        h_f = g.op("Cast", g.slice(shp, [2], [3], [0]), to=TensorProto.FLOAT)
+        w_f = g.op("Cast", g.slice(shp, [3], [4], [0]), to=TensorProto.FLOAT)
+        xs = g.op("Reshape", g.op("Range", g.c(0.0), g.op("Squeeze", w_f), g.c(1.0)), g.c([1, 1, 1, -1], np.int64))
+        ys = g.op("Reshape", g.op("Range", g.c(0.0), g.op("Squeeze", h_f), g.c(1.0)), g.c([1, 1, -1, 1], np.int64))
+        xs_n_scale = g.div(g.c(2.0), w_f)            # normalised = (2x + 1)/W - 1
+        ys_n_scale = g.div(g.c(2.0), h_f)
+        xs_n_off = g.sub(g.div(g.c(1.0), w_f), g.c(1.0))
+        ys_n_off = g.sub(g.div(g.c(1.0), h_f), g.c(1.0))
+        w_m1 = g.sub(w_f, g.c(1.0))
+        h_m1 = g.sub(h_f, g.c(1.0))
+
+        px = py = None
+        for wi in range(p["warps"]):
+            u = g.slice(flow, [0], [1], [1])
+            v = g.slice(flow, [1], [2], [1])
+            x = g.add(xs, u)
+            y = g.add(ys, v)
+            gx = g.add(g.mul(x, xs_n_scale), xs_n_off)
+            gy = g.add(g.mul(y, ys_n_scale), ys_n_off)
+            grid = g.op("Transpose", g.op("Concat", gx, gy, axis=1), perm=[0, 2, 3, 1])
+            warped = g.op("GridSample", I1all, grid, mode="bilinear", padding_mode="border",
+                          align_corners=0)
+            I1w = g.slice(warped, [0], [1], [1])
+            Gr = g.slice(warped, [1], [3], [1])      # N x 2 x H x W: Ix, Iy
+            if p["grad_blend"] > 0:
+                b = p["grad_blend"]
+                Gr = g.add(g.mul(Gr, g.c(1 - b)), g.mul(I0d, g.c(b)))
+            # inside mask: data term off where the warped point leaves the image
+            inside = g.op("And",
+                          g.op("And", g.op("GreaterOrEqual", x, g.c(0.0)), g.op("LessOrEqual", x, w_m1)),
+                          g.op("And", g.op("GreaterOrEqual", y, g.c(0.0)), g.op("LessOrEqual", y, h_m1)))
+            m = g.op("Cast", inside, to=TensorProto.FLOAT)
+            Gr = g.mul(Gr, m)
+            # rho(u') = I1w + G.(u' - u0) - I0 = rho_c + G.u'
+            gu0 = g.op("ReduceSum", g.mul(Gr, flow), g.c([1], np.int64), keepdims=1)
+            rho_c = g.mul(g.sub(g.sub(I1w, gu0), I0), m)
+            grad2 = g.add(g.op("ReduceSum", g.mul(Gr, Gr), g.c([1], np.int64), keepdims=1), g.c(1e-9))
+            if px is None:
+                px = g.op("Mul", flow, g.c(0.0))
+                py = px
+            for oi in range(p["outer"]):
+                if p["median"] > 1:
+                    flow = median(g, flow, p["median"])
+                flow, px, py = tvl1_loop(g, p, flow, px, py, Gr, grad2, rho_c, lam, theta, tau,
+                                         f"l{lev}w{wi}o{oi}_")
+                loop_bodies += 1
+        if lev == p["finest"] and p["median"] > 1:
+            flow = median(g, flow, p["median"])
+
+    if p["finest"] > 0:
+        shp = g.op("Shape", "image1")
+        hw = g.slice(shp, [2], [4], [0])
+        out_shape = g.op("Concat", g.slice(shp, [0], [1], [0]), g.c([2], np.int64), hw, axis=0)
+        fshp = g.op("Cast", g.op("Shape", flow), to=TensorProto.FLOAT)
+        ratio = g.div(g.op("Cast", out_shape, to=TensorProto.FLOAT), fshp)
+        scl = g.op("Reshape", g.op("Concat", g.slice(ratio, [3], [4], [0]), g.slice(ratio, [2], [3], [0]), axis=0),
+                   g.c([1, 2, 1, 1], np.int64))
+        flow = g.mul(g.op("Resize", flow, "", "", out_shape, mode="linear",
+                          coordinate_transformation_mode="half_pixel"), scl)
+    g.nodes.append(helper.make_node("Identity", [flow], ["flow"], name="output"))
+
+    img = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3, "H", "W"])
+    graph = helper.make_graph(
+        g.nodes, "tvl1_flow", [img("image1"), img("image2")],
+        [helper.make_tensor_value_info("flow", TensorProto.FLOAT, ["N", 2, "H", "W"])],
+        initializer=consts.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="poodle tools/make_flow_model.py")
+    model.ir_version = 8
+    return model
+
+
+def census(g: Graph, img: str, delta: float) -> str:
+    """Soft census transform: tanh((neighbour - centre) / delta) for the 8 neighbours."""
+    w = np.zeros((8, 1, 3, 3), np.float32)
+    k = 0
+    for dy in range(3):
+        for dx in range(3):
+            if dy == dx == 1:
+                continue
+            w[k, 0, dy, dx] = 1.0
+            w[k, 0, 1, 1] = -1.0
+            k += 1
+    return g.op("Tanh", g.mul(g.conv(g.pad(img, [0, 0, 1, 1, 0, 0, 1, 1]), w), g.c(1.0 / delta)))
+
+
+def match_and_fuse(g: Graph, p, I0, I1, flow, shp) -> str:
+    """Global search of displacements in [-rx, rx] x [-ry, ry] on soft-census features with
+    a win x win aggregated L1 cost; where the best match beats the current flow's cost by
+    match_margin, it replaces the current flow (then a median filter cleans up)."""
+    rx, ry, win = p["match_rx"], p["match_ry"], p["match_win"]
+    D = 2 * rx + 1
+    ca = census(g, I0, p["census_delta"])               # N x 8 x h x w
+    cb = census(g, I1, p["census_delta"])
+    cbp = g.pad(cb, [0, 0, ry, rx, 0, 0, ry, rx], mode="constant")
+    ca5 = g.op("Unsqueeze", ca, g.c([2], np.int64))    # N x 8 x 1 x h x w
+    onehot = np.zeros((8 * D, 1, 1, D), np.float32)
+    for c in range(8):
+        for j in range(D):
+            onehot[c * D + j, 0, 0, j] = 1.0
+    pool = dict(kernel_shape=[win, win], pads=[win // 2] * 4, count_include_pad=0)
+    vshape = g.op("Concat", g.slice(shp, [0], [1], [0]), g.c([8, D], np.int64), g.slice(shp, [2], [4], [0]), axis=0)
+    costs = []
+    for dy in range(-ry, ry + 1):
+        # rows y + dy of the padded tensor: start ry + dy, length h
+        start = ry + dy
+        end = -(ry - dy) if ry - dy > 0 else INT64_MAX
+        rows = g.slice(cbp, [start], [end], [2])       # N x 8 x h x (w + 2 rx)
+        sh = g.op("Conv", rows, g.c(onehot), group=8)  # N x 8D x h x w
+        sh = g.op("Reshape", sh, vshape)
+        cst = g.op("ReduceSum", g.op("Abs", g.sub(sh, ca5)), g.c([1], np.int64), keepdims=0)
+        costs.append(g.op("AveragePool", cst, **pool))  # N x D x h x w
+    vol = g.op("Concat", *costs, axis=1)                # N x (2ry+1)D x h x w
+    k = g.op("ArgMin", vol, axis=1, keepdims=1)         # N x 1 x h x w, int64
+    best = g.op("ReduceMin", vol, g.c([1], np.int64), keepdims=1) if OPSET >= 18 else \
+        g.op("ReduceMin", vol, axes=[1], keepdims=1)
+    kf = g.op("Cast", k, to=TensorProto.FLOAT)
+    mdy = g.op("Floor", g.div(kf, g.c(float(D))))
+    mdx = g.sub(kf, g.mul(mdy, g.c(float(D))))
+    mflow = g.op("Concat", g.sub(mdx, g.c(float(rx))), g.sub(mdy, g.c(float(ry))), axis=1)
+    # cost of the current flow: warp image2's census with it
+    h_f = g.op("Cast", g.slice(shp, [2], [3], [0]), to=TensorProto.FLOAT)
+    w_f = g.op("Cast", g.slice(shp, [3], [4], [0]), to=TensorProto.FLOAT)
+    xs = g.op("Reshape", g.op("Range", g.c(0.0), g.op("Squeeze", w_f), g.c(1.0)), g.c([1, 1, 1, -1], np.int64))
+    ys = g.op("Reshape", g.op("Range", g.c(0.0), g.op("Squeeze", h_f), g.c(1.0)), g.c([1, 1, -1, 1], np.int64))
+    gx = g.sub(g.div(g.add(g.mul(g.add(xs, g.slice(flow, [0], [1], [1])), g.c(2.0)), g.c(1.0)), w_f), g.c(1.0))
+    gy = g.sub(g.div(g.add(g.mul(g.add(ys, g.slice(flow, [1], [2], [1])), g.c(2.0)), g.c(1.0)), h_f), g.c(1.0))
+    grid = g.op("Transpose", g.op("Concat", gx, gy, axis=1), perm=[0, 2, 3, 1])
+    cbw = g.op("GridSample", cb, grid, mode="bilinear", padding_mode="zeros", align_corners=0)
+    cur = g.op("ReduceSum", g.op("Abs", g.sub(cbw, ca)), g.c([1], np.int64), keepdims=1)
+    cur = g.op("AveragePool", cur, **pool)
+    take = g.op("Less", g.add(best, g.c(p["match_margin"])), cur)
+    fused = g.op("Where", take, mflow, flow)
+    return median(g, fused, 5)
+
+
+def median(g: Graph, flow: str, k: int) -> str:
+    """k x k median of each flow channel (replicated border): one-hot Conv gathers the
+    k*k neighbours as channels, TopK keeps the upper half, ReduceMin picks the median."""
+    r = k // 2
+    x = g.op("Reshape", flow, g.c([-1, 1, 0, 0], np.int64))
+    x = g.conv(g.pad(x, [0, 0, r, r, 0, 0, r, r]), median_weights(k))
+    top = g.op("TopK", x, g.c([k * k // 2 + 1], np.int64), n_out=2, axis=1, largest=1, sorted=0)[0]
+    med = g.op("ReduceMin", top, axes=[1], keepdims=1)
+    return g.op("Reshape", med, g.c([-1, 2, 0, 0], np.int64))
+
+
+def tvl1_loop(g: Graph, p, flow, px, py, Gr, grad2, rho_c, lam, theta, tau, prefix):
+    """p['iters'] primal-dual TV-L1 iterations as one ONNX Loop."""
+    b = Graph(g.consts, prefix)
+    lt = lam * theta
+    # thresholding step: v = u - clip(rho / |G|^2, -lt, lt) * G
+    rho = b.add(rho_c, b.op("ReduceSum", b.mul(Gr, "u_in"), b.c([1], np.int64), keepdims=1))
+    step = b.op("Clip", b.div(rho, grad2), b.c(-lt), b.c(lt))
+    vv = b.sub("u_in", b.mul(step, Gr))
+    # u = v + theta * div(p)   (backward differences, p = 0 outside)
+    dpx = b.sub("px_in", b.slice(b.pad("px_in", [0, 0, 0, 1, 0, 0, 0, 0], mode="constant"), [0], [-1], [3]))
+    dpy = b.sub("py_in", b.slice(b.pad("py_in", [0, 0, 1, 0, 0, 0, 0, 0], mode="constant"), [0], [-1], [2]))
+    u = b.add(vv, b.mul(b.add(dpx, dpy), b.c(theta)))
+    # dual step: p = (p + tau/theta grad u) / (1 + tau/theta |grad u|)   (forward differences)
+    up = b.pad(u, [0, 0, 0, 0, 0, 0, 1, 1])
+    ux = b.sub(b.slice(up, [0, 1], [-1, INT64_MAX], [2, 3]), u)
+    uy = b.sub(b.slice(up, [1, 0], [INT64_MAX, -1], [2, 3]), u)
+    c = tau / theta
+    nrm = b.op("Sqrt", b.add(b.mul(ux, ux), b.mul(uy, uy)))
+    den = b.op("Reciprocal", b.add(b.mul(nrm, b.c(c)), b.c(1.0)))
+    pxn = b.mul(b.add("px_in", b.mul(ux, b.c(c))), den)
+    pyn = b.mul(b.add("py_in", b.mul(uy, b.c(c))), den)
+    b.nodes.append(helper.make_node("Identity", ["cond_in"], ["cond_out"]))
+    b.nodes.append(helper.make_node("Identity", [u], ["u_out"]))
+    b.nodes.append(helper.make_node("Identity", [pxn], ["px_out"]))
+    b.nodes.append(helper.make_node("Identity", [pyn], ["py_out"]))
+    t = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+    body = helper.make_graph(
+        b.nodes, prefix + "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         t("u_in"), t("px_in"), t("py_in")],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         t("u_out"), t("px_out"), t("py_out")])
+    outs = g.op("Loop", g.c(p["iters"], np.int64), g.c(True, np.bool_), flow, px, py, n_out=3, body=body)
+    return outs
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation on real data
+# --------------------------------------------------------------------------------------
+def read_flo(path):
+    with open(path, "rb") as f:
+        assert f.read(4) == b"PIEH", path
+        w, h = np.fromfile(f, np.int32, 2)
+        data = np.fromfile(f, np.float32, 2 * w * h).reshape(h, w, 2)
+    valid = (np.abs(data) < 1e9).all(axis=2)
+    return data, valid
+
+
+def read_kitti_flow(path):
+    import cv2
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # BGR, uint16
+    assert raw is not None and raw.dtype == np.uint16, path
+    raw = raw[..., ::-1].astype(np.float64)
+    flow = (raw[..., :2] - 32768.0) / 64.0
+    return flow, raw[..., 2] > 0
+
+
+def read_rgb(path):
+    import cv2
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert img is not None, path
+    return img[..., ::-1].copy()
+
+
+PAIRS = {
+    "middlebury_rubberwhale": ("rubberwhale1.png", "rubberwhale2.png", "Middlebury_flow_gt.flo"),
+    "kitti": ("KITTI_frame1.png", "KITTI_frame2.png", "KITTI_flow_gt.png"),
+}
+
+
+def load_pair(name, data_dir=DATA):
+    a, b, gt = PAIRS[name]
+    im1, im2 = read_rgb(data_dir / a), read_rgb(data_dir / b)
+    flow, valid = read_flo(data_dir / gt) if gt.endswith(".flo") else read_kitti_flow(data_dir / gt)
+    return im1, im2, flow, valid
+
+
+def flow_errors(pred, gt, valid):
+    """AEE over valid pixels, KITTI Fl-all (% valid with error > 3 px and > 5% of |gt|)."""
+    err = np.sqrt(((pred - gt) ** 2).sum(axis=2))
+    mag = np.sqrt((gt ** 2).sum(axis=2))
+    e, m = err[valid], mag[valid]
+    return float(e.mean()), float(100.0 * ((e > 3.0) & (e > 0.05 * m)).mean())
+
+
+def resize_for_card(img, multiple, min_size):
+    """What poodle-prep does: nearest multiple of size_multiple, at least min_size."""
+    import cv2
+    h, w = img.shape[:2]
+    rnd = lambda x: max(max(1, round(x / multiple)) * multiple, -(-min_size // multiple) * multiple)
+    mh, mw = rnd(h), rnd(w)
+    if (mh, mw) == (h, w):
+        return img, (h, w)
+    return cv2.resize(img, (mw, mh), interpolation=cv2.INTER_LINEAR), (mh, mw)
+
+
+def run_model(sess, im1, im2, multiple=1, min_size=1):
+    """Flow (H x W x 2) from uint8 RGB frames, through the card's resize like poodle-prep."""
+    import cv2
+    h, w = im1.shape[:2]
+    a, (mh, mw) = resize_for_card(im1, multiple, min_size)
+    b, _ = resize_for_card(im2, multiple, min_size)
+    t = lambda x: x.astype(np.float32).transpose(2, 0, 1)[None]
+    f = sess.run(["flow"], {"image1": t(a), "image2": t(b)})[0][0].transpose(1, 2, 0)
+    if (mh, mw) != (h, w):
+        f = cv2.resize(f, (w, h), interpolation=cv2.INTER_LINEAR)
+        f[..., 0] *= w / mw
+        f[..., 1] *= h / mh
+    return f
+
+
+def session(path_or_bytes, threads=0):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(path_or_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def evaluate(model_bytes, multiple=1, min_size=1, pairs=tuple(PAIRS), threads=0):
+    sess = session(model_bytes, threads)
+    res = {}
+    for name in pairs:
+        im1, im2, gt, valid = load_pair(name)
+        t0 = time.perf_counter()
+        f = run_model(sess, im1, im2, multiple, min_size)
+        dt = time.perf_counter() - t0
+        aee, fl = flow_errors(f, gt, valid)
+        res[name] = dict(aee=round(aee, 4), fl_all=round(fl, 2), seconds=round(dt, 2))
+    return res
+
+
+# --------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--out", default=str(REPO_ROOT / "models" / "tvl1_flow.onnx"))
+    ap.add_argument("--name", default=None, help="card name (default: the file stem)")
+    for k, v in DEFAULTS.items():
+        ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    ap.add_argument("--no-eval", action="store_true", help="skip the real-data evaluation")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="evaluate without writing anything (for tuning)")
+    ap.add_argument("--native", action="store_true",
+                    help="with --eval-only: evaluate at native size, not the card's size multiple")
+    ap.add_argument("--max-aee-middlebury", type=float, default=0.5)
+    ap.add_argument("--max-aee-kitti", type=float, default=30.0)
+    ap.add_argument("--threads", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    params = {k: getattr(a, k) for k in DEFAULTS}
+    model = build(params)
+    onnx.checker.check_model(model, full_check=True)
+    data = model.SerializeToString()
+    size_multiple = 2 ** (params["levels"] - 1)
+    min_size = params["min_level_size"] * 2 ** (params["levels"] - 1) // 4 * 0 + 32
+    n_nodes = sum(1 for _ in iter_nodes(model.graph))
+    print(f"graph: {len(model.graph.node)} top-level nodes, {n_nodes} in all, {len(data)} bytes",
+          file=sys.stderr)
+    if a.eval_only:
+        mult, mins = (1, 1) if a.native else (size_multiple, min_size)
+        t0 = time.perf_counter()
+        res = evaluate(data, mult, mins, threads=a.threads)
+        print(json.dumps({"params": params, "results": res,
+                          "total_s": round(time.perf_counter() - t0, 2)}))
+        return 0
+    measured = {}
+    if not a.no_eval:
+        if not DATA.is_dir():
+            sys.exit(f"no evaluation data at {DATA} (use --no-eval to build without it)")
+        measured = {"native": evaluate(data, 1, 1, threads=a.threads),
+                    "card_resize": evaluate(data, size_multiple, min_size, threads=a.threads)}
+        print(json.dumps(measured), file=sys.stderr)
+        worst = {n: max(measured[m][n]["aee"] for m in measured) for n in PAIRS}
+        if worst["middlebury_rubberwhale"] > a.max_aee_middlebury or worst["kitti"] > a.max_aee_kitti:
+            sys.exit(f"accuracy bar missed: {worst}; nothing written")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
+    card = {}
+    Path(out.with_suffix(".json")).write_text(json.dumps(card, indent=2) + "\n")
+    return 0
+
+
+def iter_nodes(graph):
+    for n in graph.node:
+        yield n
+        for at in n.attribute:
+            if at.type == onnx.AttributeProto.GRAPH:
+                yield from iter_nodes(at.g)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
