@@ -30,6 +30,7 @@ FLOW_ARRAYS = {
     "forward": ("int16", ("pair", "uv", "y", "x")),
     "backward": ("int16", ("pair", "uv", "y", "x")),
     "occlusion": ("bool", ("pair", "y", "x")),
+    "occlusion_backward": ("bool", ("pair", "y", "x")),
     "stats": ("float32", ("pair", "stat")),
 }
 
@@ -144,12 +145,12 @@ def main(argv):
         c.eq(f"{base} attrs flow_scale", fattrs.get("flow_scale"), gexp["flow_scale"])
         c.eq(f"{base} attrs backward", fattrs.get("backward"), gexp["backward"])
         c.eq(f"{base} attrs stat_names", fattrs.get("stat_names"), gexp["stat_names"])
-        want = ["forward", "occlusion", "stats"] + (["backward"] if gexp["backward"] else [])
+        want = ["forward", "occlusion", "stats"] + (["backward", "occlusion_backward"] if gexp["backward"] else [])
         have = sorted(root[base].array_keys()) if "flow" in names else []
         c.eq(f"{base} arrays", have, sorted(want))
         nstat = len(gexp["stat_names"])
         fshapes = {"forward": (n, 2, h, w), "backward": (n, 2, h, w), "occlusion": (n, h, w),
-                   "stats": (n, nstat)}
+                   "occlusion_backward": (n, h, w), "stats": (n, nstat)}
         g = {}
         for a in want:
             dtype, dims = FLOW_ARRAYS[a]
@@ -198,6 +199,12 @@ def main(argv):
             if g.get("occlusion") is not None:
                 occ = g["occlusion"][i]
                 c.eq(f"{tag} {gname}/occlusion count", int(occ.sum()), gp["occluded"])
+            if "occluded_backward" in gp:
+                ob = g.get("occlusion_backward")
+                c.true(f"{tag} {gname}/occlusion_backward present", ob is not None)
+                if ob is not None:
+                    c.eq(f"{tag} {gname}/occlusion_backward weighted count",
+                         weighted_sum(ob[i].astype(np.int64)), gp["occluded_backward"])
                 c.eq(f"{tag} {gname}/occlusion weighted sum", weighted_sum(occ), gp["occluded_wsum"])
             if g.get("stats") is not None:
                 st = g["stats"][i]

@@ -140,14 +140,16 @@ DEFAULTS = dict(
     levels=7,          # pyramid levels (factor 2 each)
     min_level_size=8,  # a level is never smaller than this (pixels, each side)
     finest=0,          # finest level estimated (0 = full resolution)
-    warps=5,           # warps per level
-    outer=2,           # median filter + inner loop rounds per warp
-    iters=15,          # primal-dual iterations per round
+    warps=5,           # warps per level (levels coarser than 0)
+    iters=15,          # primal-dual iterations per warp
+    warps0=3,          # warps at the finest level
+    iters0=10,         # iterations per warp at the finest level
+    warp3=1,           # 1: warp image2 and its derivatives; 0: warp image2, differentiate after
     lam=0.15,          # data term weight (images 0..255)
     theta=0.3,         # coupling of u and v
     tau=0.25,          # dual step
     sigma0=0.8,        # pre-smoothing at the finest level
-    median=5,          # median filter size (0 = none)
+    median=5,          # median filter: 0 none, 3 exact 3x3, 5 separable 5x5, 55 exact 5x5 (slow)
     texture=0.0,       # structure-texture: I - alpha * blur(I) (0 = plain images)
     texture_sigma=3.0, # sigma of the structure blur
     grad_blend=0.0,    # derivatives: (1 - b) * warped image2 + b * image1 (Secrets: 0.4)
@@ -250,8 +252,10 @@ def build(p: dict) -> onnx.ModelProto:
         w_m1 = g.sub(w_f, g.c(1.0))
         h_m1 = g.sub(h_f, g.c(1.0))
 
-        px = py = None
-        for wi in range(p["warps"]):
+        P = g.op("ConstantOfShape", g.op("Concat", g.slice(shp, [0], [1], [0]), g.c([4], np.int64), hw, axis=0),
+                 value=numpy_helper.from_array(np.zeros(1, np.float32)))
+        warps, iters = (p["warps0"], p["iters0"]) if lev == 0 else (p["warps"], p["iters"])
+        for wi in range(warps):
             u = g.slice(flow, [0], [1], [1])
             v = g.slice(flow, [1], [2], [1])
             x = g.add(xs, u)
@@ -259,10 +263,15 @@ def build(p: dict) -> onnx.ModelProto:
             gx = g.add(g.mul(x, xs_n_scale), xs_n_off)
             gy = g.add(g.mul(y, ys_n_scale), ys_n_off)
             grid = g.op("Transpose", g.op("Concat", gx, gy, axis=1), perm=[0, 2, 3, 1])
-            warped = g.op("GridSample", I1all, grid, mode="bilinear", padding_mode="border",
-                          align_corners=0)
-            I1w = g.slice(warped, [0], [1], [1])
-            Gr = g.slice(warped, [1], [3], [1])      # N x 2 x H x W: Ix, Iy
+            if p["warp3"]:
+                warped = g.op("GridSample", I1all, grid, mode="bilinear", padding_mode="border",
+                              align_corners=0)
+                I1w = g.slice(warped, [0], [1], [1])
+                Gr = g.slice(warped, [1], [3], [1])      # N x 2 x H x W: Ix, Iy
+            else:
+                I1w = g.op("GridSample", I1, grid, mode="bilinear", padding_mode="border",
+                           align_corners=0)
+                Gr = g.conv(g.pad(I1w, [0, 0, 1, 1, 0, 0, 1, 1]), deriv_w)
             if p["grad_blend"] > 0:
                 b = p["grad_blend"]
                 Gr = g.add(g.mul(Gr, g.c(1 - b)), g.mul(I0d, g.c(b)))
@@ -275,18 +284,12 @@ def build(p: dict) -> onnx.ModelProto:
             # rho(u') = I1w + G.(u' - u0) - I0 = rho_c + G.u'
             gu0 = g.op("ReduceSum", g.mul(Gr, flow), g.c([1], np.int64), keepdims=1)
             rho_c = g.mul(g.sub(g.sub(I1w, gu0), I0), m)
-            grad2 = g.add(g.op("ReduceSum", g.mul(Gr, Gr), g.c([1], np.int64), keepdims=1), g.c(1e-9))
-            if px is None:
-                px = g.op("Mul", flow, g.c(0.0))
-                py = px
-            for oi in range(p["outer"]):
-                if p["median"] > 1:
-                    flow = median(g, flow, p["median"])
-                flow, px, py = tvl1_loop(g, p, flow, px, py, Gr, grad2, rho_c, lam, theta, tau,
-                                         f"l{lev}w{wi}o{oi}_")
-                loop_bodies += 1
-        if lev == p["finest"] and p["median"] > 1:
-            flow = median(g, flow, p["median"])
+            inv_g2 = g.op("Reciprocal", g.add(g.op("ReduceSum", g.mul(Gr, Gr), g.c([1], np.int64), keepdims=1),
+                                              g.c(1e-6)))
+            flow, P = tvl1_loop(g, iters, flow, P, Gr, inv_g2, rho_c, lam, theta, tau, f"l{lev}w{wi}_")
+            loop_bodies += 1
+            if p["median"]:
+                flow = median(g, flow, p["median"])
 
     if p["finest"] > 0:
         shp = g.op("Shape", "image1")
@@ -372,55 +375,90 @@ def match_and_fuse(g: Graph, p, I0, I1, flow, shp) -> str:
     cur = g.op("AveragePool", cur, **pool)
     take = g.op("Less", g.add(best, g.c(p["match_margin"])), cur)
     fused = g.op("Where", take, mflow, flow)
-    return median(g, fused, 5)
+    return median(g, fused, p["median"]) if p["median"] else fused
 
 
-def median(g: Graph, flow: str, k: int) -> str:
-    """k x k median of each flow channel (replicated border): one-hot Conv gathers the
-    k*k neighbours as channels, TopK keeps the upper half, ReduceMin picks the median."""
+def _shifted(g: Graph, x: str, k: int, axis: int) -> list:
+    """The k shifts of x along axis (2 or 3) with replicated borders, centred."""
     r = k // 2
-    x = g.op("Reshape", flow, g.c([-1, 1, 0, 0], np.int64))
-    x = g.conv(g.pad(x, [0, 0, r, r, 0, 0, r, r]), median_weights(k))
-    top = g.op("TopK", x, g.c([k * k // 2 + 1], np.int64), n_out=2, axis=1, largest=1, sorted=0)[0]
-    med = g.op("ReduceMin", top, axes=[1], keepdims=1)
-    return g.op("Reshape", med, g.c([-1, 2, 0, 0], np.int64))
+    pads = [0] * 8
+    pads[axis], pads[4 + axis] = r, r
+    xp = g.pad(x, pads)
+    return [g.slice(xp, [d], [-(k - 1 - d) if d < k - 1 else INT64_MAX], [axis])
+            for d in range(k)]
 
 
-def tvl1_loop(g: Graph, p, flow, px, py, Gr, grad2, rho_c, lam, theta, tau, prefix):
-    """p['iters'] primal-dual TV-L1 iterations as one ONNX Loop."""
+def _sort_net(g: Graph, v: list, pairs) -> list:
+    v = list(v)
+    for i, j in pairs:
+        v[i], v[j] = g.op("Min", v[i], v[j]), g.op("Max", v[i], v[j])
+    return v
+
+
+MED3 = [(0, 1), (1, 2), (0, 1)]                                   # median of 3 -> v[1]
+MED5 = [(0, 1), (3, 4), (0, 3), (1, 4), (1, 2), (2, 3), (1, 2)]   # median of 5 -> v[2]
+MED9 = [(1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3), (5, 8),
+        (4, 7), (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2)]  # -> v[4]
+
+
+def median(g: Graph, flow: str, kind: int) -> str:
+    """Median filter of each flow channel with replicated borders. kind 3: exact 3x3 (a
+    19-exchange Min/Max network); 5: separable 5x5 (median of 5 along rows, then columns);
+    55: exact 5x5 (one-hot Conv gathers the 25 neighbours, TopK + ReduceMin: slow)."""
+    if kind == 3:
+        rows = _shifted(g, flow, 3, 2)
+        nine = [s for r in rows for s in _shifted(g, r, 3, 3)]
+        return _sort_net(g, nine, MED9)[4]
+    if kind == 5:
+        h = _sort_net(g, _shifted(g, flow, 5, 3), MED5)[2]
+        return _sort_net(g, _shifted(g, h, 5, 2), MED5)[2]
+    if kind == 55:
+        k = 5
+        x = g.op("Reshape", flow, g.c([-1, 1, 0, 0], np.int64))
+        x = g.conv(g.pad(x, [0, 0, 2, 2, 0, 0, 2, 2]), median_weights(k))
+        top = g.op("TopK", x, g.c([13], np.int64), n_out=2, axis=1, largest=1, sorted=0)[0]
+        med = g.op("ReduceMin", top, axes=[1], keepdims=1)
+        return g.op("Reshape", med, g.c([-1, 2, 0, 0], np.int64))
+    raise ValueError(f"median kind {kind}")
+
+
+def tvl1_loop(g: Graph, iters, flow, P, Gr, inv_g2, rho_c, lam, theta, tau, prefix):
+    """`iters` primal-dual TV-L1 iterations (Zach et al.; Chambolle's dual projection) as
+    one ONNX Loop. flow: N x 2 x H x W; P: N x 4 x H x W dual variables (p_x, p_y of u, then
+    of v); Gr: N x 2 x H x W warped image derivatives; inv_g2 = 1 / |Gr|^2; rho_c: the
+    linearised residual at zero flow."""
     b = Graph(g.consts, prefix)
     lt = lam * theta
-    # thresholding step: v = u - clip(rho / |G|^2, -lt, lt) * G
-    rho = b.add(rho_c, b.op("ReduceSum", b.mul(Gr, "u_in"), b.c([1], np.int64), keepdims=1))
-    step = b.op("Clip", b.div(rho, grad2), b.c(-lt), b.c(lt))
-    vv = b.sub("u_in", b.mul(step, Gr))
-    # u = v + theta * div(p)   (backward differences, p = 0 outside)
-    dpx = b.sub("px_in", b.slice(b.pad("px_in", [0, 0, 0, 1, 0, 0, 0, 0], mode="constant"), [0], [-1], [3]))
-    dpy = b.sub("py_in", b.slice(b.pad("py_in", [0, 0, 1, 0, 0, 0, 0, 0], mode="constant"), [0], [-1], [2]))
-    u = b.add(vv, b.mul(b.add(dpx, dpy), b.c(theta)))
-    # dual step: p = (p + tau/theta grad u) / (1 + tau/theta |grad u|)   (forward differences)
-    up = b.pad(u, [0, 0, 0, 0, 0, 0, 1, 1])
-    ux = b.sub(b.slice(up, [0, 1], [-1, INT64_MAX], [2, 3]), u)
-    uy = b.sub(b.slice(up, [1, 0], [INT64_MAX, -1], [2, 3]), u)
     c = tau / theta
-    nrm = b.op("Sqrt", b.add(b.mul(ux, ux), b.mul(uy, uy)))
-    den = b.op("Reciprocal", b.add(b.mul(nrm, b.c(c)), b.c(1.0)))
-    pxn = b.mul(b.add("px_in", b.mul(ux, b.c(c))), den)
-    pyn = b.mul(b.add("py_in", b.mul(uy, b.c(c))), den)
+    # thresholding step: v = u - clip(rho / |G|^2, -lt, lt) * G, rho = rho_c + G.u
+    rho = b.add(rho_c, b.op("ReduceSum", b.mul(Gr, "u_in"), b.c([1], np.int64), keepdims=1))
+    step = b.op("Clip", b.mul(rho, inv_g2), b.c(-lt), b.c(lt))
+    vv = b.sub("u_in", b.mul(step, Gr))
+    # u = v + theta div p: backward differences with p = 0 outside, as one grouped Conv
+    wd = np.zeros((2, 2, 2, 2), np.float32)
+    for o in range(2):
+        wd[o, 0, 1, 1], wd[o, 0, 1, 0] = theta, -theta   # p_x(i, j) - p_x(i, j-1)
+        wd[o, 1, 1, 1], wd[o, 1, 0, 1] = theta, -theta   # p_y(i, j) - p_y(i-1, j)
+    u = b.add(vv, b.op("Conv", "p_in", b.c(wd), group=2, pads=[1, 1, 0, 0]))
+    # dual step: p = (p + c grad u) / (1 + c |grad u|), forward differences (Neumann)
+    wg = np.zeros((4, 1, 2, 2), np.float32)
+    for o in range(2):
+        wg[2 * o, 0, 0, 1], wg[2 * o, 0, 0, 0] = c, -c           # u(i, j+1) - u(i, j)
+        wg[2 * o + 1, 0, 1, 0], wg[2 * o + 1, 0, 0, 0] = c, -c   # u(i+1, j) - u(i, j)
+    G4 = b.op("Conv", b.pad(u, [0, 0, 0, 0, 0, 0, 1, 1]), b.c(wg), group=2)
+    pair = np.kron(np.eye(2), np.ones((2, 2))).astype(np.float32).reshape(4, 4, 1, 1)
+    nrm = b.op("Sqrt", b.op("Conv", b.mul(G4, G4), b.c(pair)))
+    pn = b.div(b.add("p_in", G4), b.add(nrm, b.c(1.0)))
     b.nodes.append(helper.make_node("Identity", ["cond_in"], ["cond_out"]))
     b.nodes.append(helper.make_node("Identity", [u], ["u_out"]))
-    b.nodes.append(helper.make_node("Identity", [pxn], ["px_out"]))
-    b.nodes.append(helper.make_node("Identity", [pyn], ["py_out"]))
+    b.nodes.append(helper.make_node("Identity", [pn], ["p_out"]))
     t = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
     body = helper.make_graph(
         b.nodes, prefix + "body",
         [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         t("u_in"), t("px_in"), t("py_in")],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         t("u_out"), t("px_out"), t("py_out")])
-    outs = g.op("Loop", g.c(p["iters"], np.int64), g.c(True, np.bool_), flow, px, py, n_out=3, body=body)
-    return outs
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), t("u_in"), t("p_in")],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), t("u_out"), t("p_out")])
+    return g.op("Loop", g.c(iters, np.int64), g.c(True, np.bool_), flow, P, n_out=2, body=body)
 
 
 # --------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@
 //! | `flow/<model>/forward` | int16 | (N, 2, H, W) | flow t -> t+dt, (u, v) in stored pixels times 32 |
 //! | `flow/<model>/backward` | int16 | (N, 2, H, W) | flow t+dt -> t (optional) |
 //! | `flow/<model>/occlusion` | bool | (N, H, W) | pixels of frame t occluded in t+dt (DDFlow forward-backward check) |
+//! | `flow/<model>/occlusion_backward` | bool | (N, H, W) | pixels of frame t+dt occluded in t (with `backward`) |
 //! | `flow/<model>/stats` | float32 | (N, 6) | per-pair flow statistics, names in the flow group's attributes |
 //!
 //! Flow is int16 at 1/32 px ([`FLOW_QUANT_SCALE`], also stored as the array attribute
@@ -43,6 +44,7 @@ pub const FLOW_ROOT: &str = "flow";
 pub const FORWARD: &str = "forward";
 pub const BACKWARD: &str = "backward";
 pub const OCCLUSION: &str = "occlusion";
+pub const OCCLUSION_BACKWARD: &str = "occlusion_backward";
 pub const STATS: &str = "stats";
 /// Attribute key of poodle's metadata in the root group and in flow groups.
 pub const ATTR_KEY: &str = "poodle";
@@ -141,7 +143,7 @@ pub struct StoreArrays {
 pub struct FlowArrays {
     pub name: String,
     forward: Array<FilesystemStore>,
-    backward: Option<Array<FilesystemStore>>,
+    backward: Option<(Array<FilesystemStore>, Array<FilesystemStore>)>,
     occlusion: Array<FilesystemStore>,
     stats: Array<FilesystemStore>,
 }
@@ -248,19 +250,10 @@ impl StoreArrays {
                 scale.clone(),
             )
         };
-        let mut stat_attrs = serde_json::Map::new();
-        stat_attrs.insert("names".into(), serde_json::json!(FLOW_STAT_NAMES));
-        Ok(FlowArrays {
-            name: name.to_string(),
-            forward: flow(FORWARD)?,
-            backward: if backward {
-                Some(flow(BACKWARD)?)
-            } else {
-                None
-            },
-            occlusion: build(
+        let mask = |which: &str| {
+            build(
                 &self.storage,
-                &format!("{base}/{OCCLUSION}"),
+                &format!("{base}/{which}"),
                 vec![n, h, w],
                 data_type::bool(),
                 zarrs::array::FillValue::from(false),
@@ -268,7 +261,19 @@ impl StoreArrays {
                 Some(codecs.flow_zstd),
                 &["pair", "y", "x"],
                 serde_json::Map::new(),
-            )?,
+            )
+        };
+        let mut stat_attrs = serde_json::Map::new();
+        stat_attrs.insert("names".into(), serde_json::json!(FLOW_STAT_NAMES));
+        Ok(FlowArrays {
+            name: name.to_string(),
+            forward: flow(FORWARD)?,
+            backward: if backward {
+                Some((flow(BACKWARD)?, mask(OCCLUSION_BACKWARD)?))
+            } else {
+                None
+            },
+            occlusion: mask(OCCLUSION)?,
             stats: build(
                 &self.storage,
                 &format!("{base}/{STATS}"),
@@ -303,15 +308,28 @@ impl StoreArrays {
         fa: &FlowArrays,
         k: usize,
         forward: &[i16],
-        backward: Option<&[i16]>,
+        backward: Option<(&[i16], &[bool])>,
         occlusion: &[bool],
         stats: &[f32],
     ) -> Result<()> {
         let g = self.geometry;
         let s = g.pairs_per_shard;
         store_padded(&fa.forward, k, forward, s * g.flow_len(), 0i16, 4)?;
-        if let (Some(a), Some(b)) = (&fa.backward, backward) {
-            store_padded(a, k, b, s * g.flow_len(), 0i16, 4)?;
+        match (&fa.backward, backward) {
+            (Some((a, m)), Some((b, o))) => {
+                store_padded(a, k, b, s * g.flow_len(), 0i16, 4)?;
+                store_padded(m, k, o, s * g.mask_len(), false, 3)?;
+            }
+            (None, None) => {}
+            _ => {
+                return Err(Error::store(
+                    &self.path,
+                    format!(
+                        "flow group {}: backward flow given for a group without it, or missing",
+                        fa.name
+                    ),
+                ))
+            }
         }
         store_padded(&fa.occlusion, k, occlusion, s * g.mask_len(), false, 3)?;
         store_padded(&fa.stats, k, stats, s * FLOW_STAT_NAMES.len(), 0f32, 2)
@@ -331,7 +349,9 @@ impl StoreArrays {
 
     pub fn finalize_flow(&self, fa: &FlowArrays, attrs: &FlowAttrs) -> Result<()> {
         let mut arrays = vec![&fa.forward, &fa.occlusion, &fa.stats];
-        arrays.extend(fa.backward.as_ref());
+        if let Some((b, m)) = &fa.backward {
+            arrays.extend([b, m]);
+        }
         for a in arrays {
             write_array_metadata(&self.path, a)?;
         }
@@ -424,8 +444,10 @@ pub struct FlowRecord {
     /// (2, H, W) pixels
     pub forward: Vec<f32>,
     pub backward: Option<Vec<f32>>,
-    /// (H, W)
+    /// (H, W): pixels of frame t occluded in t+dt
     pub occlusion: Vec<bool>,
+    /// (H, W): pixels of frame t+dt occluded in t (with backward flow)
+    pub occlusion_backward: Option<Vec<bool>>,
     pub stats: Vec<f32>,
 }
 
@@ -573,6 +595,11 @@ impl PoodleStore {
                 None
             },
             occlusion: self.read(&format!("{base}/{OCCLUSION}"), i)?,
+            occlusion_backward: if fa.backward {
+                Some(self.read(&format!("{base}/{OCCLUSION_BACKWARD}"), i)?)
+            } else {
+                None
+            },
             stats: self.read(&format!("{base}/{STATS}"), i)?,
         })
     }

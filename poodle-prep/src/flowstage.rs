@@ -11,7 +11,8 @@ use rayon::prelude::*;
 /// What the flow stage produces for one pair, ready for the store.
 pub struct FlowOut {
     pub forward: Vec<i16>,
-    pub backward: Option<Vec<i16>>,
+    /// Backward flow and the occlusion of frame t+dt in t, when kept.
+    pub backward: Option<(Vec<i16>, Vec<bool>)>,
     pub occlusion: Vec<bool>,
     pub stats: Vec<f32>,
     /// Median forward flow magnitude (px), for the near-static filter.
@@ -36,7 +37,12 @@ pub fn flow_batch(
             let st = flow_stats(&imgs[i].0, &imgs[i].1, fwd, bwd, &occ);
             FlowOut {
                 forward: quantize_flow(fwd, FLOW_QUANT_SCALE),
-                backward: keep_bwd.then(|| quantize_flow(bwd, FLOW_QUANT_SCALE)),
+                backward: keep_bwd.then(|| {
+                    (
+                        quantize_flow(bwd, FLOW_QUANT_SCALE),
+                        occlusion_fb(bwd, fwd, OCC_ALPHA1, OCC_ALPHA2),
+                    )
+                }),
                 occlusion: occ,
                 stats: st.to_array().to_vec(),
                 median_mag: st.median_mag,

@@ -85,9 +85,9 @@ struct FlowArgs {
     /// Name of the new flow group (default: the model card's name).
     #[arg(long)]
     flow_group: Option<String>,
-    /// Also store the backward flow.
+    /// Do not store the backward flow and its occlusion.
     #[arg(long)]
-    store_backward: bool,
+    no_backward: bool,
     /// Pairs per flow batch.
     #[arg(long, default_value_t = 2)]
     batch_size: usize,
@@ -133,9 +133,10 @@ struct PrepArgs {
     /// Name of the flow group (default: the model card's name).
     #[arg(long)]
     flow_group: Option<String>,
-    /// Also store the backward flow (t+dt -> t); it is always computed for occlusion.
+    /// Do not store the backward flow (t+dt -> t) and its occlusion (PooDLe's symmetric
+    /// loss needs them; they are always computed for the forward occlusion).
     #[arg(long)]
-    store_backward: bool,
+    no_backward: bool,
     /// Pairs per flow batch (recommended: 4 on a GPU, 1-2 on CPU).
     #[arg(long, default_value_t = 2)]
     batch_size: usize,
@@ -194,7 +195,7 @@ fn main() -> Result<()> {
                 device: a.model.device,
                 ort_lib: a.model.ort_lib,
                 flow_group: a.flow_group,
-                store_backward: a.store_backward,
+                store_backward: !a.no_backward,
                 batch_size: a.batch_size,
                 decode_workers: a.decode_workers,
                 flow_threads: threads,
@@ -235,7 +236,7 @@ fn main() -> Result<()> {
                 device: a.model.device,
                 ort_lib: a.model.ort_lib.clone(),
                 flow_group: a.flow_group,
-                store_backward: a.store_backward,
+                store_backward: !a.no_backward,
                 batch_size: a.batch_size,
                 flow_threads: a.model.threads(),
                 show_progress: !a.quiet,

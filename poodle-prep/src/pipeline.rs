@@ -657,6 +657,11 @@ fn write_shard(
     } else {
         vec![]
     };
+    let mut occ_bwd = if keep_bwd {
+        vec![false; n * g.mask_len()]
+    } else {
+        vec![]
+    };
     let mut occ = vec![false; n * g.mask_len()];
     let mut stats = vec![0f32; n * FLOW_STAT_NAMES.len()];
     let mut d = ShardDone {
@@ -675,8 +680,9 @@ fn write_shard(
                 frames[j * g.frame_len()..(j + 1) * g.frame_len()].copy_from_slice(&o.frames);
                 let f = &o.flow;
                 fwd[j * g.flow_len()..(j + 1) * g.flow_len()].copy_from_slice(&f.forward);
-                if let Some(b) = &f.backward {
+                if let Some((b, ob)) = &f.backward {
                     bwd[j * g.flow_len()..(j + 1) * g.flow_len()].copy_from_slice(b);
+                    occ_bwd[j * g.mask_len()..(j + 1) * g.mask_len()].copy_from_slice(ob);
                 }
                 occ[j * g.mask_len()..(j + 1) * g.mask_len()].copy_from_slice(&f.occlusion);
                 let s = FLOW_STAT_NAMES.len();
@@ -697,7 +703,7 @@ fn write_shard(
         fa,
         k,
         &fwd,
-        keep_bwd.then_some(bwd.as_slice()),
+        keep_bwd.then_some((bwd.as_slice(), occ_bwd.as_slice())),
         &occ,
         &stats,
     )?;

@@ -161,6 +161,11 @@ pub fn run_reflow(opts: &ReflowOptions) -> Result<ReflowSummary> {
             } else {
                 vec![]
             };
+            let mut occ_bwd = if opts.store_backward {
+                vec![false; n * geometry.mask_len()]
+            } else {
+                vec![]
+            };
             let mut occ = vec![false; n * geometry.mask_len()];
             let ns = FLOW_STAT_NAMES.len();
             let mut stats = vec![0f32; n * ns];
@@ -182,10 +187,11 @@ pub fn run_reflow(opts: &ReflowOptions) -> Result<ReflowSummary> {
                     let j = slot - start;
                     let fl = geometry.flow_len();
                     fwd[j * fl..(j + 1) * fl].copy_from_slice(&o.forward);
-                    if let Some(b) = &o.backward {
-                        bwd[j * fl..(j + 1) * fl].copy_from_slice(b);
-                    }
                     let ml = geometry.mask_len();
+                    if let Some((b, ob)) = &o.backward {
+                        bwd[j * fl..(j + 1) * fl].copy_from_slice(b);
+                        occ_bwd[j * ml..(j + 1) * ml].copy_from_slice(ob);
+                    }
                     occ[j * ml..(j + 1) * ml].copy_from_slice(&o.occlusion);
                     stats[j * ns..(j + 1) * ns].copy_from_slice(&o.stats);
                 }
@@ -196,7 +202,8 @@ pub fn run_reflow(opts: &ReflowOptions) -> Result<ReflowSummary> {
                 &fa,
                 k,
                 &fwd,
-                opts.store_backward.then_some(bwd.as_slice()),
+                opts.store_backward
+                    .then_some((bwd.as_slice(), occ_bwd.as_slice())),
                 &occ,
                 &stats,
             )?;

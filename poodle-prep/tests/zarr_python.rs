@@ -106,6 +106,8 @@ fn expected(store: &PoodleStore, indices: &[usize]) -> Value {
                 let bwd = raw(b);
                 e["backward_sum"] = json!(bwd.iter().sum::<i64>());
                 e["backward_wsum"] = json!(weighted_sum(bwd.iter().copied()));
+                let ob = f.occlusion_backward.as_ref().expect("backward occlusion");
+                e["occluded_backward"] = json!(weighted_sum(ob.iter().map(|&o| i64::from(o))));
             }
             flow.insert(name.clone(), e);
         }
@@ -190,7 +192,6 @@ fn zarr_python_reads_prep_store() {
             .arg(&ort)
             .arg("--max-pairs")
             .arg(NUM_PAIRS.to_string())
-            .arg("--store-backward")
             .arg("--quiet"),
         "poodle-prep prep",
     );
