@@ -79,9 +79,11 @@ class Graph:
         self.n += 1
         return f"{self.prefix}{op.lower()}_{self.n}"
 
-    def op(self, op_type: str, *inputs: str, n_out: int = 1, **attrs):
+    def op(self, op_type: str, *inputs: str, n_out: int = 1, out=None, **attrs):
         name = self._name(op_type)
         outs = [f"{name}_o{i}" if n_out > 1 else name for i in range(n_out)]
+        if out is not None:
+            outs = [out]
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name, **attrs))
         return outs if n_out > 1 else outs[0]
 
@@ -140,24 +142,28 @@ DEFAULTS = dict(
     levels=7,          # pyramid levels (factor 2 each)
     min_level_size=8,  # a level is never smaller than this (pixels, each side)
     finest=0,          # finest level estimated (0 = full resolution)
-    warps=5,           # warps per level (levels coarser than 0)
-    iters=15,          # primal-dual iterations per warp
-    warps0=3,          # warps at the finest level
+    warps=3,           # warps per level (levels coarser than 0)
+    iters=10,          # primal-dual iterations per warp
+    warps1=3,          # warps at level 1
+    iters1=10,         # iterations per warp at level 1
+    warps0=2,          # warps at the finest level
     iters0=10,         # iterations per warp at the finest level
     warp3=1,           # 1: warp image2 and its derivatives; 0: warp image2, differentiate after
-    lam=0.15,          # data term weight (images 0..255)
+    lam=0.4,           # data term weight (images 0..255)
     theta=0.3,         # coupling of u and v
     tau=0.25,          # dual step
     sigma0=0.8,        # pre-smoothing at the finest level
     median=5,          # median filter: 0 none, 3 exact 3x3, 5 separable 5x5, 55 exact 5x5 (slow)
-    texture=0.0,       # structure-texture: I - alpha * blur(I) (0 = plain images)
-    texture_sigma=3.0, # sigma of the structure blur
+    texture=0.9,       # structure-texture: I - alpha * blur(I) (0 = plain images)
+    texture_sigma=2.0, # sigma of the structure blur
+    texture_stretch=0, # 1: stretch the texture images to 0..255 again
+    texture_levels=99, # 0: split at full resolution; k > 0: split each level < k (sigma in level px)
     grad_blend=0.0,    # derivatives: (1 - b) * warped image2 + b * image1 (Secrets: 0.4)
-    match_level=4,     # level of the global census matching (-1 = none)
-    match_rx=12,       # horizontal search radius at that level (pixels of the level)
-    match_ry=6,        # vertical search radius
+    match_level=3,     # level of the global census matching (-1 = none)
+    match_rx=24,       # horizontal search radius at that level (pixels of the level)
+    match_ry=8,        # vertical search radius
     match_win=5,       # cost aggregation window
-    census_delta=4.0,  # soft census: tanh(difference / delta)
+    census_delta=16.0,  # soft census: tanh(difference / delta)
     match_margin=0.5,  # take the match where its cost is lower than the current flow's by this
 )
 
@@ -186,10 +192,10 @@ def build(p: dict) -> onnx.ModelProto:
         return g.mul(g.sub(a, lo), scale), g.mul(g.sub(b, lo), scale)
 
     i0, i1 = stretch(*gray)
-    if p["texture"] > 0:
+    if p["texture"] > 0 and p["texture_levels"] == 0:   # decomposition at full resolution
         t0 = g.sub(i0, g.mul(g.c(p["texture"]), g.sep_blur(i0, p["texture_sigma"], 1)))
         t1 = g.sub(i1, g.mul(g.c(p["texture"]), g.sep_blur(i1, p["texture_sigma"], 1)))
-        i0, i1 = stretch(t0, t1)
+        i0, i1 = stretch(t0, t1) if p["texture_stretch"] else (t0, t1)
 
     # ---- pyramid (both frames in one tensor: channel 0 = image1, 1 = image2) ----------
     pair = g.op("Concat", i0, i1, axis=1)
@@ -215,6 +221,9 @@ def build(p: dict) -> onnx.ModelProto:
     loop_bodies = 0
     for lev in range(p["levels"] - 1, p["finest"] - 1, -1):
         L = pyr[lev]
+        Lplain = L
+        if p["texture"] > 0 and lev < p["texture_levels"]:
+            L = g.sub(L, g.mul(g.c(p["texture"]), g.sep_blur(L, p["texture_sigma"], 2)))
         I0 = g.slice(L, [0], [1], [1])
         I1 = g.slice(L, [1], [2], [1])
         shp = g.op("Shape", L)                       # N, 2, H, W
@@ -233,7 +242,7 @@ def build(p: dict) -> onnx.ModelProto:
                               coordinate_transformation_mode="half_pixel"), scl)
 
         if lev == p["match_level"]:
-            flow = match_and_fuse(g, p, I0, I1, flow, shp)
+            flow = match_and_fuse(g, p, g.slice(Lplain, [0], [1], [1]), g.slice(Lplain, [1], [2], [1]), flow, shp)
 
         # derivatives of image2 (centred, replicated border), stacked with it: N x 3 x H x W
         I1d = g.conv(g.pad(I1, [0, 0, 1, 1, 0, 0, 1, 1]), deriv_w)
@@ -252,9 +261,10 @@ def build(p: dict) -> onnx.ModelProto:
         w_m1 = g.sub(w_f, g.c(1.0))
         h_m1 = g.sub(h_f, g.c(1.0))
 
-        P = g.op("ConstantOfShape", g.op("Concat", g.slice(shp, [0], [1], [0]), g.c([4], np.int64), hw, axis=0),
-                 value=numpy_helper.from_array(np.zeros(1, np.float32)))
-        warps, iters = (p["warps0"], p["iters0"]) if lev == 0 else (p["warps"], p["iters"])
+        s4 = g.op("Concat", g.slice(shp, [0], [1], [0]), g.c([4], np.int64), hw, axis=0)
+        P = g.op("ConstantOfShape", s4, value=numpy_helper.from_array(np.zeros(1, np.float32)))
+        warps, iters = {0: (p["warps0"], p["iters0"]), 1: (p["warps1"], p["iters1"])}.get(
+            lev, (p["warps"], p["iters"]))
         for wi in range(warps):
             u = g.slice(flow, [0], [1], [1])
             v = g.slice(flow, [1], [2], [1])
@@ -424,9 +434,9 @@ def median(g: Graph, flow: str, kind: int) -> str:
 
 def tvl1_loop(g: Graph, iters, flow, P, Gr, inv_g2, rho_c, lam, theta, tau, prefix):
     """`iters` primal-dual TV-L1 iterations (Zach et al.; Chambolle's dual projection) as
-    one ONNX Loop. flow: N x 2 x H x W; P: N x 4 x H x W dual variables (p_x, p_y of u, then
-    of v); Gr: N x 2 x H x W warped image derivatives; inv_g2 = 1 / |Gr|^2; rho_c: the
-    linearised residual at zero flow."""
+    one ONNX Loop. flow: N x 2 x H x W; P: N x 4 x H x W dual variables in the order
+    (p_x of u, p_x of v, p_y of u, p_y of v); Gr: N x 2 x H x W warped image derivatives;
+    inv_g2 = 1 / |Gr|^2; rho_c: the linearised residual at zero flow."""
     b = Graph(g.consts, prefix)
     lt = lam * theta
     c = tau / theta
@@ -434,24 +444,22 @@ def tvl1_loop(g: Graph, iters, flow, P, Gr, inv_g2, rho_c, lam, theta, tau, pref
     rho = b.add(rho_c, b.op("ReduceSum", b.mul(Gr, "u_in"), b.c([1], np.int64), keepdims=1))
     step = b.op("Clip", b.mul(rho, inv_g2), b.c(-lt), b.c(lt))
     vv = b.sub("u_in", b.mul(step, Gr))
-    # u = v + theta div p: backward differences with p = 0 outside, as one grouped Conv
-    wd = np.zeros((2, 2, 2, 2), np.float32)
+    # u = v + theta div p: backward differences with p = 0 outside, as one Conv
+    wd = np.zeros((2, 4, 2, 2), np.float32)
     for o in range(2):
-        wd[o, 0, 1, 1], wd[o, 0, 1, 0] = theta, -theta   # p_x(i, j) - p_x(i, j-1)
-        wd[o, 1, 1, 1], wd[o, 1, 0, 1] = theta, -theta   # p_y(i, j) - p_y(i-1, j)
-    u = b.add(vv, b.op("Conv", "p_in", b.c(wd), group=2, pads=[1, 1, 0, 0]))
+        wd[o, o, 1, 1], wd[o, o, 1, 0] = theta, -theta           # p_x(i, j) - p_x(i, j-1)
+        wd[o, 2 + o, 1, 1], wd[o, 2 + o, 0, 1] = theta, -theta   # p_y(i, j) - p_y(i-1, j)
+    u = b.op("Add", vv, b.op("Conv", "p_in", b.c(wd), pads=[1, 1, 0, 0]), out="u_out")
     # dual step: p = (p + c grad u) / (1 + c |grad u|), forward differences (Neumann)
-    wg = np.zeros((4, 1, 2, 2), np.float32)
+    wg = np.zeros((4, 2, 2, 2), np.float32)
     for o in range(2):
-        wg[2 * o, 0, 0, 1], wg[2 * o, 0, 0, 0] = c, -c           # u(i, j+1) - u(i, j)
-        wg[2 * o + 1, 0, 1, 0], wg[2 * o + 1, 0, 0, 0] = c, -c   # u(i+1, j) - u(i, j)
-    G4 = b.op("Conv", b.pad(u, [0, 0, 0, 0, 0, 0, 1, 1]), b.c(wg), group=2)
-    pair = np.kron(np.eye(2), np.ones((2, 2))).astype(np.float32).reshape(4, 4, 1, 1)
-    nrm = b.op("Sqrt", b.op("Conv", b.mul(G4, G4), b.c(pair)))
-    pn = b.div(b.add("p_in", G4), b.add(nrm, b.c(1.0)))
-    b.nodes.append(helper.make_node("Identity", ["cond_in"], ["cond_out"]))
-    b.nodes.append(helper.make_node("Identity", [u], ["u_out"]))
-    b.nodes.append(helper.make_node("Identity", [pn], ["p_out"]))
+        wg[o, o, 0, 1], wg[o, o, 0, 0] = c, -c                   # u(i, j+1) - u(i, j)
+        wg[2 + o, o, 1, 0], wg[2 + o, o, 0, 0] = c, -c           # u(i+1, j) - u(i, j)
+    G4 = b.op("Conv", b.pad(u, [0, 0, 0, 0, 0, 0, 1, 1]), b.c(wg))
+    pair = np.kron(np.ones((2, 2)), np.eye(2)).astype(np.float32).reshape(4, 4, 1, 1)
+    den = b.add(b.op("Sqrt", b.op("Conv", b.mul(G4, G4), b.c(pair))), b.c(1.0))   # |grad| per flow channel
+    b.op("Div", b.add("p_in", G4), den, out="p_out")
+    b.nodes.append(helper.make_node("Identity", ["cond_in"], ["cond_out"], name=prefix + "cond"))
     t = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
     body = helper.make_graph(
         b.nodes, prefix + "body",

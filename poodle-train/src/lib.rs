@@ -1,0 +1,12 @@
+//! poodle-train: the PooDLe learner on candle, reading `poodle-prep` stores.
+//!
+//! Module map (DESIGN.md): `geom` (affine convention shared by augmentation and loss),
+//! `model` (ResNet with torchvision names, spatial decoder, heads), `loss` (dense and pooled
+//! objectives as pure functions), `data` (streaming loader, augmentations, subcrops),
+//! `optim` (AdamW, schedules, EMA).
+
+pub mod data;
+pub mod geom;
+pub mod loss;
+pub mod model;
+pub mod optim;
