@@ -161,9 +161,10 @@ DEFAULTS = dict(
     grad_blend=0.0,    # derivatives: (1 - b) * warped image2 + b * image1 (Secrets: 0.4)
     match_level=3,     # level of the global census matching (-1 = none)
     match_rx=24,       # horizontal search radius at that level (pixels of the level)
-    match_ry=8,        # vertical search radius
+    match_ry=6,        # vertical search radius
     match_win=5,       # cost aggregation window
-    census_delta=16.0,  # soft census: tanh(difference / delta)
+    census_delta=16.0, # soft census: tanh(difference / delta)
+    census_n=8,        # census neighbours (8 or 4)
     match_margin=0.5,  # take the match where its cost is lower than the current flow's by this
 )
 
@@ -324,17 +325,17 @@ def build(p: dict) -> onnx.ModelProto:
     return model
 
 
-def census(g: Graph, img: str, delta: float) -> str:
-    """Soft census transform: tanh((neighbour - centre) / delta) for the 8 neighbours."""
-    w = np.zeros((8, 1, 3, 3), np.float32)
-    k = 0
-    for dy in range(3):
-        for dx in range(3):
-            if dy == dx == 1:
-                continue
-            w[k, 0, dy, dx] = 1.0
-            w[k, 0, 1, 1] = -1.0
-            k += 1
+CENSUS = {8: [(0, 0), (0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1), (2, 2)],
+          4: [(1, 2), (2, 0), (2, 1), (2, 2)]}
+
+
+def census(g: Graph, img: str, delta: float, n: int = 8) -> str:
+    """Soft census transform: tanh((neighbour - centre) / delta) for n of the 8 neighbours
+    (all 8, or 4: right, down-left, down, down-right)."""
+    w = np.zeros((n, 1, 3, 3), np.float32)
+    for k, (dy, dx) in enumerate(CENSUS[n]):
+        w[k, 0, dy, dx] = 1.0
+        w[k, 0, 1, 1] = -1.0
     return g.op("Tanh", g.mul(g.conv(g.pad(img, [0, 0, 1, 1, 0, 0, 1, 1]), w), g.c(1.0 / delta)))
 
 
@@ -344,23 +345,24 @@ def match_and_fuse(g: Graph, p, I0, I1, flow, shp) -> str:
     match_margin, it replaces the current flow (then a median filter cleans up)."""
     rx, ry, win = p["match_rx"], p["match_ry"], p["match_win"]
     D = 2 * rx + 1
-    ca = census(g, I0, p["census_delta"])               # N x 8 x h x w
-    cb = census(g, I1, p["census_delta"])
+    nc = p["census_n"]
+    ca = census(g, I0, p["census_delta"], nc)           # N x nc x h x w
+    cb = census(g, I1, p["census_delta"], nc)
     cbp = g.pad(cb, [0, 0, ry, rx, 0, 0, ry, rx], mode="constant")
-    ca5 = g.op("Unsqueeze", ca, g.c([2], np.int64))    # N x 8 x 1 x h x w
-    onehot = np.zeros((8 * D, 1, 1, D), np.float32)
-    for c in range(8):
+    ca5 = g.op("Unsqueeze", ca, g.c([2], np.int64))    # N x nc x 1 x h x w
+    onehot = np.zeros((nc * D, 1, 1, D), np.float32)
+    for c in range(nc):
         for j in range(D):
             onehot[c * D + j, 0, 0, j] = 1.0
     pool = dict(kernel_shape=[win, win], pads=[win // 2] * 4, count_include_pad=0)
-    vshape = g.op("Concat", g.slice(shp, [0], [1], [0]), g.c([8, D], np.int64), g.slice(shp, [2], [4], [0]), axis=0)
+    vshape = g.op("Concat", g.slice(shp, [0], [1], [0]), g.c([nc, D], np.int64), g.slice(shp, [2], [4], [0]), axis=0)
     costs = []
     for dy in range(-ry, ry + 1):
         # rows y + dy of the padded tensor: start ry + dy, length h
         start = ry + dy
         end = -(ry - dy) if ry - dy > 0 else INT64_MAX
-        rows = g.slice(cbp, [start], [end], [2])       # N x 8 x h x (w + 2 rx)
-        sh = g.op("Conv", rows, g.c(onehot), group=8)  # N x 8D x h x w
+        rows = g.slice(cbp, [start], [end], [2])       # N x nc x h x (w + 2 rx)
+        sh = g.op("Conv", rows, g.c(onehot), group=nc)  # N x nc*D x h x w
         sh = g.op("Reshape", sh, vshape)
         cst = g.op("ReduceSum", g.op("Abs", g.sub(sh, ca5)), g.c([1], np.int64), keepdims=0)
         costs.append(g.op("AveragePool", cst, **pool))  # N x D x h x w
