@@ -47,6 +47,24 @@ pub fn decode_frames(
     height: usize,
     width: usize,
 ) -> Result<BTreeMap<u64, Frame>> {
+    let mut out = BTreeMap::new();
+    stream_frames(path, indices, height, width, &mut |k, f| {
+        out.insert(k, f);
+        true
+    })?;
+    Ok(out)
+}
+
+/// Like [`decode_frames`], but hands each frame to `on_frame` as soon as it is decoded (in
+/// increasing index order), so a long video's frames need not all be held at once. Stops
+/// early when `on_frame` returns false. Returns how many frames were delivered.
+pub fn stream_frames(
+    path: &Path,
+    indices: &[u64],
+    height: usize,
+    width: usize,
+    on_frame: &mut dyn FnMut(u64, Frame) -> bool,
+) -> Result<usize> {
     let wanted: Vec<u64> = {
         let mut v = indices.to_vec();
         v.sort_unstable();
@@ -54,7 +72,7 @@ pub fn decode_frames(
         v
     };
     if wanted.is_empty() {
-        return Ok(BTreeMap::new());
+        return Ok(0);
     }
     let select: Vec<String> = wanted.iter().map(|k| format!("eq(n\\,{k})")).collect();
     let filter = format!(
@@ -70,7 +88,7 @@ pub fn decode_frames(
         .filter(filter)
         .fps_mode("passthrough")
         .rawvideo();
-    run_collect(cmd, path, &wanted, height, width)
+    run_stream(cmd, path, &wanted, height, width, on_frame)
 }
 
 /// Decodes a single image file (PNG, JPEG, ...) resized to (height, width).
@@ -82,20 +100,25 @@ pub fn decode_image(path: &Path, height: usize, width: usize) -> Result<Frame> {
         .args(["-frames:v", "1"])
         .filter(scale_filter(height, width))
         .rawvideo();
-    let mut frames = run_collect(cmd, path, &[0], height, width)?;
-    frames.remove(&0).ok_or_else(|| PrepError::Video {
+    let mut frame = None;
+    run_stream(cmd, path, &[0], height, width, &mut |_, f| {
+        frame = Some(f);
+        false
+    })?;
+    frame.ok_or_else(|| PrepError::Video {
         path: path.display().to_string(),
         reason: "no image decoded".into(),
     })
 }
 
-fn run_collect(
+fn run_stream(
     mut cmd: FfmpegCommand,
     path: &Path,
     wanted: &[u64],
     height: usize,
     width: usize,
-) -> Result<BTreeMap<u64, Frame>> {
+    on_frame: &mut dyn FnMut(u64, Frame) -> bool,
+) -> Result<usize> {
     let err = |reason: String| PrepError::Video {
         path: path.display().to_string(),
         reason,
@@ -106,7 +129,7 @@ fn run_collect(
     let iter = child
         .iter()
         .map_err(|e| err(format!("cannot read ffmpeg output: {e}")))?;
-    let mut out = BTreeMap::new();
+    let mut delivered = 0;
     let mut errors: Vec<String> = Vec::new();
     let mut next = wanted.iter();
     for event in iter {
@@ -120,20 +143,14 @@ fn run_collect(
                     break;
                 }
                 // Selected frames arrive in decode order: the k-th output is the k-th wanted.
-                match next.next() {
-                    Some(&k) => {
-                        out.insert(
-                            k,
-                            Frame {
-                                height,
-                                width,
-                                rgb: f.data,
-                            },
-                        );
-                    }
-                    None => break,
-                }
-                if out.len() == wanted.len() {
+                let Some(&k) = next.next() else { break };
+                delivered += 1;
+                let frame = Frame {
+                    height,
+                    width,
+                    rgb: f.data,
+                };
+                if !on_frame(k, frame) || delivered == wanted.len() {
                     break; // no need to decode the rest of the video
                 }
             }
@@ -146,8 +163,8 @@ fn run_collect(
     }
     let _ = child.kill();
     let _ = child.wait();
-    if out.is_empty() && !errors.is_empty() {
+    if delivered == 0 && !errors.is_empty() {
         return Err(err(errors.join("; ")));
     }
-    Ok(out)
+    Ok(delivered)
 }

@@ -6,7 +6,7 @@
 //! channel sizes (plus the few shards open at once), not by the dataset. Batches are fixed
 //! groups of pair slots inside one shard, so a resumed run computes exactly the same values.
 
-use crate::decode::{decode_frames, decode_image, Frame};
+use crate::decode::{decode_image, stream_frames, Frame};
 use crate::discover::probe_all;
 use crate::flowmodel::{Device, FlowModel};
 use crate::flowstage::{degenerate, flow_batch, FlowOut};
@@ -109,7 +109,6 @@ pub fn load_or_probe(
 
 struct Slot {
     index: usize,
-    shard: usize,
     pair: Pair,
 }
 
@@ -145,38 +144,26 @@ impl Decoded {
     }
 }
 
+/// Decodes the pairs of one run of slots of one video, handing each pair to `emit` as soon
+/// as both its frames are decoded: a video is decoded once, front to back, however many
+/// pairs (and shards) it feeds, and only frames still needed by a pending pair are held.
 fn decode_segment(
     cfg: &DatasetConfig,
     root: &Path,
     video: &VideoInfo,
     slots: &[&Slot],
     drop_degenerate: bool,
-) -> Vec<Decoded> {
+    emit: &mut dyn FnMut(Decoded) -> bool,
+) {
     let (h, w) = (cfg.height, cfg.width);
-    let fail_all = |reason: String| -> Vec<Decoded> {
-        slots
-            .iter()
-            .map(|s| Decoded::Failed {
-                slot: s.index,
-                reason: reason.clone(),
-            })
-            .collect()
-    };
     if let Layout::Frames { .. } = cfg.layout {
         let file = |n: u64| -> Option<PathBuf> {
             let i = video.frame_numbers.binary_search(&n).ok()?;
             Some(root.join(&video.frame_files[i]))
         };
-        return slots
-            .iter()
-            .map(|s| {
-                let (Some(a), Some(b)) = (file(s.pair.t), file(s.pair.t + s.pair.dt)) else {
-                    return Decoded::Failed {
-                        slot: s.index,
-                        reason: "frame file missing".into(),
-                    };
-                };
-                match (decode_image(&a, h, w), decode_image(&b, h, w)) {
+        for s in slots {
+            let d = match (file(s.pair.t), file(s.pair.t + s.pair.dt)) {
+                (Some(a), Some(b)) => match (decode_image(&a, h, w), decode_image(&b, h, w)) {
                     (Ok(f1), Ok(f2)) => Decoded::Ok {
                         slot: s.index,
                         f1,
@@ -187,25 +174,36 @@ fn decode_segment(
                         slot: s.index,
                         reason: e.to_string(),
                     },
-                }
-            })
-            .collect();
+                },
+                _ => Decoded::Failed {
+                    slot: s.index,
+                    reason: "frame file missing".into(),
+                },
+            };
+            if !emit(d) {
+                return;
+            }
+        }
+        return;
     }
-    let indices: Vec<u64> = slots
-        .iter()
-        .flat_map(|s| [s.pair.t, s.pair.t + s.pair.dt])
-        .collect();
-    let frames = match decode_frames(&root.join(&video.path), &indices, h, w) {
-        Ok(f) => f,
-        Err(PrepError::Video { reason, .. }) => return fail_all(reason),
-        Err(e) => return fail_all(e.to_string()),
-    };
-    let got = frames.len();
-    slots
-        .iter()
-        .map(|s| {
+    // Pairs by the index of their last frame; how many pending pairs need each frame.
+    let mut by_last: BTreeMap<u64, Vec<&Slot>> = BTreeMap::new();
+    let mut need: BTreeMap<u64, usize> = BTreeMap::new();
+    for s in slots {
+        let (a, b) = (s.pair.t, s.pair.t + s.pair.dt);
+        by_last.entry(a.max(b)).or_default().push(s);
+        *need.entry(a).or_insert(0) += 1;
+        *need.entry(b).or_insert(0) += 1;
+    }
+    let indices: Vec<u64> = need.keys().copied().collect();
+    let mut held: BTreeMap<u64, Frame> = BTreeMap::new();
+    let mut emitted = 0usize;
+    let mut stopped = false;
+    let result = stream_frames(&root.join(&video.path), &indices, h, w, &mut |k, frame| {
+        held.insert(k, frame);
+        for s in by_last.remove(&k).unwrap_or_default() {
             let (a, b) = (s.pair.t, s.pair.t + s.pair.dt);
-            match (frames.get(&a), frames.get(&b)) {
+            let d = match (held.get(&a), held.get(&b)) {
                 (Some(f1), Some(f2)) => Decoded::Ok {
                     slot: s.index,
                     f1: f1.clone(),
@@ -214,15 +212,44 @@ fn decode_segment(
                 .filtered(drop_degenerate),
                 _ => Decoded::Failed {
                     slot: s.index,
-                    reason: format!(
-                        "frame {} not decoded (truncated or corrupt video: {got} of {} wanted frames decoded)",
-                        if frames.contains_key(&a) { b } else { a },
-                        indices.len()
-                    ),
+                    reason: format!("frame {a} not decoded (corrupt video)"),
                 },
+            };
+            for f in [a, b] {
+                let n = need.get_mut(&f).expect("counted");
+                *n -= 1;
+                if *n == 0 {
+                    held.remove(&f);
+                }
             }
-        })
-        .collect()
+            emitted += 1;
+            if !emit(d) {
+                stopped = true;
+                return false;
+            }
+        }
+        true
+    });
+    if stopped {
+        return;
+    }
+    let reason = match result {
+        Ok(n) => format!(
+            "frames missing (truncated or corrupt video: {n} of {} wanted frames decoded)",
+            indices.len()
+        ),
+        Err(PrepError::Video { reason, .. }) => reason,
+        Err(e) => e.to_string(),
+    };
+    for s in by_last.into_values().flatten() {
+        if !emit(Decoded::Failed {
+            slot: s.index,
+            reason: reason.clone(),
+        }) {
+            return;
+        }
+    }
+    debug_assert!(emitted <= slots.len());
 }
 
 /// Runs one job part end to end and returns its summary.
@@ -342,22 +369,20 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
         .filter(|k| !done.contains_key(k))
         .collect();
 
-    // Work list: per shard, the runs of consecutive slots of one video (one decode each).
+    // Work list: the runs of consecutive slots of one video (one decode each), over the
+    // shards still to do.
     let slots: Vec<Slot> = todo
         .iter()
-        .flat_map(|&k| geometry.shard_pairs(k).map(move |i| (k, i)))
-        .map(|(k, i)| Slot {
+        .flat_map(|&k| geometry.shard_pairs(k))
+        .map(|i| Slot {
             index: i,
-            shard: k,
             pair: pairs[i],
         })
         .collect();
     let mut segments: Vec<Vec<&Slot>> = Vec::new();
     for s in &slots {
         match segments.last_mut() {
-            Some(seg) if seg[0].shard == s.shard && seg[0].pair.video == s.pair.video => {
-                seg.push(s)
-            }
+            Some(seg) if seg[0].pair.video == s.pair.video => seg.push(s),
             _ => segments.push(vec![s]),
         }
     }
@@ -397,12 +422,11 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
                         .par_bridge()
                         .for_each_with(tx_dec, |tx, seg| {
                             let v = &videos[seg[0].pair.video as usize];
-                            for d in decode_segment(cfg, &root, v, seg, opts.drop_degenerate) {
+                            // A failed send means downstream failed; it reports why.
+                            decode_segment(cfg, &root, v, seg, opts.drop_degenerate, &mut |d| {
                                 pb.inc(1);
-                                if tx.send(d).is_err() {
-                                    return; // downstream failed; it reports why
-                                }
-                            }
+                                tx.send(d).is_ok()
+                            });
                         })
                 });
                 t0.elapsed().as_secs_f64()

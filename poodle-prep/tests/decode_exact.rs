@@ -163,3 +163,78 @@ fn rotation_metadata_is_honoured() {
     }
     std::fs::remove_dir_all(d).unwrap();
 }
+
+#[test]
+fn stored_pairs_hold_frames_t_and_t_plus_dt_across_shards() {
+    // A Walking-Tours-style job (clips of 2 s, dt = 0.5 s) over one numbered video: one
+    // streaming decode feeds several shards, and every stored pair must show frames t, t+dt.
+    let d = tmpdir("store");
+    let vids = d.join("videos");
+    std::fs::create_dir_all(&vids).unwrap();
+    make_video(&vids.join("walk.mp4"), 250, &[]);
+    let cfg = serde_json::json!({
+        "name": "walk", "layout": {"kind": "folder", "extensions": ["mp4"]},
+        "sampling": {"kind": "clips", "clip_seconds": 2.0, "dt_seconds": 0.5, "pairs_per_clip": 2},
+        "height": H, "width": W, "pairs_per_shard": 3, "seed": 4
+    });
+    let cfg_path = d.join("walk.json");
+    std::fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let lib = std::fs::read_dir(repo.join(".venv/lib"))
+        .expect("run `make setup`")
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            e.path()
+                .join("site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1")
+        })
+        .find(|p| p.exists())
+        .expect("run `make setup`");
+    let out = Command::new(env!("CARGO_BIN_EXE_poodle-prep"))
+        .current_dir(&repo)
+        .args([
+            "prep",
+            "--quiet",
+            "--num-parts",
+            "1",
+            "--part-index",
+            "0",
+            "--config",
+        ])
+        .arg(&cfg_path)
+        .arg("--root")
+        .arg(&vids)
+        .arg("--out")
+        .arg(d.join("out"))
+        .env("ORT_DYLIB_PATH", lib)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store =
+        poodle_common::store::PoodleStore::open(&d.join("out/walk-part-00000-of-00001.zarr"))
+            .unwrap();
+    // 250 frames at 25 fps: 5 clips of 50 frames, 2 pairs each, dt = 13 (0.5 s rounded).
+    assert_eq!(store.num_pairs(), 10);
+    let n = H * W;
+    for i in 0..store.num_pairs() {
+        let p = store.read_pair(i).unwrap();
+        assert!(p.valid);
+        assert_eq!(p.dt, 13);
+        for (j, want) in [(0usize, p.t), (1, p.t + p.dt)] {
+            let planar = &p.frames[j * 3 * n..(j + 1) * 3 * n];
+            let rgb: Vec<u8> = (0..n)
+                .flat_map(|q| [planar[q], planar[n + q], planar[2 * n + q]])
+                .collect();
+            let f = Frame {
+                height: H,
+                width: W,
+                rgb,
+            };
+            assert_eq!(read_number(&f, false) as i64, want, "pair {i} frame {j}");
+        }
+    }
+    std::fs::remove_dir_all(d).unwrap();
+}
