@@ -22,6 +22,18 @@ struct Cli {
 enum Cmd {
     /// Prepare one part of a dataset (rerun the same command to resume).
     Prep(PrepArgs),
+    /// Probe every video once and write the video and pair manifests under OUT/manifest/
+    /// (run this before a job array so that its tasks do not all probe).
+    Discover {
+        /// Dataset config (manifests/<name>.json).
+        #[arg(long)]
+        config: PathBuf,
+        /// Dataset root (default: the config's default_root).
+        #[arg(long)]
+        root: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Summarise a store: pairs, arrays, sizes, flow groups, statistics.
     Inspect {
         store: PathBuf,
@@ -308,6 +320,27 @@ fn main() -> Result<()> {
                 }
                 println!("photo: mean |frame1 - warp(frame2)| (0-255) with the predicted flow; photo0 with zero flow; photoGT with the ground truth where it is valid");
             }
+        }
+        Cmd::Discover { config, root, out } => {
+            let cfg = DatasetConfig::load(&config)?;
+            let root = match root.or_else(|| cfg.default_root.clone().map(PathBuf::from)) {
+                Some(r) => r,
+                None => anyhow::bail!(
+                    "--root is required: config {} has no default_root",
+                    config.display()
+                ),
+            };
+            poodle_prep::tools::check_ffmpeg()?;
+            let mp = indicatif::MultiProgress::new();
+            let m = poodle_prep::pipeline::load_or_probe(&cfg, &root, &out, &mp)?;
+            let (pairs, skipped) = poodle_common::manifest::sample_pairs(&cfg, &m.videos);
+            for s in m.skipped.iter().chain(&skipped) {
+                eprintln!("skipped video {}: {}", s.path, s.reason);
+            }
+            println!(
+                "{}",
+                serde_json::json!({"videos": m.videos.len(), "videos_skipped": m.skipped.len() + skipped.len(), "pairs": pairs.len(), "manifest": out.join("manifest")})
+            );
         }
         Cmd::Inspect { store, json } => {
             let i = poodle_prep::inspect::inspect(&store)?;

@@ -245,6 +245,22 @@ fn parts_split_the_manifest_and_default_from_slurm() {
     let d = tmpdir("parts");
     let cfg = write_config(&d, "parttest", 2, 2, 1);
     let out = d.join("out");
+    // Probe once before the array, as the README's sbatch script does.
+    let mut disc = Command::new(env!("CARGO_BIN_EXE_poodle-prep"));
+    disc.arg("discover")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--root")
+        .arg(&root)
+        .arg("--out")
+        .arg(&out);
+    let counts = run_ok(disc);
+    assert_eq!(
+        (counts["videos"].as_u64(), counts["pairs"].as_u64()),
+        (Some(2), Some(4))
+    );
+    let probed = out.join("manifest/parttest-videos.json");
+    let before = std::fs::metadata(&probed).unwrap().modified().unwrap();
     let mut c0 = prep_cmd(&cfg, &root, &out, &[]);
     c0.env("SLURM_ARRAY_TASK_ID", "0")
         .env("SLURM_ARRAY_TASK_COUNT", "2");
@@ -253,6 +269,11 @@ fn parts_split_the_manifest_and_default_from_slurm() {
     c1.env("SLURM_ARRAY_TASK_ID", "1")
         .env("SLURM_ARRAY_TASK_COUNT", "2");
     let s1 = run_ok(c1);
+    assert_eq!(
+        std::fs::metadata(&probed).unwrap().modified().unwrap(),
+        before,
+        "parts reuse the probed manifest"
+    );
     assert_eq!(s0["part_index"], 0);
     assert_eq!(s1["part_index"], 1);
     assert_eq!(s1["num_parts"], 2);
