@@ -10,7 +10,7 @@ OUT ?= out/$(DATASET)
 MODEL ?= models/raft_small_random.json
 DEVICE ?= cpu
 PREP_ARGS ?=
-CARGO_RELEASE := cargo build --release -p poodle-prep -p poodle-train
+CARGO_RELEASE := cargo build --release -p poodle-prep
 
 .PHONY: setup build demo prep test fmt clippy bench clean
 

@@ -307,6 +307,45 @@ fn parts_split_the_manifest_and_default_from_slurm() {
         }
     }
     assert_eq!(k, 4);
+
+    // inspect and show on the finished part.
+    let p0_path = out.join("parttest-part-00000-of-00002.zarr");
+    let mut insp = Command::new(env!("CARGO_BIN_EXE_poodle-prep"));
+    insp.arg("inspect").arg(&p0_path).arg("--json");
+    let o = insp.output().unwrap();
+    assert!(o.status.success());
+    let i: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(i["pairs"], 2);
+    assert_eq!(i["valid_pairs"], 2);
+    assert_eq!(i["flow_groups"][0]["name"], "raft_small_random");
+    assert_eq!(i["flow_groups"][0]["stats"].as_array().unwrap().len(), 6);
+    let png_path = d.join("pair1.png");
+    let mut show = Command::new(env!("CARGO_BIN_EXE_poodle-prep"));
+    show.arg("show")
+        .arg(&p0_path)
+        .args(["--pair", "1", "--out"])
+        .arg(&png_path);
+    assert!(show.status().unwrap().success());
+    let dec = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(&png_path).unwrap(),
+    ));
+    let mut reader = dec.read_info().unwrap();
+    let mut buf = vec![0u8; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!((info.width, info.height), (2 * 224, 2 * 128));
+    // Top-left quadrant is frame t, top-right frame t+dt, as stored.
+    let rec = p0.read_pair(1).unwrap();
+    let n = 128 * 224;
+    for &(y, x) in &[(0usize, 0usize), (50, 100), (127, 223)] {
+        let o = (y * 2 * 224 + x) * 3;
+        let q = y * 224 + x;
+        assert_eq!(
+            &buf[o..o + 3],
+            &[rec.frames[q], rec.frames[n + q], rec.frames[2 * n + q]]
+        );
+        let o2 = (y * 2 * 224 + 224 + x) * 3;
+        assert_eq!(buf[o2], rec.frames[3 * n + q]);
+    }
     std::fs::remove_dir_all(d).unwrap();
 }
 
