@@ -62,8 +62,14 @@ enum Cmd {
 /// Options shared by every command that runs a flow model.
 #[derive(clap::Args)]
 struct ModelArgs {
-    /// Flow model card (JSON beside the ONNX file).
-    #[arg(long, default_value = "models/raft_small_random.json")]
+    /// Flow model card (JSON beside the ONNX file). The default computes TV-L1 flow from
+    /// first principles; models/raft_small_random.json is RAFT-small with random weights
+    /// (tests); export pretrained RAFT with tools/export_raft.py.
+    #[arg(
+        long,
+        env = "POODLE_FLOW_MODEL",
+        default_value = "models/tvl1_flow.json"
+    )]
     model: PathBuf,
     /// cpu or cuda:N. An unavailable CUDA provider is an error, not a fallback.
     #[arg(long, default_value = "cpu")]

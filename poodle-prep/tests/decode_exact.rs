@@ -206,6 +206,7 @@ fn stored_pairs_hold_frames_t_and_t_plus_dt_across_shards() {
         .arg("--out")
         .arg(d.join("out"))
         .env("ORT_DYLIB_PATH", lib)
+        .env("POODLE_FLOW_MODEL", "models/raft_small_random.json")
         .output()
         .unwrap();
     assert!(

@@ -27,6 +27,7 @@ fn bin(args: &[&str]) -> Command {
     c.current_dir(repo())
         .args(args)
         .env("ORT_DYLIB_PATH", ort_lib())
+        .env("POODLE_FLOW_MODEL", "models/raft_small_random.json")
         .env_remove("SLURM_ARRAY_TASK_ID")
         .env_remove("SLURM_ARRAY_TASK_COUNT");
     c
@@ -126,6 +127,20 @@ fn second_flow_group_is_resumable_and_matches_prep_flow() {
     // Rerunning a complete group is a no-op.
     let again = ok(bin(&["flow", s, "--flow-group", "again", "--quiet"]));
     assert_eq!(again["pairs_flowed"], 0);
+    // Another model may not write into that group, but gets its own beside it.
+    let tvl1 = ["--model", "models/tvl1_flow.json", "--quiet"];
+    let o = bin(&[&["flow", s, "--flow-group", "again"][..], &tvl1[..]].concat())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already holds flow of another model"));
+    let third = ok(bin(&[&["flow", s][..], &tvl1[..]].concat()));
+    assert_eq!(third["flow_group"], "tvl1_flow");
+    let st = PoodleStore::open(&store).unwrap();
+    assert_eq!(st.flow_groups.len(), 3);
+    let (_, fa) = st.flow_group(Some("tvl1_flow")).unwrap();
+    assert_eq!(fa.model_name, "tvl1_flow");
+    assert!(fa.backward);
     std::fs::remove_dir_all(d).unwrap();
 }
 

@@ -73,6 +73,7 @@ fn prep_cmd(cfg: &Path, root: &Path, out: &Path, extra: &[&str]) -> Command {
         .args(["--quiet", "--batch-size", "2", "--flow-threads", "2"])
         .args(extra)
         .env("ORT_DYLIB_PATH", ort_lib())
+        .env("POODLE_FLOW_MODEL", "models/raft_small_random.json")
         .env_remove("SLURM_ARRAY_TASK_ID")
         .env_remove("SLURM_ARRAY_TASK_COUNT");
     c

@@ -1,0 +1,59 @@
+//! The shipped default flow model computes real optical flow: its accuracy on real pairs with
+//! ground truth (`../shared/data/flow`) must stay within the bars of the flow-model issue.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+#[test]
+fn tvl1_default_model_meets_the_accuracy_bars() {
+    let data = repo().join("../shared/data/flow");
+    if !data.join("Middlebury_flow_gt.flo").exists() {
+        eprintln!("SKIP: ../shared/data/flow is absent");
+        return;
+    }
+    let lib = std::fs::read_dir(repo().join(".venv/lib"))
+        .expect("run `make setup`")
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            e.path()
+                .join("site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1")
+        })
+        .find(|p| p.exists())
+        .expect("run `make setup`");
+    let o = Command::new(env!("CARGO_BIN_EXE_poodle-prep"))
+        .current_dir(repo())
+        .args(["eval-flow", "--json", "--model", "models/tvl1_flow.json"])
+        .env("ORT_DYLIB_PATH", lib)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["model"], "tvl1_flow");
+    let row = |name: &str| {
+        v["pairs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} row in {v}"))
+            .clone()
+    };
+    let rw = row("middlebury-rubberwhale");
+    let kitti = row("kitti");
+    // Bars: RubberWhale AEE <= 0.5 px (DIS medium 0.22, Farneback 0.36), KITTI <= 30 px.
+    assert!(rw["aee"].as_f64().unwrap() <= 0.5, "{rw}");
+    assert!(kitti["aee"].as_f64().unwrap() <= 30.0, "{kitti}");
+    // The flow explains the motion: warping lowers the photometric error well below no motion.
+    for r in [&rw, &kitti] {
+        let (pred, zero) = (
+            r["photometric_pred"].as_f64().unwrap(),
+            r["photometric_zero"].as_f64().unwrap(),
+        );
+        assert!(pred < 0.6 * zero, "{r}");
+    }
+    assert!(kitti["fl_all"].as_f64().unwrap() < 100.0);
+}
