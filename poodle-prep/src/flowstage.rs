@@ -4,8 +4,25 @@
 use crate::flowmodel::FlowModel;
 use crate::Result;
 use poodle_common::flowmath::{
-    flow_stats, occlusion_fb, quantize_flow, Map, FLOW_QUANT_SCALE, OCC_ALPHA1, OCC_ALPHA2,
+    flow_stats, occlusion_fb, quantize_flow, Map, FLOW_QUANT_SCALE, FLOW_STAT_NAMES, OCC_ALPHA1,
+    OCC_ALPHA2,
 };
+use poodle_common::store::FlowAttrs;
+
+/// The attributes of a flow group written by `model`.
+pub fn flow_attrs(model: &FlowModel, backward: bool) -> FlowAttrs {
+    FlowAttrs {
+        model_name: model.card.name.clone(),
+        model_sha256: model.model_sha256.clone(),
+        card: model.card_json.clone(),
+        flow_scale: FLOW_QUANT_SCALE,
+        backward,
+        occlusion: format!(
+            "DDFlow forward-backward check: |f + b'|^2 > {OCC_ALPHA1} (|f|^2 + |b'|^2) + {OCC_ALPHA2}"
+        ),
+        stat_names: FLOW_STAT_NAMES.iter().map(|s| s.to_string()).collect(),
+    }
+}
 use rayon::prelude::*;
 
 /// What the flow stage produces for one pair, ready for the store.

@@ -94,21 +94,29 @@ impl ModelArgs {
     }
 }
 
+/// What a flow job writes: shared by `prep` and `flow`.
+#[derive(clap::Args)]
+struct FlowOutputArgs {
+    /// Name of the flow group (default: the model card's name).
+    #[arg(long)]
+    flow_group: Option<String>,
+    /// Do not store the backward flow (t+dt -> t) and its occlusion (PooDLe's symmetric
+    /// loss needs them; they are always computed for the forward occlusion).
+    #[arg(long)]
+    no_backward: bool,
+    /// Pairs per flow batch (recommended: 4 on a GPU, 1-2 on CPU).
+    #[arg(long, default_value_t = 2)]
+    batch_size: usize,
+}
+
 #[derive(clap::Args)]
 struct FlowArgs {
     /// A finished store (one part).
     store: PathBuf,
     #[command(flatten)]
     model: ModelArgs,
-    /// Name of the new flow group (default: the model card's name).
-    #[arg(long)]
-    flow_group: Option<String>,
-    /// Do not store the backward flow and its occlusion.
-    #[arg(long)]
-    no_backward: bool,
-    /// Pairs per flow batch.
-    #[arg(long, default_value_t = 2)]
-    batch_size: usize,
+    #[command(flatten)]
+    output: FlowOutputArgs,
     /// Hide progress bars.
     #[arg(long)]
     quiet: bool,
@@ -148,16 +156,8 @@ struct PrepArgs {
     // --- Flow ---
     #[command(flatten)]
     model: ModelArgs,
-    /// Name of the flow group (default: the model card's name).
-    #[arg(long)]
-    flow_group: Option<String>,
-    /// Do not store the backward flow (t+dt -> t) and its occlusion (PooDLe's symmetric
-    /// loss needs them; they are always computed for the forward occlusion).
-    #[arg(long)]
-    no_backward: bool,
-    /// Pairs per flow batch (recommended: 4 on a GPU, 1-2 on CPU).
-    #[arg(long, default_value_t = 2)]
-    batch_size: usize,
+    #[command(flatten)]
+    output: FlowOutputArgs,
 
     // --- Parallelism ---
     /// This part's index (default: $SLURM_ARRAY_TASK_ID, else 0).
@@ -212,9 +212,9 @@ fn main() -> Result<()> {
                 model_card: a.model.model,
                 device: a.model.device,
                 ort_lib: a.model.ort_lib,
-                flow_group: a.flow_group,
-                store_backward: !a.no_backward,
-                batch_size: a.batch_size,
+                flow_group: a.output.flow_group,
+                store_backward: !a.output.no_backward,
+                batch_size: a.output.batch_size,
                 decode_workers: a.decode_workers,
                 flow_threads: threads,
                 show_progress: !a.quiet,
@@ -253,9 +253,9 @@ fn main() -> Result<()> {
                 model_card: a.model.model.clone(),
                 device: a.model.device,
                 ort_lib: a.model.ort_lib.clone(),
-                flow_group: a.flow_group,
-                store_backward: !a.no_backward,
-                batch_size: a.batch_size,
+                flow_group: a.output.flow_group,
+                store_backward: !a.output.no_backward,
+                batch_size: a.output.batch_size,
                 flow_threads: a.model.threads(),
                 show_progress: !a.quiet,
             };

@@ -9,7 +9,7 @@
 use crate::decode::{decode_image, stream_frames, Frame};
 use crate::discover::probe_all;
 use crate::flowmodel::{Device, FlowModel};
-use crate::flowstage::{degenerate, flow_batch, FlowOut};
+use crate::flowstage::{degenerate, flow_attrs, flow_batch, FlowOut};
 use crate::job::{JobDir, Plan, ShardDone, SkippedPair, StageStats, Summary};
 use crate::tools::{check_ffmpeg, find_ort_library};
 use crate::{PrepError, Result};
@@ -17,11 +17,11 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use poodle_common::atomic::{read_json, write_json_atomic};
 use poodle_common::config::{DatasetConfig, Layout};
-use poodle_common::flowmath::{Map, FLOW_QUANT_SCALE, FLOW_STAT_NAMES, OCC_ALPHA1, OCC_ALPHA2};
+use poodle_common::flowmath::{Map, FLOW_STAT_NAMES};
 use poodle_common::manifest::{
     json_sha256, part_range, sample_pairs, Pair, VideoInfo, VideoManifest,
 };
-use poodle_common::store::{Codecs, FlowAttrs, Geometry, StoreArrays, StoreAttrs, SCHEMA_VERSION};
+use poodle_common::store::{Codecs, Geometry, StoreArrays, StoreAttrs, SCHEMA_VERSION};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -607,20 +607,7 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
         videos: videos.iter().map(|v| v.path.clone()).collect(),
         root: opts.root.display().to_string(),
     };
-    arrays.finalize_flow(
-        &flow_arrays,
-        &FlowAttrs {
-            model_name: model.card.name.clone(),
-            model_sha256: model.model_sha256.clone(),
-            card: model.card_json.clone(),
-            flow_scale: FLOW_QUANT_SCALE,
-            backward: opts.store_backward,
-            occlusion: format!(
-                "DDFlow forward-backward check: |f + b'|^2 > {OCC_ALPHA1} (|f|^2 + |b'|^2) + {OCC_ALPHA2}"
-            ),
-            stat_names: FLOW_STAT_NAMES.iter().map(|s| s.to_string()).collect(),
-        },
-    )?;
+    arrays.finalize_flow(&flow_arrays, &flow_attrs(&model, opts.store_backward))?;
     arrays.finalize(&attrs)?;
 
     let skipped_pairs: Vec<SkippedPair> = done.values().flat_map(|d| d.skipped.clone()).collect();

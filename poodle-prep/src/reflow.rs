@@ -6,14 +6,14 @@
 //! (without the new group) until the group is complete.
 
 use crate::flowmodel::{Device, FlowModel};
-use crate::flowstage::flow_batch;
+use crate::flowstage::{flow_attrs, flow_batch};
 use crate::job::{JobDir, ShardDone, StageStats};
 use crate::tools::find_ort_library;
 use crate::{PrepError, Result};
 use crossbeam_channel::bounded;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use poodle_common::flowmath::{Map, FLOW_QUANT_SCALE, FLOW_STAT_NAMES, OCC_ALPHA1, OCC_ALPHA2};
-use poodle_common::store::{Codecs, FlowAttrs, PoodleStore, StoreArrays};
+use poodle_common::flowmath::{Map, FLOW_STAT_NAMES};
+use poodle_common::store::{Codecs, PoodleStore, StoreArrays};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -218,20 +218,7 @@ pub fn run_reflow(opts: &ReflowOptions) -> Result<ReflowSummary> {
         Ok(())
     })?;
     pb.finish_and_clear();
-    arrays.finalize_flow(
-        &fa,
-        &FlowAttrs {
-            model_name: model.card.name.clone(),
-            model_sha256: model.model_sha256.clone(),
-            card: model.card_json.clone(),
-            flow_scale: FLOW_QUANT_SCALE,
-            backward: opts.store_backward,
-            occlusion: format!(
-                "DDFlow forward-backward check: |f + b'|^2 > {OCC_ALPHA1} (|f|^2 + |b'|^2) + {OCC_ALPHA2}"
-            ),
-            stat_names: FLOW_STAT_NAMES.iter().map(|s| s.to_string()).collect(),
-        },
-    )?;
+    arrays.finalize_flow(&fa, &flow_attrs(&model, opts.store_backward))?;
     Ok(ReflowSummary {
         store: opts.store.display().to_string(),
         flow_group: group.clone(),

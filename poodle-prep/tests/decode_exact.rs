@@ -11,11 +11,10 @@ use std::process::{Command, Stdio};
 const W: usize = 256;
 const H: usize = 128;
 
+mod common;
+
 fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("poodle-decode-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tmpdir("decode", tag)
 }
 
 /// Encodes `n` frames whose number is drawn as 8 vertical bars with H.264 (B-frames on).
@@ -179,18 +178,7 @@ fn stored_pairs_hold_frames_t_and_t_plus_dt_across_shards() {
     });
     let cfg_path = d.join("walk.json");
     std::fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap()).unwrap();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let lib = std::fs::read_dir(repo.join(".venv/lib"))
-        .expect("run `make setup`")
-        .filter_map(|e| e.ok())
-        .map(|e| {
-            e.path()
-                .join("site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1")
-        })
-        .find(|p| p.exists())
-        .expect("run `make setup`");
-    let out = Command::new(env!("CARGO_BIN_EXE_poodle-prep"))
-        .current_dir(&repo)
+    let out = common::prep_bin()
         .args([
             "prep",
             "--quiet",
@@ -205,8 +193,6 @@ fn stored_pairs_hold_frames_t_and_t_plus_dt_across_shards() {
         .arg(&vids)
         .arg("--out")
         .arg(d.join("out"))
-        .env("ORT_DYLIB_PATH", lib)
-        .env("POODLE_FLOW_MODEL", "models/raft_small_random.json")
         .output()
         .unwrap();
     assert!(

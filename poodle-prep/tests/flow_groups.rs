@@ -7,43 +7,17 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn ort_lib() -> PathBuf {
-    let lib = repo().join(".venv/lib");
-    let py = std::fs::read_dir(&lib)
-        .unwrap_or_else(|_| panic!("{} missing: run `make setup`", lib.display()))
-        .filter_map(|e| e.ok())
-        .find(|e| e.file_name().to_string_lossy().starts_with("python3"))
-        .expect("no python3 in .venv/lib: run `make setup`");
-    py.path()
-        .join("site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1")
-}
+mod common;
+use common::{prep_bin, repo, run_json as ok};
 
 fn bin(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_poodle-prep"));
-    c.current_dir(repo())
-        .args(args)
-        .env("ORT_DYLIB_PATH", ort_lib())
-        .env("POODLE_FLOW_MODEL", "models/raft_small_random.json")
-        .env_remove("SLURM_ARRAY_TASK_ID")
-        .env_remove("SLURM_ARRAY_TASK_COUNT");
+    let mut c = prep_bin();
+    c.args(args);
     c
 }
 
-fn ok(mut c: Command) -> serde_json::Value {
-    let o = c.output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap()
-}
-
 fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("poodle-flowgroups-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tmpdir("flowgroups", tag)
 }
 
 fn config(dir: &Path, per_shard: usize, r: usize) -> PathBuf {

@@ -1,12 +1,10 @@
 //! The shipped default flow model computes real optical flow: its accuracy on real pairs with
 //! ground truth (`../shared/data/flow`) must stay within the bars of the flow-model issue.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod common;
+use common::{ort_lib, repo};
 
 #[test]
 fn tvl1_default_model_meets_the_accuracy_bars() {
@@ -15,15 +13,7 @@ fn tvl1_default_model_meets_the_accuracy_bars() {
         eprintln!("SKIP: ../shared/data/flow is absent");
         return;
     }
-    let lib = std::fs::read_dir(repo().join(".venv/lib"))
-        .expect("run `make setup`")
-        .filter_map(|e| e.ok())
-        .map(|e| {
-            e.path()
-                .join("site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1")
-        })
-        .find(|p| p.exists())
-        .expect("run `make setup`");
+    let lib = ort_lib();
     let o = Command::new(env!("CARGO_BIN_EXE_poodle-prep"))
         .current_dir(repo())
         .args(["eval-flow", "--json", "--model", "models/tvl1_flow.json"])

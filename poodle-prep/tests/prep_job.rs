@@ -4,12 +4,11 @@
 
 use poodle_common::store::PoodleStore;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod common;
+use common::{prep_bin, repo, run_json as run_ok};
 
 fn sample_videos() -> Option<PathBuf> {
     let p = repo().join("../shared/data/video");
@@ -21,25 +20,8 @@ fn sample_videos() -> Option<PathBuf> {
     }
 }
 
-fn ort_lib() -> PathBuf {
-    let lib = repo().join(".venv/lib");
-    let py = std::fs::read_dir(&lib)
-        .unwrap_or_else(|_| panic!("{} missing: run `make setup`", lib.display()))
-        .filter_map(|e| e.ok())
-        .find(|e| e.file_name().to_string_lossy().starts_with("python3"))
-        .expect("no python3 in .venv/lib: run `make setup`");
-    let p = py
-        .path()
-        .join("site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1");
-    assert!(p.exists(), "{} missing: run `make setup`", p.display());
-    p
-}
-
 fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("poodle-job-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tmpdir("job", tag)
 }
 
 fn write_config(
@@ -61,9 +43,8 @@ fn write_config(
 }
 
 fn prep_cmd(cfg: &Path, root: &Path, out: &Path, extra: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_poodle-prep"));
-    c.current_dir(repo())
-        .arg("prep")
+    let mut c = prep_bin();
+    c.arg("prep")
         .arg("--config")
         .arg(cfg)
         .arg("--root")
@@ -71,22 +52,8 @@ fn prep_cmd(cfg: &Path, root: &Path, out: &Path, extra: &[&str]) -> Command {
         .arg("--out")
         .arg(out)
         .args(["--quiet", "--batch-size", "2", "--flow-threads", "2"])
-        .args(extra)
-        .env("ORT_DYLIB_PATH", ort_lib())
-        .env("POODLE_FLOW_MODEL", "models/raft_small_random.json")
-        .env_remove("SLURM_ARRAY_TASK_ID")
-        .env_remove("SLURM_ARRAY_TASK_COUNT");
+        .args(extra);
     c
-}
-
-fn run_ok(mut c: Command) -> serde_json::Value {
-    let out: Output = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "prep failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("summary JSON on stdout")
 }
 
 /// Every value of one pair: frames, flow, occlusion, stats, (video, t, dt), valid.
