@@ -75,7 +75,10 @@ mod tests {
         assert_eq!(f.apply(0.0, 2.0), (9.0, 2.0));
         let r = Affine::about_centre(11, 7, 30.0, 0.9, false);
         let (x, y) = r.apply(5.0, 3.0);
-        assert!((x - 5.0).abs() < 1e-12 && (y - 3.0).abs() < 1e-12, "centre stays");
+        assert!(
+            (x - 5.0).abs() < 1e-12 && (y - 3.0).abs() < 1e-12,
+            "centre stays"
+        );
         // 90 degrees about the centre of a square: output (cx+1, cy) samples input (cx, cy-1)
         // or (cx, cy+1) depending on orientation; scale 1 keeps distances.
         let q = Affine::about_centre(9, 9, 90.0, 1.0, false);

@@ -7,7 +7,11 @@ use poodle_common::store::PoodleStore;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "poodle-train", version, about = "PooDLe pre-training on poodle-prep stores")]
+#[command(
+    name = "poodle-train",
+    version,
+    about = "PooDLe pre-training on poodle-prep stores"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -26,7 +30,12 @@ fn main() -> Result<()> {
             for p in &stores {
                 let s = PoodleStore::open(p)?;
                 let groups: Vec<&str> = s.flow_groups.iter().map(|(g, _)| g.as_str()).collect();
-                println!("{}: {} pairs, flow groups {:?}", p.display(), s.num_pairs(), groups);
+                println!(
+                    "{}: {} pairs, flow groups {:?}",
+                    p.display(),
+                    s.num_pairs(),
+                    groups
+                );
                 total += s.num_pairs();
             }
             println!("{total} pairs in {} stores", stores.len());
