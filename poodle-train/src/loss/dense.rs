@@ -1,0 +1,568 @@
+//! The dense flow-equivariant loss (paper Eq. (1); REFERENCE.md "Losses and optimisation").
+//!
+//! Frames: the online branch sees frame `t`, the target branch frame `t+dt`, both as the same
+//! global crop of size `H x W` ("crop coordinates"); each branch then draws its own affine
+//! (flip folded in, [`Affine`] maps view pixel -> crop pixel). `flow` is `t -> t+dt` in crop
+//! pixels: crop pixel `y` of frame `t` moves to `y + flow(y)` in frame `t+dt`.
+//!
+//! For every crop pixel `y` of frame `t`:
+//! - online:  `z_o(y) = up(pred_online)(A_o^-1 y)`, valid iff `A_o^-1 y` lies inside the view;
+//! - target:  `z_t(y) = up(proj_target)(A_t^-1 (y + flow(y)))`, valid iff `y + flow(y)` lies
+//!   inside the crop and `A_t^-1 (y + flow(y))` inside the view;
+//! - `m(y) = valid_o * valid_t * (1 - occluded(y))`;
+//! - `z_o`, `z_t` L2-normalised over channels (`x / max(|x|, 1e-12)`, as `F.normalize`);
+//! - per sample `sum_y m(y) |z_o(y) - z_t(y)|^2 / (sum_y m(y) + 1e-7)`, then the batch mean.
+//!
+//! `up` is bilinear upsampling to `H x W` (`align_corners=False`), sampling is bilinear with
+//! zeros outside (`grid_sample(align_corners=True)`). The target composition follows the
+//! paper's `M o A_2^-1` (undo the target's affine, then warp by the flow); it is applied as one
+//! composed coordinate map and one bilinear lookup (the exact composition of the two maps),
+//! not as two successive resamplings.
+//!
+//! Implementation: `up` is never materialised; each branch is one [`SampleGrid`] plan that
+//! composes the upsampling with the sampling exactly (taps into the stride-8 map), and the
+//! normalise-and-compare step is one fused op ([`super::normdiff`]). Peak memory is about
+//! two full-resolution `(N, C, H, W)` maps (`z_o`, `z_t`) plus the plans (~38 MB per sample
+//! at 512 x 1024). Coordinates and masks are computed in f64 on the CPU from the affines and
+//! the flow (which is read back from its tensor).
+
+use super::normdiff::normalized_sq_diff;
+use super::sample::SampleGrid;
+use crate::geom::Affine;
+use candle_core::{DType, Result, Tensor};
+
+/// Denominator guard of the per-sample mean (REFERENCE.md).
+pub const DENSE_DEN_EPS: f64 = 1e-7;
+
+/// Mask statistics of one dense-loss call, averaged over samples and pixels.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct DenseStats {
+    /// Mean of the final mask `m` (the fraction of crop pixels that carry loss).
+    pub mask_fraction: f32,
+    /// Fraction of pixels valid for the online branch (inside the online view).
+    pub online_valid: f32,
+    /// Fraction of pixels valid for the target branch (flow and target view in bounds).
+    pub target_valid: f32,
+    /// Fraction of pixels not marked occluded.
+    pub non_occluded: f32,
+}
+
+/// Dense loss with stop-gradient on the target: `proj_target` is detached inside, so gradients
+/// reach only `pred_online`. Returns the scalar loss (batch mean) and mask statistics.
+///
+/// Shapes: `pred_online`, `proj_target` `(N, C, h, w)` (any stride; both are upsampled to the
+/// crop), `flow` `(N, 2, H, W)` (u, v in crop pixels, online frame -> target frame),
+/// `occluded` `(N, 1, H, W)` (1 = occluded; fractional values act as weights), `crop = (H, W)`,
+/// one affine per sample and branch.
+pub fn dense_loss(
+    pred_online: &Tensor,
+    proj_target: &Tensor,
+    a_online: &[Affine],
+    a_target: &[Affine],
+    flow: &Tensor,
+    occluded: &Tensor,
+    crop: (usize, usize),
+) -> Result<(Tensor, DenseStats)> {
+    let target = proj_target.detach();
+    dense_loss_impl(
+        pred_online,
+        &target,
+        a_online,
+        a_target,
+        flow,
+        occluded,
+        crop,
+    )
+}
+
+/// [`dense_loss`] without the stop-gradient: gradients also flow into `proj_target` (for
+/// gradient checks of the target path; training uses [`dense_loss`]).
+pub fn dense_loss_with_target_grad(
+    pred_online: &Tensor,
+    proj_target: &Tensor,
+    a_online: &[Affine],
+    a_target: &[Affine],
+    flow: &Tensor,
+    occluded: &Tensor,
+    crop: (usize, usize),
+) -> Result<(Tensor, DenseStats)> {
+    dense_loss_impl(
+        pred_online,
+        proj_target,
+        a_online,
+        a_target,
+        flow,
+        occluded,
+        crop,
+    )
+}
+
+/// The aligned, *unnormalised* maps and the mask of the dense loss, for inspection and tests:
+/// `(z_o, z_t, m, stats)` with shapes `(N, C, H, W)`, `(N, C, H, W)`, `(N, 1, H, W)`; `z_o`
+/// and `z_t` are exactly 0 where their own branch is invalid. Gradients flow into both inputs
+/// (no stop-gradient here).
+pub fn dense_aligned(
+    pred_online: &Tensor,
+    proj_target: &Tensor,
+    a_online: &[Affine],
+    a_target: &[Affine],
+    flow: &Tensor,
+    occluded: &Tensor,
+    crop: (usize, usize),
+) -> Result<(Tensor, Tensor, Tensor, DenseStats)> {
+    let (h, w) = crop;
+    let (n, _, _, _) = pred_online.dims4()?;
+    check_shapes(
+        pred_online,
+        proj_target,
+        a_online,
+        a_target,
+        flow,
+        occluded,
+        crop,
+    )?;
+    let dev = pred_online.device();
+
+    // Online branch: crop pixel y samples the upsampled view at A_o^-1 y. The plan composes
+    // the bilinear upsampling to the crop with the sampling (exact, see `sample`).
+    let (h_o, w_o) = (pred_online.dim(2)?, pred_online.dim(3)?);
+    let inv_o: Vec<Affine> = a_online.iter().map(Affine::inverse).collect();
+    let grid_o = SampleGrid::from_fn_upsampled(n, (h_o, w_o), (h, w), (h, w), |b, y, x| {
+        Some(inv_o[b].apply(x as f64, y as f64))
+    });
+    let z_o = grid_o.sample(pred_online)?;
+    let mask_o = grid_o.mask(dev)?;
+
+    // Target branch: crop pixel y samples the upsampled target view at A_t^-1 (y + flow(y)),
+    // valid only where y + flow(y) stays inside the crop.
+    let fl: Vec<f32> = flow.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let inv_t: Vec<Affine> = a_target.iter().map(Affine::inverse).collect();
+    let plane = h * w;
+    let (wf, hf) = (w as f64 - 1.0, h as f64 - 1.0);
+    let (h_t, w_t) = (proj_target.dim(2)?, proj_target.dim(3)?);
+    let grid_t = SampleGrid::from_fn_upsampled(n, (h_t, w_t), (h, w), (h, w), |b, y, x| {
+        let k = y * w + x;
+        let qx = x as f64 + fl[b * 2 * plane + k] as f64;
+        let qy = y as f64 + fl[b * 2 * plane + plane + k] as f64;
+        if !(qx >= 0.0 && qy >= 0.0 && qx <= wf && qy <= hf) {
+            return None;
+        }
+        Some(inv_t[b].apply(qx, qy))
+    });
+    let z_t = grid_t.sample(proj_target)?;
+    let mask_t = grid_t.mask(dev)?;
+
+    let visible = occluded.to_dtype(DType::F32)?.affine(-1.0, 1.0)?;
+    let m = mask_o.mul(&mask_t)?.mul(&visible)?;
+    let stats = DenseStats {
+        mask_fraction: m.mean_all()?.to_scalar::<f32>()?,
+        online_valid: grid_o.valid_fraction() as f32,
+        target_valid: grid_t.valid_fraction() as f32,
+        non_occluded: visible.mean_all()?.to_scalar::<f32>()?,
+    };
+    let m = m.to_dtype(z_o.dtype())?;
+    Ok((z_o, z_t, m, stats))
+}
+
+fn dense_loss_impl(
+    pred_online: &Tensor,
+    proj_target: &Tensor,
+    a_online: &[Affine],
+    a_target: &[Affine],
+    flow: &Tensor,
+    occluded: &Tensor,
+    crop: (usize, usize),
+) -> Result<(Tensor, DenseStats)> {
+    let (z_o, z_t, m, stats) = dense_aligned(
+        pred_online,
+        proj_target,
+        a_online,
+        a_target,
+        flow,
+        occluded,
+        crop,
+    )?;
+    let d = normalized_sq_diff(&z_o, &z_t)?; // (N, 1, H, W)
+    let num = d.mul(&m)?.sum((1, 2, 3))?; // (N,)
+    let den = m.sum((1, 2, 3))?.affine(1.0, DENSE_DEN_EPS)?;
+    let loss = num.div(&den)?.mean_all()?;
+    Ok((loss, stats))
+}
+
+fn check_shapes(
+    pred_online: &Tensor,
+    proj_target: &Tensor,
+    a_online: &[Affine],
+    a_target: &[Affine],
+    flow: &Tensor,
+    occluded: &Tensor,
+    (h, w): (usize, usize),
+) -> Result<()> {
+    let (n, c, _, _) = pred_online.dims4()?;
+    let (nt, ct, _, _) = proj_target.dims4()?;
+    if (nt, ct) != (n, c) {
+        candle_core::bail!(
+            "dense_loss: pred_online {:?} and proj_target {:?} differ in batch or channels",
+            pred_online.dims(),
+            proj_target.dims()
+        );
+    }
+    if flow.dims() != [n, 2, h, w] {
+        candle_core::bail!(
+            "dense_loss: flow {:?}, expected [{n}, 2, {h}, {w}]",
+            flow.dims()
+        );
+    }
+    if occluded.dims() != [n, 1, h, w] {
+        candle_core::bail!(
+            "dense_loss: occluded {:?}, expected [{n}, 1, {h}, {w}]",
+            occluded.dims()
+        );
+    }
+    if a_online.len() != n || a_target.len() != n {
+        candle_core::bail!(
+            "dense_loss: {} online / {} target affines for batch {n}",
+            a_online.len(),
+            a_target.len()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    const DEV: Device = Device::Cpu;
+
+    /// A smooth random-looking feature map (N, C, h, w).
+    fn feats(n: usize, c: usize, h: usize, w: usize, seed: u32) -> Tensor {
+        let v: Vec<f32> = (0..n * c * h * w)
+            .map(|i| {
+                let t = (i as f32 + 1.0) * (0.618 + seed as f32 * 0.1);
+                (t.sin() * 3.0 + (t * 0.37).cos()).sin()
+            })
+            .collect();
+        Tensor::from_vec(v, (n, c, h, w), &DEV).unwrap()
+    }
+
+    fn zeros(n: usize, c: usize, h: usize, w: usize) -> Tensor {
+        Tensor::zeros((n, c, h, w), DType::F32, &DEV).unwrap()
+    }
+
+    fn scalar(t: &Tensor) -> f32 {
+        t.to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn identical_maps_identity_affines_zero_flow_give_zero() {
+        let (n, c, h, w) = (2, 5, 4, 6);
+        let p = feats(n, c, h, w, 1);
+        let id = vec![Affine::IDENTITY; n];
+        let (l, st) = dense_loss(
+            &p,
+            &p,
+            &id,
+            &id,
+            &zeros(n, 2, 16, 24),
+            &zeros(n, 1, 16, 24),
+            (16, 24),
+        )
+        .unwrap();
+        assert!(scalar(&l).abs() < 1e-6, "loss {}", scalar(&l));
+        assert_eq!(st.mask_fraction, 1.0);
+        // A shifted target no longer matches.
+        let q = feats(n, c, h, w, 2);
+        let (l2, _) = dense_loss(
+            &p,
+            &q,
+            &id,
+            &id,
+            &zeros(n, 2, 16, 24),
+            &zeros(n, 1, 16, 24),
+            (16, 24),
+        )
+        .unwrap();
+        assert!(scalar(&l2) > 0.05, "loss {}", scalar(&l2));
+    }
+
+    #[test]
+    fn same_affine_on_both_branches_with_zero_flow_gives_zero() {
+        // Both views are the same rotated/flipped view of the same frame: undoing the affine on
+        // both sides aligns them exactly wherever both are valid.
+        let (n, c, h, w) = (1, 4, 4, 6);
+        let p = feats(n, c, h, w, 3);
+        let a = vec![Affine::about_centre(24, 16, 8.0, 1.05, true)];
+        let (l, st) = dense_loss(
+            &p,
+            &p,
+            &a,
+            &a,
+            &zeros(n, 2, 16, 24),
+            &zeros(n, 1, 16, 24),
+            (16, 24),
+        )
+        .unwrap();
+        assert!(scalar(&l).abs() < 1e-6, "loss {}", scalar(&l));
+        assert!(st.mask_fraction > 0.5 && st.mask_fraction < 1.0, "{st:?}");
+    }
+
+    #[test]
+    fn translation_flow_with_matching_shifted_target_gives_zero_on_valid_region() {
+        // Full-resolution maps (h = H) so a shift by whole pixels is exact: target frame content
+        // at x + 3 equals online content at x, i.e. flow u = +3 everywhere.
+        let (n, c, h, w) = (1, 3, 8, 12);
+        let base = feats(n, c, h, w + 3, 4);
+        let online = base.narrow(3, 0, w).unwrap();
+        let target = base.narrow(3, 3, w).unwrap().contiguous().unwrap();
+        // target(x') = base(x' + 3) => online(x) = base(x) = target(x - 3): flow u = -3.
+        let mut fl = vec![0f32; 2 * h * w];
+        fl[..h * w].iter_mut().for_each(|u| *u = -3.0);
+        let flow = Tensor::from_vec(fl, (1, 2, h, w), &DEV).unwrap();
+        let id = vec![Affine::IDENTITY];
+        let (l, st) = dense_loss(
+            &online,
+            &target,
+            &id,
+            &id,
+            &flow,
+            &zeros(1, 1, h, w),
+            (h, w),
+        )
+        .unwrap();
+        assert!(scalar(&l).abs() < 1e-6, "loss {}", scalar(&l));
+        // Columns 0..2 map to x - 3 < 0: out of bounds, masked.
+        let want = (w - 3) as f32 / w as f32;
+        assert!((st.mask_fraction - want).abs() < 1e-6, "{st:?}");
+        // The wrong direction does not align.
+        let mut fl = vec![0f32; 2 * h * w];
+        fl[..h * w].iter_mut().for_each(|u| *u = 3.0);
+        let flow = Tensor::from_vec(fl, (1, 2, h, w), &DEV).unwrap();
+        let (l, _) = dense_loss(
+            &online,
+            &target,
+            &id,
+            &id,
+            &flow,
+            &zeros(1, 1, h, w),
+            (h, w),
+        )
+        .unwrap();
+        assert!(scalar(&l) > 0.05);
+    }
+
+    #[test]
+    fn flow_then_affine_composition_order() {
+        // Target view is a flipped view of the target frame; the online view is the plain online
+        // frame. With the flip undone and the translation flow applied, the loss is 0.
+        let (n, c, h, w) = (1, 3, 6, 10);
+        let base = feats(n, c, h, w + 2, 5);
+        let online = base.narrow(3, 0, w).unwrap().contiguous().unwrap();
+        let frame_t = base.narrow(3, 2, w).unwrap().contiguous().unwrap(); // frame_t(x) = online(x + 2)
+        let flip = Affine::about_centre(w, h, 0.0, 1.0, true);
+        // view(x) = frame_t(flip(x)) = frame_t(w - 1 - x)
+        let idx: Vec<u32> = (0..w as u32).rev().collect();
+        let view = frame_t
+            .index_select(&Tensor::from_vec(idx, w, &DEV).unwrap(), 3)
+            .unwrap();
+        let mut fl = vec![0f32; 2 * h * w];
+        fl[..h * w].iter_mut().for_each(|u| *u = -2.0);
+        let flow = Tensor::from_vec(fl, (1, 2, h, w), &DEV).unwrap();
+        let (l, st) = dense_loss(
+            &online,
+            &view,
+            &[Affine::IDENTITY],
+            &[flip],
+            &flow,
+            &zeros(1, 1, h, w),
+            (h, w),
+        )
+        .unwrap();
+        assert!(scalar(&l).abs() < 1e-6, "loss {}", scalar(&l));
+        assert!((st.mask_fraction - 0.8).abs() < 1e-6, "{st:?}");
+    }
+
+    #[test]
+    fn occluded_pixels_do_not_count() {
+        let (n, c, h, w) = (2, 4, 4, 6);
+        let (hh, ww) = (16, 24);
+        let p = feats(n, c, h, w, 6);
+        let q = feats(n, c, h, w, 7);
+        let id = vec![Affine::IDENTITY; n];
+        let a = vec![
+            Affine::about_centre(ww, hh, 5.0, 1.0, false),
+            Affine::about_centre(ww, hh, -4.0, 0.95, true),
+        ];
+        // Occlude a block and put garbage flow into it: nothing changes.
+        let mut occ = vec![0f32; n * hh * ww];
+        let fl1 = vec![0.5f32; n * 2 * hh * ww];
+        let mut fl2 = fl1.clone();
+        for b in 0..n {
+            for y in 4..10 {
+                for x in 6..15 {
+                    occ[b * hh * ww + y * ww + x] = 1.0;
+                    fl2[b * 2 * hh * ww + y * ww + x] = 7.0 - x as f32;
+                    fl2[b * 2 * hh * ww + hh * ww + y * ww + x] = -3.0;
+                }
+            }
+        }
+        let occ = Tensor::from_vec(occ, (n, 1, hh, ww), &DEV).unwrap();
+        let f1 = Tensor::from_vec(fl1, (n, 2, hh, ww), &DEV).unwrap();
+        let f2 = Tensor::from_vec(fl2, (n, 2, hh, ww), &DEV).unwrap();
+        let (l1, s1) = dense_loss(&p, &q, &id, &a, &f1, &occ, (hh, ww)).unwrap();
+        let (l2, s2) = dense_loss(&p, &q, &id, &a, &f2, &occ, (hh, ww)).unwrap();
+        assert!((scalar(&l1) - scalar(&l2)).abs() < 1e-7);
+        assert_eq!(s1.mask_fraction, s2.mask_fraction);
+        // Without the occlusion mask the garbage would matter.
+        let none = zeros(n, 1, hh, ww);
+        let (l3, _) = dense_loss(&p, &q, &id, &a, &f1, &none, (hh, ww)).unwrap();
+        let (l4, _) = dense_loss(&p, &q, &id, &a, &f2, &none, (hh, ww)).unwrap();
+        assert!((scalar(&l3) - scalar(&l4)).abs() > 1e-4);
+        assert!(s1.non_occluded < 1.0 && s1.mask_fraction < s1.non_occluded);
+    }
+
+    #[test]
+    fn occluded_values_in_the_maps_do_not_change_loss_or_gradient() {
+        // Changing target features that are only seen through occluded pixels changes nothing.
+        // With identity affines and zero flow at full resolution, pixel y of the target is used
+        // only by pixel y of the online map.
+        let (n, c, h, w) = (1, 3, 5, 7);
+        let p = Var::from_tensor(&feats(n, c, h, w, 8)).unwrap();
+        let q = feats(n, c, h, w, 9);
+        let mut occ = vec![0f32; h * w];
+        occ[2 * w + 3] = 1.0;
+        let occ = Tensor::from_vec(occ, (1, 1, h, w), &DEV).unwrap();
+        let mut qv: Vec<f32> = q.flatten_all().unwrap().to_vec1().unwrap();
+        for ch in 0..c {
+            qv[ch * h * w + 2 * w + 3] = 100.0 * (ch as f32 + 1.0);
+        }
+        let q2 = Tensor::from_vec(qv, (n, c, h, w), &DEV).unwrap();
+        let id = [Affine::IDENTITY];
+        let fl = zeros(1, 2, h, w);
+        let (l1, _) = dense_loss(p.as_tensor(), &q, &id, &id, &fl, &occ, (h, w)).unwrap();
+        let (l2, _) = dense_loss(p.as_tensor(), &q2, &id, &id, &fl, &occ, (h, w)).unwrap();
+        assert!((scalar(&l1) - scalar(&l2)).abs() < 1e-7);
+        let g = l1.backward().unwrap();
+        let gp: Vec<f32> = g
+            .get(p.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for ch in 0..c {
+            assert_eq!(
+                gp[ch * h * w + 2 * w + 3],
+                0.0,
+                "occluded pixel gets no gradient"
+            );
+            assert_ne!(gp[ch * h * w + 2 * w + 4], 0.0);
+        }
+    }
+
+    #[test]
+    fn target_is_detached_by_default() {
+        let (n, c, h, w) = (1, 3, 4, 6);
+        let p = Var::from_tensor(&feats(n, c, h, w, 10)).unwrap();
+        let q = Var::from_tensor(&feats(n, c, h, w, 11)).unwrap();
+        let id = [Affine::IDENTITY];
+        let (fl, occ) = (zeros(1, 2, 8, 12), zeros(1, 1, 8, 12));
+        let (l, _) =
+            dense_loss(p.as_tensor(), q.as_tensor(), &id, &id, &fl, &occ, (8, 12)).unwrap();
+        let g = l.backward().unwrap();
+        assert!(g.get(p.as_tensor()).is_some());
+        assert!(g.get(q.as_tensor()).is_none());
+        let (l, _) =
+            dense_loss_with_target_grad(p.as_tensor(), q.as_tensor(), &id, &id, &fl, &occ, (8, 12))
+                .unwrap();
+        let g = l.backward().unwrap();
+        assert!(g.get(q.as_tensor()).is_some());
+    }
+
+    #[test]
+    fn fully_masked_batch_is_finite_zero() {
+        let (n, c, h, w) = (1, 3, 4, 6);
+        let p = Var::from_tensor(&feats(n, c, h, w, 12)).unwrap();
+        let id = [Affine::IDENTITY];
+        let occ = Tensor::ones((1, 1, 8, 12), DType::F32, &DEV).unwrap();
+        let (l, st) = dense_loss(
+            p.as_tensor(),
+            p.as_tensor(),
+            &id,
+            &id,
+            &zeros(1, 2, 8, 12),
+            &occ,
+            (8, 12),
+        )
+        .unwrap();
+        assert_eq!(scalar(&l), 0.0);
+        assert_eq!(st.mask_fraction, 0.0);
+        let g = l.backward().unwrap();
+        let gp: Vec<f32> = g
+            .get(p.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(gp.iter().all(|v| v.is_finite() && *v == 0.0));
+    }
+
+    #[test]
+    fn zero_feature_vectors_give_finite_gradients() {
+        // Out-of-view samples are exactly zero vectors; F.normalize's eps keeps them finite.
+        let (n, c, h, w) = (1, 3, 4, 6);
+        let p = Var::from_tensor(&feats(n, c, h, w, 13)).unwrap();
+        let q = feats(n, c, h, w, 14);
+        // A^-1 y = c + 1.3 (y - c): crop borders fall outside the view, sampled as zero vectors.
+        let a = [Affine::about_centre(12, 8, 0.0, 1.3, false)];
+        let (l, st) = dense_loss(
+            p.as_tensor(),
+            &q,
+            &a,
+            &a,
+            &zeros(1, 2, 8, 12),
+            &zeros(1, 1, 8, 12),
+            (8, 12),
+        )
+        .unwrap();
+        assert!(st.online_valid < 1.0);
+        let g = l.backward().unwrap();
+        let gp: Vec<f32> = g
+            .get(p.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(gp.iter().all(|v| v.is_finite()));
+        assert!(gp.iter().any(|v| *v != 0.0));
+    }
+
+    #[test]
+    fn shape_errors_are_reported() {
+        let p = feats(2, 3, 4, 6, 1);
+        let id = vec![Affine::IDENTITY; 2];
+        let r = dense_loss(
+            &p,
+            &p,
+            &id,
+            &id,
+            &zeros(2, 2, 8, 12),
+            &zeros(2, 1, 8, 12),
+            (16, 24),
+        );
+        assert!(r.is_err());
+        let r = dense_loss(
+            &p,
+            &p,
+            &id[..1],
+            &id,
+            &zeros(2, 2, 8, 12),
+            &zeros(2, 1, 8, 12),
+            (8, 12),
+        );
+        assert!(r.is_err());
+    }
+}

@@ -1,0 +1,783 @@
+//! Differentiable resampling in candle: a bilinear point sampler, optionally composed with an
+//! exact bilinear upsampling, with gradients w.r.t. the sampled map (coordinates are constants).
+//!
+//! Conventions (see [`crate::geom`] and `poodle_common::flowmath`): pixel centres sit at
+//! integer coordinates; a point `(x, y)` is *in bounds* iff it lies in `[0, W-1] x [0, H-1]`.
+//!
+//! - [`sample_bilinear`] / [`SampleGrid::from_fn`] equal PyTorch
+//!   `F.grid_sample(x, grid, mode='bilinear', padding_mode='zeros', align_corners=True)` with
+//!   `grid = 2 * p / (size - 1) - 1` for every in-bounds point. **Difference:** a point outside
+//!   `[0, W-1] x [0, H-1]` samples exactly 0 here, while `grid_sample` still blends the in-image
+//!   corners of a point less than one pixel outside. Every such point has mask 0, and the loss
+//!   multiplies by the mask, so the loss and its gradients agree with the PyTorch form.
+//! - [`SampleGrid::from_fn_upsampled`] samples `up(x)` where `up` is
+//!   `F.interpolate(x, size=(H, W), mode='bilinear', align_corners=False)`, *without*
+//!   materialising `up(x)`: bilinear sampling and bilinear upsampling are both separable and
+//!   linear, so a point of `up(x)` is a fixed weighted sum of at most 3 x 3 pixels of `x`
+//!   (upsampling) whose weights are the exact products of the two interpolations. Same values
+//!   as "upsample, then sample" up to float rounding, far less memory and time.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// One axis of `align_corners=False` bilinear resizing from `n_in` to `n_out` samples: for
+/// output index `o`, `(i0, i1, w0, w1)` with `src = max((o + 0.5) * n_in / n_out - 0.5, 0)`,
+/// `i0 = floor(src)`, `i1 = min(i0 + 1, n_in - 1)`, `w1 = src - i0`, `w0 = 1 - w1` (PyTorch's
+/// rule; at the last index `i1 = i0`, so the weights still sum to 1 on one pixel).
+fn axis_table(n_in: usize, n_out: usize) -> Vec<(usize, usize, f64, f64)> {
+    let scale = n_in as f64 / n_out as f64;
+    (0..n_out)
+        .map(|o| {
+            if n_in == n_out {
+                return (o, o, 1.0, 0.0);
+            }
+            let src = ((o as f64 + 0.5) * scale - 0.5).max(0.0);
+            let i0 = (src.floor() as usize).min(n_in - 1);
+            let i1 = (i0 + 1).min(n_in - 1);
+            let l1 = src - i0 as f64;
+            (i0, i1, 1.0 - l1, l1)
+        })
+        .collect()
+}
+
+/// Taps per axis: 2 for plain sampling, 3 when composed with upsampling (the source rows of
+/// two adjacent output rows span at most 3 consecutive input rows), 4 otherwise.
+fn taps_per_axis(n_in: usize, n_up: usize) -> usize {
+    match n_in.cmp(&n_up) {
+        std::cmp::Ordering::Equal => 2,
+        std::cmp::Ordering::Less => 3,
+        std::cmp::Ordering::Greater => 4,
+    }
+}
+
+/// Weights over input indices of sampling `up` (an axis of size `table.len()`) at coordinate
+/// `p` in `[0, n_up - 1]`: `(1 - f) * row(p0) + f * row(p0 + 1)`, merged by index, padded with
+/// zero-weight taps to `k` entries.
+fn axis_weights(table: &[(usize, usize, f64, f64)], p: f64, k: usize) -> [(usize, f64); 4] {
+    let n_up = table.len();
+    let p0 = (p.floor() as usize).min(n_up - 1);
+    let p1 = (p0 + 1).min(n_up - 1);
+    let f = p - p0 as f64;
+    let mut out = [(0usize, 0f64); 4];
+    let mut len = 0;
+    let (a, b) = (table[p0], table[p1]);
+    for (i, w) in [
+        (a.0, (1.0 - f) * a.2),
+        (a.1, (1.0 - f) * a.3),
+        (b.0, f * b.2),
+        (b.1, f * b.3),
+    ] {
+        match out[..len].iter_mut().find(|(j, _)| *j == i) {
+            Some(slot) => slot.1 += w,
+            None => {
+                out[len] = (i, w);
+                len += 1;
+            }
+        }
+    }
+    assert!(len <= k, "axis_weights: {len} taps > {k}");
+    out
+}
+
+/// Taps (indices into one input plane, weights), tap-major: `[tap][pixel]`.
+#[derive(Debug)]
+struct Plan {
+    n: usize,
+    h_in: usize,
+    w_in: usize,
+    h_out: usize,
+    w_out: usize,
+    taps: usize,
+    idx: Vec<Vec<u32>>,
+    wts: Vec<Vec<f32>>,
+}
+
+/// A precomputed bilinear sampling plan: for each of `n` samples and each output pixel, the
+/// taps (indices and weights) into an `h_in x w_in` map, and a validity mask. Build it once on
+/// the CPU from coordinates (affines, flow), then [`SampleGrid::sample`] any `(n, C, h_in,
+/// w_in)` tensor, differentiably w.r.t. that tensor.
+///
+/// On the CPU (f32/f64) sampling is a candle custom op whose backward is the exact adjoint
+/// (scatter-add of the tap weights), parallel over `(n, C)` planes; on other devices or dtypes
+/// it falls back to `index_select` + weighted sum (same values, autograd through
+/// `index_select`). Both forms are tested against each other and against PyTorch.
+#[derive(Clone, Debug)]
+pub struct SampleGrid {
+    plan: Arc<Plan>,
+    /// Per sample, `h_out * w_out` entries of 0.0 / 1.0.
+    mask: Vec<Vec<f32>>,
+}
+
+impl SampleGrid {
+    /// Plain bilinear sampling of an `h_in x w_in` map: `point(n, y_out, x_out)` returns the
+    /// pixel coordinates `(x, y)` to sample for output pixel `(x_out, y_out)` of sample `n`, or
+    /// `None` to mark it invalid. The mask is 1 exactly where a point is returned and lies in
+    /// `[0, w_in-1] x [0, h_in-1]`; everywhere else the sample is 0.
+    pub fn from_fn<F>(n: usize, input: (usize, usize), out: (usize, usize), point: F) -> Self
+    where
+        F: Fn(usize, usize, usize) -> Option<(f64, f64)> + Sync,
+    {
+        Self::from_fn_upsampled(n, input, input, out, point)
+    }
+
+    /// Bilinear sampling of `up(x)`, the `align_corners=False` bilinear upsampling of a `low =
+    /// (h, w)` map `x` to `up = (H, W)`, without materialising `up(x)`: the plan's taps index
+    /// `x` itself. Points and the mask are in `up` pixel coordinates (`[0, W-1] x [0, H-1]`).
+    /// [`SampleGrid::sample`] then takes the low-resolution `(n, C, h, w)` tensor.
+    pub fn from_fn_upsampled<F>(
+        n: usize,
+        (h_lo, w_lo): (usize, usize),
+        (h_up, w_up): (usize, usize),
+        (h_out, w_out): (usize, usize),
+        point: F,
+    ) -> Self
+    where
+        F: Fn(usize, usize, usize) -> Option<(f64, f64)> + Sync,
+    {
+        assert!(
+            h_lo > 0 && w_lo > 0 && h_up > 0 && w_up > 0,
+            "SampleGrid: empty map"
+        );
+        assert!(
+            h_lo * w_lo <= u32::MAX as usize,
+            "SampleGrid: input too large for u32 indices"
+        );
+        let (ty, tx) = (axis_table(h_lo, h_up), axis_table(w_lo, w_up));
+        let (ky, kx) = (taps_per_axis(h_lo, h_up), taps_per_axis(w_lo, w_up));
+        let taps = ky * kx;
+        let (hf, wf) = (h_up as f64 - 1.0, w_up as f64 - 1.0);
+        let p = h_out * w_out;
+        let per: Vec<(Vec<u32>, Vec<f32>, Vec<f32>)> = (0..n)
+            .into_par_iter()
+            .map(|b| {
+                let mut idx = vec![0u32; taps * p];
+                let mut wts = vec![0f32; taps * p];
+                let mut mask = vec![0f32; p];
+                for yo in 0..h_out {
+                    for xo in 0..w_out {
+                        let k = yo * w_out + xo;
+                        let Some((x, y)) = point(b, yo, xo) else {
+                            continue;
+                        };
+                        if !(x >= 0.0 && y >= 0.0 && x <= wf && y <= hf) {
+                            continue; // also rejects NaN
+                        }
+                        let (rows, cols) = (axis_weights(&ty, y, ky), axis_weights(&tx, x, kx));
+                        for (r, &(iy, wy)) in rows[..ky].iter().enumerate() {
+                            for (c, &(ix, wx)) in cols[..kx].iter().enumerate() {
+                                let t = r * kx + c;
+                                idx[t * p + k] = (iy * w_lo + ix) as u32;
+                                wts[t * p + k] = (wy * wx) as f32;
+                            }
+                        }
+                        mask[k] = 1.0;
+                    }
+                }
+                (idx, wts, mask)
+            })
+            .collect();
+        let (mut idx, mut wts, mut mask) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, w, m) in per {
+            idx.push(i);
+            wts.push(w);
+            mask.push(m);
+        }
+        SampleGrid {
+            plan: Arc::new(Plan {
+                n,
+                h_in: h_lo,
+                w_in: w_lo,
+                h_out,
+                w_out,
+                taps,
+                idx,
+                wts,
+            }),
+            mask,
+        }
+    }
+
+    /// Plain sampling at explicit pixel coordinates: `points[n][y_out * w_out + x_out] = (x, y)`.
+    pub fn from_points(
+        input: (usize, usize),
+        (h_out, w_out): (usize, usize),
+        points: &[Vec<(f32, f32)>],
+    ) -> Result<Self> {
+        for (b, p) in points.iter().enumerate() {
+            if p.len() != h_out * w_out {
+                candle_core::bail!(
+                    "SampleGrid::from_points: sample {b} has {} points, expected {}",
+                    p.len(),
+                    h_out * w_out
+                );
+            }
+        }
+        Ok(Self::from_fn(
+            points.len(),
+            input,
+            (h_out, w_out),
+            |b, y, x| {
+                let (px, py) = points[b][y * w_out + x];
+                Some((px as f64, py as f64))
+            },
+        ))
+    }
+
+    /// Output size `(h_out, w_out)`.
+    pub fn out_size(&self) -> (usize, usize) {
+        (self.plan.h_out, self.plan.w_out)
+    }
+
+    /// The validity mask as an `(n, 1, h_out, w_out)` f32 tensor of 0 / 1.
+    pub fn mask(&self, device: &Device) -> Result<Tensor> {
+        let flat: Vec<f32> = self.mask.iter().flatten().copied().collect();
+        let p = &self.plan;
+        Tensor::from_vec(flat, (p.n, 1, p.h_out, p.w_out), device)
+    }
+
+    /// Fraction of valid output pixels over all samples.
+    pub fn valid_fraction(&self) -> f64 {
+        let p = &self.plan;
+        let total = (p.n * p.h_out * p.w_out).max(1) as f64;
+        self.mask.iter().flatten().map(|&m| m as f64).sum::<f64>() / total
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<()> {
+        let (n, _c, h, w) = x.dims4()?;
+        let p = &self.plan;
+        if (n, h, w) != (p.n, p.h_in, p.w_in) {
+            candle_core::bail!(
+                "SampleGrid::sample: input {:?} does not match the plan (n {}, {}x{})",
+                x.dims(),
+                p.n,
+                p.h_in,
+                p.w_in
+            );
+        }
+        Ok(())
+    }
+
+    /// Samples `x` (`(n, C, h_in, w_in)`) at the plan's points: `(n, C, h_out, w_out)`, 0 where
+    /// the mask is 0. Differentiable w.r.t. `x`.
+    pub fn sample(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_input(x)?;
+        if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+            x.contiguous()?.apply_op1(Gather(self.plan.clone()))
+        } else {
+            self.sample_index_select(x)
+        }
+    }
+
+    /// The same sampling with `index_select` + weighted sum (any device; autograd through
+    /// `index_select`). Slower on the CPU; kept as the fallback and as a cross-check.
+    pub fn sample_index_select(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_input(x)?;
+        let (n, c, h, w) = x.dims4()?;
+        let plan = &self.plan;
+        let (p, k) = (plan.h_out * plan.w_out, plan.taps);
+        let dev = x.device();
+        let mut outs = Vec::with_capacity(n);
+        for b in 0..n {
+            let plane = x.get(b)?.reshape((c, h * w))?;
+            let idx = Tensor::from_slice(&plan.idx[b], k * p, dev)?;
+            let wts = Tensor::from_slice(&plan.wts[b], (1, k, p), dev)?.to_dtype(x.dtype())?;
+            let picked = plane.index_select(&idx, 1)?.reshape((c, k, p))?;
+            let out = picked.broadcast_mul(&wts)?.sum(1)?;
+            outs.push(out.reshape((c, plan.h_out, plan.w_out))?);
+        }
+        Tensor::stack(&outs, 0)
+    }
+}
+
+/// Element types of the CPU kernels.
+trait Elem:
+    Copy + Send + Sync + Default + From<f32> + std::ops::Mul<Output = Self> + std::ops::AddAssign
+{
+}
+impl Elem for f32 {}
+impl Elem for f64 {}
+
+fn contiguous_slice<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// Channels per work item and output positions per inner block of the kernels: the plan's
+/// taps for one block stay in cache while all channels of the work item use them.
+const CH_BLOCK: usize = 16;
+const POS_BLOCK: usize = 1024;
+
+/// `out[b, c, p] = sum_t w[b][t, p] * x[b, c, idx[b][t, p]]`, parallel over channel blocks.
+fn gather_kernel<T: Elem>(plan: &Plan, c: usize, x: &[T]) -> Vec<T> {
+    let (hw_in, p) = (plan.h_in * plan.w_in, plan.h_out * plan.w_out);
+    let mut out = vec![T::default(); plan.n * c * p];
+    if p == 0 || c == 0 {
+        return out;
+    }
+    out.par_chunks_mut(c * p).enumerate().for_each(|(b, ob)| {
+        let (idx, wts) = (&plan.idx[b], &plan.wts[b]);
+        ob.par_chunks_mut(CH_BLOCK * p)
+            .enumerate()
+            .for_each(|(blk, o)| {
+                let c0 = blk * CH_BLOCK;
+                let nch = o.len() / p;
+                for p0 in (0..p).step_by(POS_BLOCK) {
+                    let p1 = (p0 + POS_BLOCK).min(p);
+                    for ch in 0..nch {
+                        let src = &x[(b * c + c0 + ch) * hw_in..][..hw_in];
+                        let dst = &mut o[ch * p + p0..ch * p + p1];
+                        for t in 0..plan.taps {
+                            let (it, wt) =
+                                (&idx[t * p + p0..t * p + p1], &wts[t * p + p0..t * p + p1]);
+                            for ((d, &i), &w) in dst.iter_mut().zip(it).zip(wt) {
+                                *d += T::from(w) * src[i as usize];
+                            }
+                        }
+                    }
+                }
+            });
+    });
+    out
+}
+
+/// The adjoint: `out[b, c, idx[b][t, p]] += w[b][t, p] * g[b, c, p]`, parallel over channel
+/// blocks (each owns its output planes, so there are no write conflicts).
+fn scatter_kernel<T: Elem>(plan: &Plan, c: usize, g: &[T]) -> Vec<T> {
+    let (hw_in, p) = (plan.h_in * plan.w_in, plan.h_out * plan.w_out);
+    let mut out = vec![T::default(); plan.n * c * hw_in];
+    if p == 0 || c == 0 {
+        return out;
+    }
+    out.par_chunks_mut(c * hw_in)
+        .enumerate()
+        .for_each(|(b, ob)| {
+            let (idx, wts) = (&plan.idx[b], &plan.wts[b]);
+            ob.par_chunks_mut(CH_BLOCK * hw_in)
+                .enumerate()
+                .for_each(|(blk, o)| {
+                    let c0 = blk * CH_BLOCK;
+                    let nch = o.len() / hw_in;
+                    for p0 in (0..p).step_by(POS_BLOCK) {
+                        let p1 = (p0 + POS_BLOCK).min(p);
+                        for t in 0..plan.taps {
+                            let (it, wt) =
+                                (&idx[t * p + p0..t * p + p1], &wts[t * p + p0..t * p + p1]);
+                            for ch in 0..nch {
+                                let src = &g[(b * c + c0 + ch) * p + p0..][..p1 - p0];
+                                let dst = &mut o[ch * hw_in..(ch + 1) * hw_in];
+                                for ((&gv, &i), &w) in src.iter().zip(it).zip(wt) {
+                                    dst[i as usize] += T::from(w) * gv;
+                                }
+                            }
+                        }
+                    }
+                });
+        });
+    out
+}
+
+/// Tap gather `(n, C, h_in, w_in) -> (n, C, h_out, w_out)`; backward = [`Scatter`].
+struct Gather(Arc<Plan>);
+/// Its adjoint `(n, C, h_out, w_out) -> (n, C, h_in, w_in)`; backward = [`Gather`].
+struct Scatter(Arc<Plan>);
+
+impl CustomOp1 for Gather {
+    fn name(&self) -> &'static str {
+        "bilinear-gather"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, _, _) = layout.shape().dims4()?;
+        let plan = &self.0;
+        let shape = Shape::from((n, c, plan.h_out, plan.w_out));
+        let out = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(gather_kernel(
+                plan,
+                c,
+                contiguous_slice(v, layout, "gather")?,
+            )),
+            CpuStorage::F64(v) => CpuStorage::F64(gather_kernel(
+                plan,
+                c,
+                contiguous_slice(v, layout, "gather")?,
+            )),
+            _ => candle_core::bail!("bilinear-gather: f32 or f64 only"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(Scatter(self.0.clone()))?))
+    }
+}
+
+impl CustomOp1 for Scatter {
+    fn name(&self) -> &'static str {
+        "bilinear-scatter"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, _, _) = layout.shape().dims4()?;
+        let plan = &self.0;
+        let shape = Shape::from((n, c, plan.h_in, plan.w_in));
+        let out = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(scatter_kernel(
+                plan,
+                c,
+                contiguous_slice(v, layout, "scatter")?,
+            )),
+            CpuStorage::F64(v) => CpuStorage::F64(scatter_kernel(
+                plan,
+                c,
+                contiguous_slice(v, layout, "scatter")?,
+            )),
+            _ => candle_core::bail!("bilinear-scatter: f32 or f64 only"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(Gather(self.0.clone()))?))
+    }
+}
+
+/// Bilinear sampling of `x` (`(N, C, H, W)`) at pixel coordinates `coords` (`(N, H_out, W_out,
+/// 2)`, last axis `(x, y)`, any float dtype). Returns the samples `(N, C, H_out, W_out)` and the
+/// in-bounds mask `(N, 1, H_out, W_out)` (f32, 1 where the point lies in `[0, W-1] x [0, H-1]`).
+///
+/// Equals `F.grid_sample(x, 2 * coords / (size - 1) - 1, mode='bilinear', padding_mode='zeros',
+/// align_corners=True)` at in-bounds points; out-of-bounds points give exactly 0 (see the
+/// module docs). Gradients flow to `x` only; the coordinates are constants.
+pub fn sample_bilinear(x: &Tensor, coords: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (n, _c, h, w) = x.dims4()?;
+    let (cn, h_out, w_out, two) = coords.dims4()?;
+    if cn != n || two != 2 {
+        candle_core::bail!(
+            "sample_bilinear: coords {:?} must be (N={n}, H_out, W_out, 2)",
+            coords.dims()
+        );
+    }
+    let flat: Vec<f64> = coords.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let grid = SampleGrid::from_fn(n, (h, w), (h_out, w_out), |b, y, xo| {
+        let k = ((b * h_out + y) * w_out + xo) * 2;
+        Some((flat[k], flat[k + 1]))
+    });
+    Ok((grid.sample(x)?, grid.mask(x.device())?))
+}
+
+/// Explicit bilinear resize `(N, C, h, w) -> (N, C, out_h, out_w)`, identical to
+/// `F.interpolate(x, size=(out_h, out_w), mode='bilinear', align_corners=False)`, as two
+/// matmuls with constant interpolation matrices. The loss does not need it (it samples through
+/// [`SampleGrid::from_fn_upsampled`]); it is the reference the composed plan is tested against.
+#[cfg(test)]
+pub(crate) fn upsample_bilinear(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let dev = x.device();
+    let dt = x.dtype();
+    let matrix = |n_in: usize, n_out: usize| -> Result<Tensor> {
+        let mut m = vec![0f32; n_out * n_in];
+        for (o, &(i0, i1, w0, w1)) in axis_table(n_in, n_out).iter().enumerate() {
+            m[o * n_in + i0] += w0 as f32;
+            m[o * n_in + i1] += w1 as f32;
+        }
+        // Transposed: (n_in, n_out).
+        Tensor::from_vec(m, (n_out, n_in), dev)?
+            .to_dtype(dt)?
+            .t()?
+            .contiguous()
+    };
+    let (ry_t, rx_t) = (matrix(h, out_h)?, matrix(w, out_w)?);
+    // Height pass on the small map: (N*C, w, h) x Ry^T -> (N*C, w, out_h).
+    let t = x
+        .reshape((n * c, h, w))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n * c * w, h))?
+        .matmul(&ry_t)?;
+    // Width pass: (N*C, out_h, w) x Rx^T -> (N*C, out_h, out_w).
+    let t = t
+        .reshape((n * c, w, out_h))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n * c * out_h, w))?
+        .matmul(&rx_t)?;
+    t.reshape((n, c, out_h, out_w))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+    use poodle_common::flowmath::{self, Map};
+
+    fn ramp(n: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
+        (0..n * c * h * w)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+            .collect()
+    }
+
+    #[test]
+    fn upsample_matches_flowmath_resize() {
+        // flowmath::resize_bilinear is an independent loop implementation of the same
+        // F.interpolate(align_corners=False) rule.
+        for &(h, w, oh, ow) in &[(4, 6, 16, 24), (5, 7, 13, 17), (3, 3, 3, 8), (6, 4, 3, 2)] {
+            let data = ramp(1, 2, h, w);
+            let x = Tensor::from_vec(data.clone(), (1, 2, h, w), &Device::Cpu).unwrap();
+            let up = upsample_bilinear(&x, oh, ow).unwrap();
+            let got: Vec<f32> = up.flatten_all().unwrap().to_vec1().unwrap();
+            let want = flowmath::resize_bilinear(&Map::from_vec(2, h, w, data), oh, ow);
+            assert_eq!(got.len(), want.data.len());
+            for (a, b) in got.iter().zip(want.data.iter()) {
+                assert!((a - b).abs() < 1e-5, "{h}x{w}->{oh}x{ow}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn axis_table_weights_sum_to_one() {
+        for &(i, o) in &[(4, 16), (5, 13), (7, 3), (1, 5), (6, 6)] {
+            for &(i0, i1, w0, w1) in &axis_table(i, o) {
+                assert!(i0 < i && i1 < i && i1 >= i0);
+                assert!((w0 + w1 - 1.0).abs() < 1e-12 && w0 >= 0.0 && w1 >= 0.0);
+            }
+        }
+    }
+
+    #[test]
+    fn composed_plan_equals_upsample_then_sample() {
+        // Exactness of from_fn_upsampled against the explicit two-step form, forward and
+        // backward, for upsampling (3x3 taps), downsampling (4x4) and equal sizes (2x2).
+        for &((h, w), (uh, uw)) in &[
+            ((4, 6), (16, 24)),
+            ((5, 7), (13, 17)),
+            ((6, 9), (4, 5)),
+            ((4, 6), (4, 6)),
+        ] {
+            let (n, c) = (2, 3);
+            let xv = Var::from_vec(ramp(n, c, h, w), (n, c, h, w), &Device::Cpu).unwrap();
+            let point = |b: usize, y: usize, x: usize| {
+                let (xf, yf) = (x as f64 * 1.07 - 0.3, y as f64 * 0.93 + 0.2);
+                Some((xf + 0.4 * b as f64 + 0.05 * yf, yf - 0.03 * xf))
+            };
+            let comp = SampleGrid::from_fn_upsampled(n, (h, w), (uh, uw), (uh, uw), point);
+            let plain = SampleGrid::from_fn(n, (uh, uw), (uh, uw), point);
+            assert_eq!(comp.mask, plain.mask);
+            assert!(comp.valid_fraction() > 0.5 && comp.valid_fraction() < 1.0);
+            let g = Tensor::from_vec(ramp(n, c, uh, uw), (n, c, uh, uw), &Device::Cpu).unwrap();
+            let a = comp.sample(xv.as_tensor()).unwrap();
+            let up = upsample_bilinear(xv.as_tensor(), uh, uw).unwrap();
+            let b = plain.sample(&up).unwrap();
+            let av: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+            let bv: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+            for (x, y) in av.iter().zip(&bv) {
+                assert!((x - y).abs() < 1e-5, "{h}x{w}->{uh}x{uw}: {x} vs {y}");
+            }
+            let ga = a.mul(&g).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = b.mul(&g).unwrap().sum_all().unwrap().backward().unwrap();
+            let ga: Vec<f32> = ga
+                .get(xv.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let gb: Vec<f32> = gb
+                .get(xv.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (x, y) in ga.iter().zip(&gb) {
+                assert!((x - y).abs() < 1e-4, "grad {h}x{w}->{uh}x{uw}: {x} vs {y}");
+            }
+            assert!(ga.iter().any(|v| v.abs() > 0.1));
+        }
+    }
+
+    #[test]
+    fn sampler_matches_flowmath_point_sampling_and_masks_outside() {
+        let (c, h, w) = (3, 5, 7);
+        let data = ramp(1, c, h, w);
+        let map = Map::from_vec(c, h, w, data.clone());
+        let x = Tensor::from_vec(data, (1, c, h, w), &Device::Cpu).unwrap();
+        let pts: Vec<(f32, f32)> = (0..4 * 6)
+            .map(|k| (k as f32 * 0.37 - 1.3, (k % 5) as f32 * 1.21 - 0.4))
+            .collect();
+        let grid = SampleGrid::from_points((h, w), (4, 6), std::slice::from_ref(&pts)).unwrap();
+        let out: Vec<f32> = grid
+            .sample(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mask: Vec<f32> = grid
+            .mask(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let (mut inside, mut outside) = (0, 0);
+        for (k, &(px, py)) in pts.iter().enumerate() {
+            let want = (0..c).map(|ch| flowmath::sample_bilinear(&map, ch, px, py));
+            for (ch, wv) in want.enumerate() {
+                let got = out[ch * 24 + k];
+                match wv {
+                    Some(v) => {
+                        assert!((got - v).abs() < 1e-5, "point {k} ch {ch}: {got} vs {v}");
+                        assert_eq!(mask[k], 1.0);
+                    }
+                    None => {
+                        assert_eq!(got, 0.0);
+                        assert_eq!(mask[k], 0.0);
+                    }
+                }
+            }
+            if mask[k] == 1.0 {
+                inside += 1
+            } else {
+                outside += 1
+            }
+        }
+        assert!(inside > 5 && outside > 3, "test points cover both cases");
+    }
+
+    #[test]
+    fn sampler_gradient_is_the_transpose_of_sampling() {
+        // d/dx sum(g * sample(x)) scatters g with the corner weights: check against a dense
+        // finite form built from the forward pass on unit vectors.
+        let (h, w) = (3, 4);
+        let pts = vec![vec![
+            (0.25f32, 0.5f32),
+            (2.7, 1.9),
+            (3.0, 2.0),
+            (-0.1, 1.0),
+            (1.5, 0.0),
+            (0.0, 0.0),
+        ]];
+        let grid = SampleGrid::from_points((h, w), (2, 3), &pts).unwrap();
+        let g = [0.3f32, -1.2, 0.7, 2.0, 0.9, -0.4];
+        let xv = Var::from_vec(ramp(1, 1, h, w), (1, 1, h, w), &Device::Cpu).unwrap();
+        let gt = Tensor::from_vec(g.to_vec(), (1, 1, 2, 3), &Device::Cpu).unwrap();
+        let loss = grid
+            .sample(xv.as_tensor())
+            .unwrap()
+            .mul(&gt)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let got: Vec<f32> = grads
+            .get(xv.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (i, &gi) in got.iter().enumerate() {
+            let mut e = vec![0f32; h * w];
+            e[i] = 1.0;
+            let et = Tensor::from_vec(e, (1, 1, h, w), &Device::Cpu).unwrap();
+            let s: Vec<f32> = grid
+                .sample(&et)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let want: f32 = s.iter().zip(g.iter()).map(|(a, b)| a * b).sum();
+            assert!((gi - want).abs() < 1e-6, "pixel {i}: {gi} vs {want}");
+        }
+        assert!(got.iter().any(|&v| v != 0.0));
+    }
+
+    #[test]
+    fn custom_op_equals_index_select_path_forward_and_backward() {
+        let (n, c, h, w) = (2, 3, 6, 8);
+        let xv = Var::from_vec(ramp(n, c, h, w), (n, c, h, w), &Device::Cpu).unwrap();
+        let grid = SampleGrid::from_fn(n, (h, w), (5, 7), |b, y, x| {
+            let (xf, yf) = (x as f64, y as f64);
+            Some((
+                1.3 * xf - 0.4 * yf + b as f64 * 0.7 - 0.5,
+                0.3 * xf + 1.1 * yf - 0.6,
+            ))
+        });
+        assert!(grid.valid_fraction() > 0.3 && grid.valid_fraction() < 1.0);
+        let g = Tensor::from_vec(ramp(n, c, 5, 7), (n, c, 5, 7), &Device::Cpu).unwrap();
+        let run = |fast: bool| {
+            let s = if fast {
+                grid.sample(xv.as_tensor()).unwrap()
+            } else {
+                grid.sample_index_select(xv.as_tensor()).unwrap()
+            };
+            let gr = s.mul(&g).unwrap().sum_all().unwrap().backward().unwrap();
+            let gx: Vec<f32> = gr
+                .get(xv.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            (s.flatten_all().unwrap().to_vec1::<f32>().unwrap(), gx)
+        };
+        let ((s1, g1), (s2, g2)) = (run(true), run(false));
+        for (a, b) in s1.iter().zip(&s2).chain(g1.iter().zip(&g2)) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        assert!(g1.iter().any(|v| *v != 0.0));
+        // f64 and a non-contiguous input take the same path.
+        let x64 = xv.as_tensor().to_dtype(DType::F64).unwrap();
+        let s64: Vec<f64> = grid
+            .sample(&x64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (a, b) in s64.iter().zip(&s1) {
+            assert!((*a as f32 - b).abs() < 1e-5);
+        }
+        let xt = xv
+            .as_tensor()
+            .transpose(0, 1)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .transpose(0, 1)
+            .unwrap();
+        assert!(!xt.is_contiguous());
+        let st: Vec<f32> = grid
+            .sample(&xt)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(st, s1);
+    }
+
+    #[test]
+    fn sample_bilinear_tensor_coords() {
+        let x = Tensor::from_vec(ramp(2, 2, 4, 5), (2, 2, 4, 5), &Device::Cpu).unwrap();
+        // Integer coordinates reproduce pixels exactly; one point out of bounds.
+        let coords: Vec<f32> = vec![1.0, 2.0, 4.0, 3.0, 0.0, 0.0, 5.5, 1.0];
+        let ct = Tensor::from_vec(coords, (2, 1, 2, 2), &Device::Cpu).unwrap();
+        let (s, m) = sample_bilinear(&x, &ct).unwrap();
+        assert_eq!(s.dims(), &[2, 2, 1, 2]);
+        let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let sv: Vec<f32> = s.flatten_all().unwrap().to_vec1().unwrap();
+        let mv: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(mv, vec![1.0, 1.0, 1.0, 0.0]);
+        let px = |n: usize, c: usize, y: usize, xx: usize| xs[((n * 2 + c) * 4 + y) * 5 + xx];
+        assert_eq!(sv[0], px(0, 0, 2, 1));
+        assert_eq!(sv[1], px(0, 0, 3, 4));
+        assert_eq!(sv[2], px(0, 1, 2, 1));
+        assert_eq!(sv[4], px(1, 0, 0, 0));
+        assert_eq!(sv[5], 0.0);
+    }
+}

@@ -1,0 +1,906 @@
+//! The data pipeline end to end: synthetic stores written through the store schema (exact
+//! content, invalid pairs, corrupt chunks, broken stores) and one real store made by the
+//! `poodle-prep` binary.
+//!
+//! Synthetic pairs: frame t is a linear colour ramp, frame t+dt the same ramp moved by
+//! (DX, DY) (content moves by it), forward flow (DX, DY), backward flow (-DX, -DY). Bilinear
+//! resizing reproduces a linear ramp exactly away from the borders, so geometry can be checked
+//! in closed form.
+
+use candle_core::{Device, Tensor};
+use poodle_common::config::{DatasetConfig, Layout, Sampling};
+use poodle_common::flowmath::{
+    resize_bilinear, sample_bilinear, Map, FLOW_QUANT_SCALE, FLOW_STAT_NAMES,
+};
+use poodle_common::store::{
+    Codecs, FlowAttrs, Geometry, PoodleStore, StoreArrays, StoreAttrs, SCHEMA_VERSION,
+};
+use poodle_train::data::augment::{crop, crop_resize_flow};
+use poodle_train::data::{AugmentConfig, Batch, Loader, LoaderConfig};
+use poodle_train::geom::Affine;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const H: usize = 40;
+const W: usize = 72;
+const OH: usize = 24;
+const OW: usize = 48;
+const K: usize = 3;
+const S: usize = 8;
+const DX: f32 = 4.0;
+const DY: f32 = -2.0;
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("poodle-data-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn ramp(c: usize, x: f32, y: f32, offset: f32) -> f32 {
+    // Steep in x (channel 0) and y (channel 1): a one-pixel misregistration exceeds the
+    // tolerances; no value clamps at 0 or 255 where frames are compared.
+    [
+        3.0 * x + 0.3 * y + 15.0,
+        0.4 * x + 5.5 * y,
+        0.5 * x + 0.5 * y + offset,
+    ][c]
+}
+
+struct StoreSpec<'a> {
+    pairs: usize,
+    per_shard: usize,
+    valid: &'a [bool],
+    backward: bool,
+    group: &'a str,
+    /// Added to the ramp, so pairs and stores differ.
+    offset: f32,
+}
+
+impl Default for StoreSpec<'_> {
+    fn default() -> Self {
+        StoreSpec {
+            pairs: 6,
+            per_shard: 2,
+            valid: &[],
+            backward: true,
+            group: "synthetic",
+            offset: 0.0,
+        }
+    }
+}
+
+/// Writes a finished store through `poodle_common::store` (the schema poodle-prep writes).
+fn write_store(path: &Path, spec: &StoreSpec) {
+    let g = Geometry {
+        num_pairs: spec.pairs,
+        height: H,
+        width: W,
+        pairs_per_shard: spec.per_shard,
+    };
+    let arrays = StoreArrays::new(path, g, Codecs::default()).unwrap();
+    let fa = arrays
+        .flow_arrays(spec.group, spec.backward, Codecs::default())
+        .unwrap();
+    let n = H * W;
+    let q = |v: f32| (v / FLOW_QUANT_SCALE).round() as i16;
+    for k in 0..g.num_shards() {
+        let range = g.shard_pairs(k);
+        let (mut frames, mut pairs, mut valid) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut fwd, mut bwd, mut occ, mut occ_b, mut stats) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for i in range {
+            let off = spec.offset + (10 * i % 150) as f32;
+            for f in 0..2 {
+                for c in 0..3 {
+                    for y in 0..H {
+                        for x in 0..W {
+                            let (sx, sy) = if f == 0 {
+                                (x as f32, y as f32)
+                            } else {
+                                (x as f32 - DX, y as f32 - DY)
+                            };
+                            frames.push(ramp(c, sx, sy, off).round().clamp(0.0, 255.0) as u8);
+                        }
+                    }
+                }
+            }
+            pairs.extend([(i % 2) as i64, 10 * i as i64, 15]);
+            valid.push(spec.valid.get(i).copied().unwrap_or(true));
+            fwd.extend(std::iter::repeat_n(q(DX), n).chain(std::iter::repeat_n(q(DY), n)));
+            bwd.extend(std::iter::repeat_n(q(-DX), n).chain(std::iter::repeat_n(q(-DY), n)));
+            // Frame t: the right DX columns leave the frame; frame t+dt: the left DX columns
+            // were not in frame t.
+            occ.extend((0..n).map(|p| p % W >= W - DX as usize));
+            occ_b.extend((0..n).map(|p| p % W < DX as usize));
+            stats.extend([0f32; 6]);
+        }
+        arrays.write_shard(k, &frames, &pairs, &valid).unwrap();
+        let b = spec.backward.then_some((&bwd[..], &occ_b[..]));
+        arrays
+            .write_flow_shard(&fa, k, &fwd, b, &occ, &stats)
+            .unwrap();
+    }
+    arrays
+        .finalize_flow(
+            &fa,
+            &FlowAttrs {
+                model_name: spec.group.into(),
+                model_sha256: "0".repeat(64),
+                card: serde_json::json!({}),
+                flow_scale: FLOW_QUANT_SCALE,
+                backward: spec.backward,
+                occlusion: "synthetic".into(),
+                stat_names: FLOW_STAT_NAMES.iter().map(|s| s.to_string()).collect(),
+            },
+        )
+        .unwrap();
+    arrays
+        .finalize(&StoreAttrs {
+            schema_version: SCHEMA_VERSION,
+            tool_version: "test".into(),
+            dataset: DatasetConfig {
+                name: "synthetic".into(),
+                layout: Layout::Folder {
+                    extensions: vec!["mp4".into()],
+                },
+                sampling: Sampling::PerVideo {
+                    pairs_per_video: 3,
+                    dt_min: 15,
+                    dt_max: 15,
+                },
+                height: H,
+                width: W,
+                pairs_per_shard: spec.per_shard,
+                seed: 0,
+                default_root: None,
+            },
+            manifest_sha256: "0".repeat(64),
+            part_index: 0,
+            num_parts: 1,
+            first_pair: 0,
+            geometry: g,
+            videos: vec!["a.mp4".into(), "b.mp4".into()],
+            root: "/nowhere".into(),
+        })
+        .unwrap();
+}
+
+fn small_augment() -> AugmentConfig {
+    let mut a = AugmentConfig {
+        out_height: OH,
+        out_width: OW,
+        ..AugmentConfig::default()
+    };
+    a.subcrops.k = K;
+    a.subcrops.size = S;
+    a
+}
+
+fn loader_cfg(stores: Vec<PathBuf>, augment: AugmentConfig) -> LoaderConfig {
+    LoaderConfig {
+        stores,
+        batch_size: 2,
+        workers: 2,
+        prefetch: 2,
+        seed: 11,
+        augment,
+        ..LoaderConfig::default()
+    }
+}
+
+fn open(cfg: LoaderConfig) -> Loader {
+    Loader::open(cfg, Device::Cpu).unwrap()
+}
+
+fn all_batches(loader: &Loader, epoch: u64) -> Vec<Batch> {
+    loader.epoch(epoch).map(|b| b.unwrap()).collect()
+}
+
+fn vals(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// Sample `n` of a (N, C, H, W) tensor as a Map.
+fn map_of(t: &Tensor, n: usize) -> Map {
+    let (_, c, h, w) = t.dims4().unwrap();
+    Map::from_vec(c, h, w, vals(&t.get(n).unwrap()))
+}
+
+fn assert_same_batches(a: &[Batch], b: &[Batch]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.meta, y.meta);
+        assert_eq!(x.affines, y.affines);
+        for i in 0..2 {
+            assert_eq!(vals(&x.views[i]), vals(&y.views[i]));
+            assert_eq!(vals(&x.flow[i]), vals(&y.flow[i]));
+            assert_eq!(vals(&x.occluded[i]), vals(&y.occluded[i]));
+            assert_eq!(vals(&x.subcrops[i]), vals(&y.subcrops[i]));
+        }
+    }
+}
+
+#[test]
+fn flow_and_frames_stay_consistent_through_the_loader() {
+    let d = tmpdir("consistent");
+    write_store(&d.join("a.zarr"), &StoreSpec::default());
+    let aug = AugmentConfig {
+        dense_affine: false,
+        ..small_augment().without_colour()
+    };
+    let loader = open(loader_cfg(vec![d.join("a.zarr")], aug));
+    let mut checked = 0;
+    for epoch in 0..3 {
+        for b in all_batches(&loader, epoch) {
+            assert_eq!(b.views[0].dims4().unwrap(), (2, 3, OH, OW));
+            assert_eq!(b.flow[1].dims4().unwrap(), (2, 2, OH, OW));
+            assert_eq!(b.occluded[0].dims4().unwrap(), (2, 1, OH, OW));
+            assert_eq!(b.subcrops[1].dims4().unwrap(), (2 * K, 3, S, S));
+            for (n, m) in b.meta.iter().enumerate() {
+                let (sx, sy) = (OW as f32 / m.crop.w as f32, OH as f32 / m.crop.h as f32);
+                let (f0, f1) = (map_of(&b.flow[0], n), map_of(&b.flow[1], n));
+                let np = OH * OW;
+                // Translation flow stays a translation, scaled by the resize factors.
+                for p in 0..np {
+                    assert!((f0.data[p] - DX * sx).abs() < 1e-3, "{}", f0.data[p]);
+                    assert!((f0.data[np + p] - DY * sy).abs() < 1e-3);
+                    assert!((f1.data[p] + DX * sx).abs() < 1e-3);
+                    assert!((f1.data[np + p] + DY * sy).abs() < 1e-3);
+                }
+                // The same crop box in both frames: view_{t+dt}(x + flow_fwd(x)) = view_t(x).
+                let (v0, v1) = (map_of(&b.views[0], n), map_of(&b.views[1], n));
+                for y in 2..OH - 2 {
+                    for x in 2..OW - 2 {
+                        let (tx, ty) = (x as f32 + f0.get(0, y, x), y as f32 + f0.get(1, y, x));
+                        if !(1.5..OW as f32 - 2.5).contains(&tx)
+                            || !(1.5..OH as f32 - 2.5).contains(&ty)
+                        {
+                            continue;
+                        }
+                        for c in 0..3 {
+                            let a = v0.get(c, y, x);
+                            let z = sample_bilinear(&v1, c, tx, ty).unwrap();
+                            assert!((a - z).abs() < 0.03, "({x},{y}) c{c}: {a} vs {z}");
+                        }
+                        checked += 1;
+                    }
+                }
+                // Occlusion: the right DX stored columns of frame t are occluded; they map to
+                // crop x >= (W - DX - 0.5 - x0 + 0.5) * sx - 0.5.
+                let occ0 = map_of(&b.occluded[0], n);
+                for x in 0..OW {
+                    let src = m.crop.x0 as f32 + ((x as f32 + 0.5) / sx - 0.5).max(0.0);
+                    let edge = W as f32 - DX - 0.5;
+                    if (src - edge).abs() > 1.0 {
+                        let want = if src > edge { 1.0 } else { 0.0 };
+                        assert_eq!(occ0.get(0, OH / 2, x), want, "x={x} src={src}");
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 1000, "{checked}");
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn affine_views_sample_the_crop_at_a_x() {
+    let d = tmpdir("affine");
+    write_store(&d.join("a.zarr"), &StoreSpec::default());
+    // Every augmentation component has its own RNG stream: switching the affine off leaves
+    // crops and colours unchanged, so the affine-free run shows the crops behind the views.
+    let with = open(loader_cfg(vec![d.join("a.zarr")], small_augment()));
+    let without = open(loader_cfg(
+        vec![d.join("a.zarr")],
+        AugmentConfig {
+            dense_affine: false,
+            ..small_augment()
+        },
+    ));
+    let (bw, bo) = (all_batches(&with, 0), all_batches(&without, 0));
+    let mut flips = 0;
+    for (a, b) in bw.iter().zip(&bo) {
+        assert_eq!(a.meta, b.meta);
+        assert!(b.affines.iter().flatten().all(|m| *m == Affine::IDENTITY));
+        for i in 0..2 {
+            // Subcrops come from the crops before the affine: identical in both runs.
+            assert_eq!(vals(&a.subcrops[i]), vals(&b.subcrops[i]));
+            for n in 0..a.len() {
+                let aff = a.affines[i][n];
+                assert_ne!(aff, Affine::IDENTITY);
+                flips += usize::from(aff.0[0] < 0.0);
+                let (view, crop) = (map_of(&a.views[i], n), map_of(&b.views[i], n));
+                for (x, y) in [(0, 0), (3, 5), (23, 11), (47, 23), (40, 2), (10, 20)] {
+                    let (px, py) = aff.apply(x as f64, y as f64);
+                    for c in 0..3 {
+                        let want = sample_bilinear(&crop, c, px as f32, py as f32).unwrap_or(0.0);
+                        let got = view.get(c, y, x);
+                        assert!((want - got).abs() < 1e-4, "({x},{y}) c{c}: {want} vs {got}");
+                    }
+                }
+            }
+        }
+    }
+    assert!(flips > 0 && flips < 12, "{flips} of 12 views flipped");
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn subcrops_follow_the_backward_flow_and_match_their_boxes() {
+    let d = tmpdir("subcrops");
+    write_store(&d.join("a.zarr"), &StoreSpec::default());
+    let aug = AugmentConfig {
+        dense_affine: false,
+        ..small_augment().without_colour()
+    };
+    let loader = open(loader_cfg(vec![d.join("a.zarr")], aug));
+    let mut warped = 0;
+    let mut total = 0;
+    for epoch in 0..4 {
+        for b in all_batches(&loader, epoch) {
+            for (n, m) in b.meta.iter().enumerate() {
+                assert_eq!(m.subcrops.len(), K);
+                let (sx, sy) = (OW as f64 / m.crop.w as f64, OH as f64 / m.crop.h as f64);
+                let mut cells: Vec<_> = m.subcrops.iter().map(|p| p.cell).collect();
+                cells.sort();
+                cells.dedup();
+                assert_eq!(cells.len(), K, "grid cells are distinct");
+                for (k, p) in m.subcrops.iter().enumerate() {
+                    total += 1;
+                    // Frame t+dt's centre moves by the backward flow (t+dt -> t) into frame t.
+                    let [online, target] = p.centres;
+                    let fp = (target.0 - DX as f64 * sx, target.1 - DY as f64 * sy);
+                    assert!((p.flow_point.0 - fp.0).abs() < 1e-3);
+                    assert!((p.flow_point.1 - fp.1).abs() < 1e-3);
+                    if p.warped {
+                        warped += 1;
+                        assert!((online.0 - fp.0).abs() <= 0.1 * OW as f64 + 1e-9);
+                        assert!((online.1 - fp.1).abs() <= 0.1 * OH as f64 + 1e-9);
+                    } else {
+                        assert_eq!(online, target);
+                    }
+                    for i in 0..2 {
+                        let bx = p.boxes[i];
+                        assert!(bx.inside(OW, OH), "{bx:?}");
+                        // The subcrop is its box of the (affine-free) view, resized.
+                        let view = map_of(&b.views[i], n);
+                        let want = resize_bilinear(&crop(&view, &bx), S, S);
+                        let got = map_of(&b.subcrops[i], n * K + k);
+                        for (u, v) in want.data.iter().zip(&got.data) {
+                            assert!((u - v).abs() < 1e-5);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(warped * 10 > total * 7, "{warped} of {total} warped");
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn same_seed_gives_identical_batches_for_any_worker_count() {
+    let d = tmpdir("determinism");
+    write_store(
+        &d.join("a.zarr"),
+        &StoreSpec {
+            pairs: 9,
+            ..StoreSpec::default()
+        },
+    );
+    let cfg = |workers, prefetch| LoaderConfig {
+        workers,
+        prefetch,
+        drop_last: false,
+        ..loader_cfg(vec![d.join("a.zarr")], small_augment())
+    };
+    let base = open(cfg(0, 1));
+    for epoch in [0, 1] {
+        let reference = all_batches(&base, epoch);
+        assert_eq!(reference.len(), 5);
+        assert_eq!(reference[4].len(), 1, "the short last batch is kept");
+        for (workers, prefetch) in [(1, 1), (3, 2), (4, 8)] {
+            let other = open(cfg(workers, prefetch));
+            assert_same_batches(&reference, &all_batches(&other, epoch));
+        }
+    }
+    // Another seed gives other batches.
+    let other_seed = open(LoaderConfig {
+        seed: 12,
+        ..cfg(2, 2)
+    });
+    let a = all_batches(&base, 0);
+    let b = all_batches(&other_seed, 0);
+    assert_ne!(vals(&a[0].views[0]), vals(&b[0].views[0]));
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn epochs_reshuffle_and_cover_every_valid_pair_once() {
+    let d = tmpdir("epochs");
+    write_store(
+        &d.join("a.zarr"),
+        &StoreSpec {
+            pairs: 12,
+            per_shard: 4,
+            ..StoreSpec::default()
+        },
+    );
+    let loader = open(LoaderConfig {
+        drop_last: false,
+        ..loader_cfg(vec![d.join("a.zarr")], small_augment())
+    });
+    let order = |e| -> Vec<usize> {
+        all_batches(&loader, e)
+            .iter()
+            .flat_map(|b| b.meta.iter().map(|m| m.pair).collect::<Vec<_>>())
+            .collect()
+    };
+    let (o0, o1) = (order(0), order(1));
+    assert_ne!(o0, o1, "epoch 1 reshuffles");
+    assert_eq!(o0, order(0), "an epoch replays identically");
+    for o in [&o0, &o1] {
+        let mut s = o.clone();
+        s.sort();
+        assert_eq!(s, (0..12).collect::<Vec<_>>());
+    }
+    let expected: Vec<usize> = loader.epoch_order(1).iter().map(|(_, i)| *i).collect();
+    assert_eq!(o1, expected);
+    // Pairs of different shards mix within the first batches.
+    let shards: std::collections::BTreeSet<usize> = o0[..4].iter().map(|i| i / 4).collect();
+    assert!(shards.len() > 1 || o1[..4].iter().any(|i| i / 4 != o1[0] / 4));
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn invalid_pairs_are_skipped_and_counted() {
+    let d = tmpdir("invalid");
+    let valid = [true, false, true, true, false, true, true, true];
+    write_store(
+        &d.join("a.zarr"),
+        &StoreSpec {
+            pairs: 8,
+            valid: &valid,
+            ..StoreSpec::default()
+        },
+    );
+    let loader = open(LoaderConfig {
+        drop_last: false,
+        ..loader_cfg(vec![d.join("a.zarr")], small_augment())
+    });
+    let s = loader.summary();
+    assert_eq!((s.valid_pairs, s.invalid_skipped), (6, 2));
+    assert_eq!(s.stores[0].invalid, 2);
+    assert!(s.to_string().contains("2 invalid pairs skipped"), "{s}");
+    for e in 0..3 {
+        let seen: Vec<usize> = all_batches(&loader, e)
+            .iter()
+            .flat_map(|b| b.meta.iter().map(|m| m.pair).collect::<Vec<_>>())
+            .collect();
+        assert_eq!(seen.len(), 6);
+        assert!(!seen.contains(&1) && !seen.contains(&4), "{seen:?}");
+    }
+    assert_eq!(loader.stats().corrupt_reads, 0);
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn two_stores_are_both_read_from_a_folder_or_a_list() {
+    let d = tmpdir("two");
+    let job = d.join("job");
+    write_store(
+        &job.join("x-part-00000-of-00002.zarr"),
+        &StoreSpec::default(),
+    );
+    write_store(
+        &job.join("x-part-00001-of-00002.zarr"),
+        &StoreSpec {
+            pairs: 4,
+            offset: 3.0,
+            ..StoreSpec::default()
+        },
+    );
+    std::fs::create_dir_all(job.join("manifest")).unwrap(); // not a store: ignored
+    let from_folder = open(loader_cfg(vec![job.clone()], small_augment()));
+    let s = from_folder.summary();
+    assert_eq!(s.stores.len(), 2);
+    assert_eq!(s.valid_pairs, 10);
+    assert_eq!(s.flow_group, "synthetic");
+    let stores: std::collections::BTreeSet<PathBuf> = all_batches(&from_folder, 0)
+        .iter()
+        .flat_map(|b| b.meta.iter().map(|m| m.store.clone()).collect::<Vec<_>>())
+        .collect();
+    assert_eq!(stores.len(), 2, "{stores:?}");
+    let from_list = open(loader_cfg(
+        vec![
+            job.join("x-part-00000-of-00002.zarr"),
+            job.join("x-part-00001-of-00002.zarr"),
+        ],
+        small_augment(),
+    ));
+    assert_same_batches(&all_batches(&from_folder, 0), &all_batches(&from_list, 0));
+    // Videos and times come from the right store.
+    let b = all_batches(&from_folder, 0);
+    for m in b.iter().flat_map(|b| b.meta.iter()) {
+        assert_eq!(m.video, ["a.mp4", "b.mp4"][m.pair % 2]);
+        assert_eq!((m.t, m.dt), (10 * m.pair as i64, 15));
+    }
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn prefetch_bounds_the_batches_in_flight() {
+    let d = tmpdir("bound");
+    write_store(
+        &d.join("a.zarr"),
+        &StoreSpec {
+            pairs: 24,
+            per_shard: 4,
+            ..StoreSpec::default()
+        },
+    );
+    for (workers, prefetch) in [(3, 2), (1, 3), (4, 4)] {
+        let loader = open(LoaderConfig {
+            workers,
+            prefetch,
+            ..loader_cfg(vec![d.join("a.zarr")], small_augment())
+        });
+        let mut it = loader.epoch(0);
+        let mut n = 0;
+        // Let the workers fill the pipeline before consuming anything: they stop at the
+        // prefetch budget even though more work is left.
+        let t0 = std::time::Instant::now();
+        while it.buffered() < prefetch && t0.elapsed().as_secs() < 30 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(
+            it.buffered(),
+            prefetch,
+            "workers fill exactly the prefetch budget"
+        );
+        while let Some(b) = it.next() {
+            b.unwrap();
+            n += 1;
+            assert!(it.buffered() <= prefetch, "{} > {prefetch}", it.buffered());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(n, 12);
+        assert!(it.max_buffered() <= prefetch, "{}", it.max_buffered());
+        assert!(it.max_buffered() <= prefetch + workers);
+    }
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn dropping_an_epoch_midway_stops_its_workers() {
+    let d = tmpdir("drop");
+    write_store(
+        &d.join("a.zarr"),
+        &StoreSpec {
+            pairs: 20,
+            ..StoreSpec::default()
+        },
+    );
+    let loader = open(loader_cfg(vec![d.join("a.zarr")], small_augment()));
+    let t0 = std::time::Instant::now();
+    {
+        let mut it = loader.epoch(0);
+        it.next().unwrap().unwrap();
+    }
+    assert!(t0.elapsed() < std::time::Duration::from_secs(20));
+    // The loader is still usable.
+    assert_eq!(all_batches(&loader, 0).len(), 10);
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+/// Overwrites every shard file of `array` whose name ends in `shard` with garbage.
+fn corrupt_shard(store: &Path, array: &str, shard: &str) -> usize {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out)
+            } else {
+                out.push(p)
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(&store.join(array).join("c"), &mut files);
+    let mut n = 0;
+    for f in files {
+        let rel = f
+            .strip_prefix(store.join(array))
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        if rel == format!("c/{shard}/0/0/0/0") || rel == format!("c/{shard}/0/0/0") {
+            let len = std::fs::metadata(&f).unwrap().len() as usize;
+            std::fs::write(&f, vec![0xa5u8; len]).unwrap();
+            n += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn a_corrupt_chunk_is_skipped_counted_and_reported() {
+    let d = tmpdir("corrupt");
+    let store = d.join("a.zarr");
+    write_store(
+        &store,
+        &StoreSpec {
+            pairs: 8,
+            ..StoreSpec::default()
+        },
+    );
+    // Shard 1 of the frames holds pairs 2 and 3; shard 3 of the backward flow pairs 6, 7.
+    assert_eq!(corrupt_shard(&store, "frames", "1"), 1);
+    assert_eq!(corrupt_shard(&store, "flow/synthetic/backward", "3"), 1);
+    let cfg = |workers| LoaderConfig {
+        workers,
+        ..loader_cfg(vec![store.clone()], small_augment())
+    };
+    let loader = open(cfg(2));
+    let batches = all_batches(&loader, 0);
+    assert_eq!(batches.len(), 4);
+    for b in &batches {
+        assert_eq!(b.len(), 2, "unreadable pairs are replaced by readable ones");
+        for m in &b.meta {
+            assert!(
+                ![2, 3, 6, 7].contains(&m.pair),
+                "pair {} is corrupt",
+                m.pair
+            );
+        }
+    }
+    let st = loader.stats();
+    assert_eq!(st.bad_pairs_count, 4, "{st:?}");
+    assert!(st.corrupt_reads >= 4);
+    assert_eq!(st.replaced, 4);
+    assert_eq!(st.dropped, 0);
+    for (p, i, msg) in &st.bad_pairs {
+        assert_eq!(p, &store);
+        assert!([2, 3, 6, 7].contains(i));
+        assert!(msg.contains("a.zarr"), "the message names the store: {msg}");
+    }
+    // Still deterministic for another worker count.
+    assert_same_batches(&batches, &all_batches(&open(cfg(0)), 0));
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+fn open_err(cfg: LoaderConfig) -> String {
+    match Loader::open(cfg, Device::Cpu) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn broken_stores_are_errors_that_name_the_store() {
+    let d = tmpdir("broken");
+    let good = d.join("good.zarr");
+    write_store(&good, &StoreSpec::default());
+    let cfg = |p: &Path| loader_cfg(vec![p.to_path_buf()], small_augment());
+
+    // Unknown flow group, by name; a named group is used.
+    let e = open_err(LoaderConfig {
+        flow_group: Some("raft_large".into()),
+        ..cfg(&good)
+    });
+    assert!(e.contains("good.zarr") && e.contains("raft_large"), "{e}");
+    let ok = open(LoaderConfig {
+        flow_group: Some("synthetic".into()),
+        ..cfg(&good)
+    });
+    assert_eq!(ok.summary().flow_group, "synthetic");
+
+    // No backward flow.
+    let nb = d.join("nobackward.zarr");
+    write_store(
+        &nb,
+        &StoreSpec {
+            backward: false,
+            ..StoreSpec::default()
+        },
+    );
+    let e = open_err(cfg(&nb));
+    assert!(
+        e.contains("nobackward.zarr") && e.contains("backward"),
+        "{e}"
+    );
+
+    // A missing array.
+    let missing = d.join("missing.zarr");
+    write_store(&missing, &StoreSpec::default());
+    std::fs::remove_file(missing.join("frames/zarr.json")).unwrap();
+    let e = open_err(cfg(&missing));
+    assert!(e.contains("missing.zarr") && e.contains("frames"), "{e}");
+    let missing_flow = d.join("missingflow.zarr");
+    write_store(&missing_flow, &StoreSpec::default());
+    std::fs::remove_file(missing_flow.join("flow/synthetic/occlusion_backward/zarr.json")).unwrap();
+    let e = open_err(cfg(&missing_flow));
+    assert!(
+        e.contains("missingflow.zarr") && e.contains("occlusion_backward"),
+        "{e}"
+    );
+
+    // An unknown schema version.
+    let future = d.join("future.zarr");
+    write_store(&future, &StoreSpec::default());
+    let meta = future.join("zarr.json");
+    let text = std::fs::read_to_string(&meta).unwrap();
+    let text = text.replace(
+        &format!("\"schema_version\": {SCHEMA_VERSION}"),
+        "\"schema_version\": 99",
+    );
+    assert!(text.contains("99"));
+    std::fs::write(&meta, text).unwrap();
+    let e = open_err(cfg(&future));
+    assert!(e.contains("future.zarr") && e.contains("schema"), "{e}");
+
+    // In a folder of parts, the bad part is named.
+    let job = d.join("job");
+    write_store(&job.join("p0.zarr"), &StoreSpec::default());
+    write_store(
+        &job.join("p1.zarr"),
+        &StoreSpec {
+            group: "other",
+            ..StoreSpec::default()
+        },
+    );
+    let e = open_err(cfg(&job));
+    assert!(e.contains("p1.zarr") && e.contains("synthetic"), "{e}");
+
+    // Not a store at all, and a folder without stores.
+    let e = open_err(cfg(&d.join("nothing")));
+    assert!(e.contains("nothing"), "{e}");
+    std::fs::create_dir_all(d.join("empty")).unwrap();
+    let e = open_err(cfg(&d.join("empty")));
+    assert!(e.contains("empty") && e.contains("*.zarr"), "{e}");
+
+    // Too few pairs for one batch.
+    let e = open_err(LoaderConfig {
+        batch_size: 100,
+        ..cfg(&good)
+    });
+    assert!(e.contains("not one batch"), "{e}");
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The poodle-prep binary of this workspace, built if needed; `None` (skip) when it cannot be.
+fn prep_binary() -> Option<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target"));
+    let bin = target.join("debug/poodle-prep");
+    if !bin.exists() {
+        let ok = Command::new(env!("CARGO"))
+            .args(["build", "-p", "poodle-prep"])
+            .current_dir(repo())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok || !bin.exists() {
+            eprintln!("SKIP: could not build poodle-prep ({})", bin.display());
+            return None;
+        }
+    }
+    Some(bin)
+}
+
+#[test]
+fn a_real_prep_job_streams_through_the_loader() {
+    let videos = repo().join("../shared/data/video");
+    if !videos.join("dashcam-highway-720p.mp4").exists() {
+        eprintln!("SKIP: ../shared/data/video is absent");
+        return;
+    }
+    let ort =
+        repo().join(".venv/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1");
+    if !ort.exists() {
+        eprintln!("SKIP: {} is absent (run `make setup`)", ort.display());
+        return;
+    }
+    let Some(bin) = prep_binary() else { return };
+    let d = tmpdir("prep");
+    let cfg = d.join("tiny.json");
+    let json = serde_json::json!({
+        "name": "tiny", "layout": {"kind": "folder", "extensions": ["mp4"]},
+        "sampling": {"kind": "per_video", "pairs_per_video": 3, "dt_min": 15, "dt_max": 30},
+        "height": 128, "width": 224, "pairs_per_shard": 2, "seed": 4
+    });
+    std::fs::write(&cfg, serde_json::to_vec(&json).unwrap()).unwrap();
+    let out = d.join("out");
+    for part in ["0", "1"] {
+        let o = Command::new(&bin)
+            .current_dir(repo())
+            .arg("prep")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--root")
+            .arg(&videos)
+            .arg("--out")
+            .arg(&out)
+            .args(["--quiet", "--batch-size", "2", "--flow-threads", "2"])
+            .args(["--part-index", part, "--num-parts", "2"])
+            .env("ORT_DYLIB_PATH", &ort)
+            .env_remove("SLURM_ARRAY_TASK_ID")
+            .env_remove("SLURM_ARRAY_TASK_COUNT")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let mut aug = AugmentConfig {
+        out_height: 64,
+        out_width: 128,
+        ..AugmentConfig::default()
+    };
+    aug.subcrops.k = 2;
+    aug.subcrops.size = 32;
+    let loader = open(LoaderConfig {
+        stores: vec![out.clone()],
+        batch_size: 2,
+        workers: 2,
+        prefetch: 2,
+        seed: 3,
+        drop_last: false,
+        augment: aug,
+        ..LoaderConfig::default()
+    });
+    let s = loader.summary();
+    assert_eq!(s.stores.len(), 2, "{s}");
+    assert_eq!(s.valid_pairs + s.invalid_skipped, 6);
+    let mut seen = std::collections::BTreeSet::new();
+    for b in all_batches(&loader, 0) {
+        assert!(b.wait.as_secs() < 60);
+        assert_eq!(b.subcrops[0].dims4().unwrap(), (2 * b.len(), 3, 32, 32));
+        for t in b.views.iter().chain(&b.flow).chain(&b.subcrops) {
+            assert!(vals(t).iter().all(|v| v.is_finite()));
+        }
+        for (n, m) in b.meta.iter().enumerate() {
+            seen.insert(m.store.clone());
+            // The batch's flow is the stored flow cropped at the recorded box and rescaled.
+            let store = PoodleStore::open(&m.store).unwrap();
+            let (g, _) = store.flow_group(None).unwrap();
+            let rec = store.read_flow(g, m.pair).unwrap();
+            let geo = store.attrs.geometry;
+            for (i, f) in [rec.forward, rec.backward.unwrap()].into_iter().enumerate() {
+                let want = crop_resize_flow(
+                    &Map::from_vec(2, geo.height, geo.width, f),
+                    &m.crop,
+                    64,
+                    128,
+                );
+                let got = map_of(&b.flow[i], n);
+                for (u, v) in want.data.iter().zip(&got.data) {
+                    assert!((u - v).abs() < 1e-4);
+                }
+            }
+            let pair = store.read_pair(m.pair).unwrap();
+            assert_eq!((pair.t, pair.dt), (m.t, m.dt));
+            assert_eq!(store.attrs.videos[pair.video as usize], m.video);
+        }
+    }
+    assert_eq!(seen.len(), 2, "both parts are read: {seen:?}");
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn no_subcrops_gives_empty_subcrop_tensors() {
+    let d = tmpdir("k0");
+    write_store(&d.join("a.zarr"), &StoreSpec::default());
+    let mut aug = small_augment();
+    aug.subcrops.k = 0; // the paper's K = 0 ablation
+    let loader = open(loader_cfg(vec![d.join("a.zarr")], aug));
+    for b in all_batches(&loader, 0) {
+        assert_eq!(b.subcrops[0].dims4().unwrap(), (0, 3, S, S));
+        assert!(b.meta.iter().all(|m| m.subcrops.is_empty()));
+    }
+    std::fs::remove_dir_all(d).unwrap();
+}
