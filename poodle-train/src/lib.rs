@@ -5,8 +5,11 @@
 //! objectives as pure functions), `data` (streaming loader, augmentations, subcrops),
 //! `optim` (AdamW, schedules, EMA).
 
+pub mod checkpoint;
+pub mod config;
 pub mod data;
 pub mod geom;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod run;

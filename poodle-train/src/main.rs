@@ -1,9 +1,9 @@
-//! poodle-train: PooDLe pre-training on poodle-prep stores (the training loop is being
-//! written; today it validates stores as the trainer will read them).
+//! poodle-train: PooDLe pre-training on poodle-prep stores.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use poodle_common::store::PoodleStore;
+use poodle_train::config::TrainConfig;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -19,12 +19,60 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Pre-train. The run prints its git sha and full config, logs JSON lines to
+    /// RUN_DIR/metrics.jsonl and checkpoints atomically to RUN_DIR.
+    Train {
+        /// A preset (paper, ablation, tiny) or a JSON config file.
+        #[arg(long, default_value = "paper")]
+        config: String,
+        /// Overrides, e.g. --set optim.lr=1e-3 --set method.pooled=false
+        /// --set data.stores='["out/bdd"]' (values are JSON, else strings).
+        #[arg(long = "set")]
+        overrides: Vec<String>,
+        /// Stores or folders of stores (replaces data.stores).
+        #[arg(long)]
+        stores: Vec<PathBuf>,
+        /// Run folder (replaces run.dir).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// cpu or cuda:N (replaces device).
+        #[arg(long)]
+        device: Option<String>,
+        /// Continue from RUN_DIR's latest checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Print only the summary.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Open stores as the trainer will and report pairs and flow groups.
     CheckStores { stores: Vec<PathBuf> },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
+        Cmd::Train {
+            config,
+            mut overrides,
+            stores,
+            run_dir,
+            device,
+            resume,
+            quiet,
+        } => {
+            if !stores.is_empty() {
+                overrides.push(format!("data.stores={}", serde_json::to_string(&stores)?));
+            }
+            if let Some(d) = run_dir {
+                overrides.push(format!("run.dir={}", serde_json::to_string(&d)?));
+            }
+            if let Some(d) = device {
+                overrides.push(format!("device={}", serde_json::to_string(&d)?));
+            }
+            let cfg = TrainConfig::load(&config, &overrides)?;
+            let s = poodle_train::run::train(&cfg, resume, quiet)?;
+            println!("{}", serde_json::to_string(&s)?);
+        }
         Cmd::CheckStores { stores } => {
             let mut total = 0;
             for p in &stores {

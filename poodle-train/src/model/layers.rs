@@ -55,9 +55,14 @@ impl Conv2d {
         init: Init,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let weight = vb.get_with_hints((out_ch, in_ch, k, k), "weight", init)?;
+        let weight = super::init::get(&vb, (out_ch, in_ch, k, k), "weight", init)?;
         let bias = if bias {
-            Some(vb.get_with_hints(out_ch, "bias", torch_default_uniform(in_ch * k * k))?)
+            Some(super::init::get(
+                &vb,
+                out_ch,
+                "bias",
+                torch_default_uniform(in_ch * k * k),
+            )?)
         } else {
             None
         };
@@ -167,8 +172,8 @@ pub struct Linear {
 impl Linear {
     pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
         let init = torch_default_uniform(in_dim);
-        let weight = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
-        let bias = vb.get_with_hints(out_dim, "bias", init)?;
+        let weight = super::init::get(&vb, (out_dim, in_dim), "weight", init)?;
+        let bias = super::init::get(&vb, out_dim, "bias", init)?;
         Ok(Self { weight, bias })
     }
 }
@@ -205,10 +210,10 @@ impl BatchNorm {
     pub const MOMENTUM: f64 = 0.1;
 
     pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get_with_hints(channels, "weight", Init::Const(1.))?;
-        let bias = vb.get_with_hints(channels, "bias", Init::Const(0.))?;
-        let running_mean = vb.get_with_hints(channels, "running_mean", Init::Const(0.))?;
-        let running_var = vb.get_with_hints(channels, "running_var", Init::Const(1.))?;
+        let weight = super::init::get(&vb, channels, "weight", Init::Const(1.))?;
+        let bias = super::init::get(&vb, channels, "bias", Init::Const(0.))?;
+        let running_mean = super::init::get(&vb, channels, "running_mean", Init::Const(0.))?;
+        let running_var = super::init::get(&vb, channels, "running_var", Init::Const(1.))?;
         Ok(Self {
             weight,
             bias,

@@ -40,6 +40,7 @@
 
 pub mod decoder;
 pub mod heads;
+pub mod init;
 pub mod layers;
 pub mod resnet;
 

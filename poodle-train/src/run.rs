@@ -1,0 +1,382 @@
+//! The training loop, in one place: data -> online and target forward passes on both frame
+//! orders -> dense and pooled losses -> AdamW step -> EMA update; JSON-lines metrics,
+//! atomic checkpoints, exact resume, and a stop on a non-finite loss that names the term.
+
+use crate::checkpoint::{self, Progress};
+use crate::config::TrainConfig;
+use crate::data::loader::{Batch, Loader, LoaderConfig};
+use crate::loss::{check_finite, dense::dense_loss, pooled::pooled_loss, total, LossTerms};
+use crate::model::{copy_vars, trainable_vars, Encoder, Online};
+use crate::optim::{
+    ema_momentum, ema_update, is_no_decay, lr_at, AdamW, AdamWConfig, GradAccumulator,
+};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use serde::Serialize;
+use std::io::Write;
+use std::time::Instant;
+
+/// One JSON line of `metrics.jsonl`.
+#[derive(Debug, Serialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub epoch: u64,
+    pub lr: f64,
+    pub momentum: f64,
+    #[serde(flatten)]
+    pub loss: LossTerms,
+    pub dense_mask_fraction: f32,
+    /// Std over the batch of the L2-normalised online projections, mean over dimensions:
+    /// about 1/sqrt(D) when healthy, near 0 when the representation collapses.
+    pub proj_std: f32,
+    pub grad_norm: f64,
+    pub pairs_per_s: f64,
+    pub data_wait_s: f64,
+}
+
+/// What a finished (or stopped) run reports.
+#[derive(Debug, Serialize)]
+pub struct RunSummary {
+    pub steps: u64,
+    pub resumed_from: Option<u64>,
+    pub first_loss: Option<f32>,
+    pub last_loss: Option<f32>,
+    pub checkpoint: Option<String>,
+}
+
+pub fn device(spec: &str) -> Result<Device> {
+    if spec == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let id = spec
+        .strip_prefix("cuda:")
+        .or_else(|| (spec == "cuda").then_some("0"))
+        .with_context(|| format!("device {spec:?}: use cpu or cuda:N"))?;
+    Device::new_cuda(id.parse().with_context(|| format!("device {spec:?}"))?).with_context(|| {
+        format!("device {spec}: build poodle-train with --features cuda on a CUDA machine")
+    })
+}
+
+fn git_sha() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Online network, EMA target and optimiser, built from a config.
+pub struct Learner {
+    pub cfg: TrainConfig,
+    pub online_map: VarMap,
+    pub target_map: VarMap,
+    pub online: Online,
+    pub target: Encoder,
+    pub opt: AdamW,
+    online_params: Vec<(String, candle_core::Var)>,
+    target_params: Vec<(String, candle_core::Var)>,
+}
+
+impl Learner {
+    pub fn new(cfg: &TrainConfig, dev: &Device) -> Result<Self> {
+        let online_map = VarMap::new();
+        let target_map = VarMap::new();
+        let online = Online::new(
+            &cfg.model,
+            VarBuilder::from_varmap(&online_map, DType::F32, dev),
+        )?;
+        let target = Encoder::new(
+            &cfg.model,
+            VarBuilder::from_varmap(&target_map, DType::F32, dev),
+        )?;
+        crate::model::init::reseed(&online_map, cfg.seed)?;
+        copy_vars(&online_map, &target_map)?;
+        let online_params = trainable_vars(&online_map);
+        let target_params = trainable_vars(&target_map);
+        let opt = AdamW::new_with(
+            online_params.clone(),
+            AdamWConfig {
+                beta1: cfg.optim.betas[0],
+                beta2: cfg.optim.betas[1],
+                eps: cfg.optim.eps,
+                weight_decay: cfg.optim.weight_decay,
+            },
+            // Biases and BatchNorm parameters (rank 1) get no weight decay.
+            |name, t| t.rank() <= 1 || is_no_decay(name),
+        )?;
+        Ok(Learner {
+            cfg: cfg.clone(),
+            online_map,
+            target_map,
+            online,
+            target,
+            opt,
+            online_params,
+            target_params,
+        })
+    }
+
+    /// Forward both frame orders and return the differentiable total with its terms.
+    pub fn losses(&self, b: &Batch) -> Result<(Tensor, LossTerms, f32, f32)> {
+        let m = &self.cfg.method;
+        let (h, w) = (b.views[0].dim(2)?, b.views[0].dim(3)?);
+        let zero = Tensor::zeros((), DType::F32, b.views[0].device())?;
+        let (mut d_ab, mut d_ba, mut p_ab, mut p_ba) =
+            (zero.clone(), zero.clone(), zero.clone(), zero);
+        let mut mask_fraction = 0.0;
+        let mut proj_std = 0.0;
+        if m.dense {
+            let q: Vec<Tensor> = (0..2)
+                .map(|i| {
+                    let p = self.online.encoder.dense(&b.views[i], true)?;
+                    self.online.predictors.dense(&p, true)
+                })
+                .collect::<candle_core::Result<_>>()?;
+            let t: Vec<Tensor> = (0..2)
+                .map(|i| self.target.dense(&b.views[i], true).map(|x| x.detach()))
+                .collect::<candle_core::Result<_>>()?;
+            let (l, s) = dense_loss(
+                &q[0],
+                &t[1],
+                &b.affines[0],
+                &b.affines[1],
+                &b.flow[0],
+                &b.occluded[0],
+                (h, w),
+            )?;
+            let (l2, s2) = dense_loss(
+                &q[1],
+                &t[0],
+                &b.affines[1],
+                &b.affines[0],
+                &b.flow[1],
+                &b.occluded[1],
+                (h, w),
+            )?;
+            d_ab = l;
+            d_ba = l2;
+            mask_fraction = (s.mask_fraction + s2.mask_fraction) / 2.0;
+            proj_std = collapse_std(&t[0].mean((2, 3))?)?;
+        }
+        if m.pooled {
+            let mut proj = Vec::new();
+            let q: Vec<Tensor> = (0..2)
+                .map(|i| {
+                    let p = self.online.encoder.pooled(&b.subcrops[i], true)?;
+                    proj.push(p.clone());
+                    self.online.predictors.pooled(&p, true)
+                })
+                .collect::<candle_core::Result<_>>()?;
+            let z: Vec<Tensor> = (0..2)
+                .map(|i| self.target.pooled(&b.subcrops[i], true).map(|x| x.detach()))
+                .collect::<candle_core::Result<_>>()?;
+            p_ab = pooled_loss(&q[0], &z[1])?;
+            p_ba = pooled_loss(&q[1], &z[0])?;
+            proj_std = collapse_std(&proj[0].detach())?;
+        }
+        let (wd, wp) = (
+            if m.dense { m.w_dense } else { 0.0 },
+            if m.pooled { m.w_pooled } else { 0.0 },
+        );
+        let (tot, terms) = total(&d_ab, &d_ba, &p_ab, &p_ba, wd, wp)?;
+        Ok((tot, terms, mask_fraction, proj_std))
+    }
+}
+
+/// Std over the batch of L2-normalised rows, averaged over dimensions.
+fn collapse_std(x: &Tensor) -> Result<f32> {
+    let z = crate::loss::l2_normalize(&x.to_dtype(DType::F32)?, 1)?;
+    let mean = z.mean_keepdim(0)?;
+    let var = z.broadcast_sub(&mean)?.sqr()?.mean(0)?;
+    Ok(var.sqrt()?.mean_all()?.to_scalar::<f32>()?)
+}
+
+/// Trains per `cfg`; `resume` continues from `cfg.run.dir`'s latest checkpoint.
+pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary> {
+    let dev = device(&cfg.device)?;
+    // A run's identity is its config, except where it stops: resuming with a later
+    // run.max_steps continues the same run.
+    let config_json = {
+        let mut ident = cfg.clone();
+        ident.run.max_steps = None;
+        serde_json::to_string(&ident)?
+    };
+    let sha = git_sha();
+    if !quiet {
+        eprintln!("poodle-train {} (git {sha})", env!("CARGO_PKG_VERSION"));
+        eprintln!("{}", serde_json::to_string_pretty(cfg)?);
+    }
+    std::fs::create_dir_all(&cfg.run.dir).with_context(|| format!("{}", cfg.run.dir.display()))?;
+    poodle_common::atomic::write_json_atomic(
+        &cfg.run.dir.join("config.json"),
+        &serde_json::json!({"git_sha": sha, "config": cfg}),
+    )?;
+    let mut aug = cfg.augment.clone();
+    if !cfg.method.pooled {
+        aug.subcrops.k = 0; // no subcrops to cut when the pooled objective is off
+    }
+    let loader = Loader::open(
+        LoaderConfig {
+            stores: cfg.data.stores.clone(),
+            flow_group: cfg.data.flow_group.clone(),
+            batch_size: cfg.data.batch_size,
+            workers: cfg.data.workers,
+            prefetch: cfg.data.prefetch,
+            seed: cfg.seed,
+            drop_last: true,
+            augment: aug,
+        },
+        dev.clone(),
+    )?;
+    if !quiet {
+        eprintln!("{}", serde_json::to_string(loader.summary())?);
+    }
+    let mut learner = Learner::new(cfg, &dev)?;
+    let per_epoch = loader.batches_per_epoch();
+    let steps_per_epoch = (per_epoch / cfg.optim.accumulate).max(1) as u64;
+    let total_steps = steps_per_epoch * cfg.optim.epochs as u64;
+    let warmup = (cfg.optim.warmup_epochs * steps_per_epoch as f64).round() as u64;
+
+    let (mut step, mut epoch, mut start_batch, mut resumed_from) = (0u64, 0u64, 0usize, None);
+    if resume {
+        if let Some((p, optim_state)) =
+            checkpoint::load(&cfg.run.dir, &learner.online_map, &learner.target_map, &dev)?
+        {
+            anyhow::ensure!(
+                p.config_json == config_json,
+                "{}: the checkpoint was written with another config; resume with the same config or use another run.dir",
+                cfg.run.dir.display()
+            );
+            learner.opt.load_state(&optim_state)?;
+            (step, epoch, start_batch, resumed_from) = (p.step, p.epoch, p.batch, Some(p.step));
+            if !quiet {
+                eprintln!("resuming at step {step} (epoch {epoch}, batch {start_batch})");
+            }
+        }
+    }
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(cfg.run.dir.join("metrics.jsonl"))?;
+    let (mut first_loss, mut last_loss, mut last_ckpt) = (None, None, None);
+    let max_steps = cfg.run.max_steps.unwrap_or(total_steps).min(total_steps);
+    'epochs: while epoch < cfg.optim.epochs as u64 && step < max_steps {
+        let mut acc = GradAccumulator::new();
+        let mut sums = (LossTerms::default(), 0f32, 0f32, 0f64, 0usize);
+        let mut t_step = Instant::now();
+        for (bi, batch) in loader.epoch(epoch).enumerate() {
+            if bi < start_batch {
+                continue; // already trained on before the checkpoint
+            }
+            let b = batch?;
+            if acc.micro_batches() == 0 {
+                t_step = Instant::now();
+            }
+            let (tot, terms, maskf, pstd) = learner.losses(&b)?;
+            check_finite(step + 1, &terms).map_err(|e| anyhow::anyhow!("{e}; stopping"))?;
+            acc.add(&tot.backward()?, &learner.online_params)?;
+            sums.0 = add_terms(&sums.0, &terms);
+            sums.1 += maskf;
+            sums.2 += pstd;
+            sums.3 += b.wait.as_secs_f64();
+            sums.4 += b.len();
+            if acc.micro_batches() < cfg.optim.accumulate {
+                continue;
+            }
+            let n = acc.micro_batches() as f32;
+            let mut grads = std::mem::take(&mut acc).finish(1.0 / f64::from(n))?;
+            let grad_norm = match cfg.optim.grad_clip {
+                Some(c) => grads.clip_global_norm(c)?,
+                None => grads.global_norm()?,
+            };
+            let lr = lr_at(step, total_steps, warmup, cfg.optim.lr);
+            learner.opt.step_with(&grads, lr, cfg.optim.weight_decay)?;
+            let mom = ema_momentum(step, total_steps, cfg.optim.ema_m0);
+            ema_update(&learner.target_params, &learner.online_params, mom)?;
+            step += 1;
+            let loss = scale_terms(&sums.0, 1.0 / n);
+            first_loss.get_or_insert(loss.total);
+            last_loss = Some(loss.total);
+            if step % cfg.run.log_every == 0 || step == max_steps {
+                let m = StepMetrics {
+                    step,
+                    epoch,
+                    lr,
+                    momentum: mom,
+                    loss,
+                    dense_mask_fraction: sums.1 / n,
+                    proj_std: sums.2 / n,
+                    grad_norm,
+                    pairs_per_s: sums.4 as f64 / t_step.elapsed().as_secs_f64().max(1e-9),
+                    data_wait_s: sums.3,
+                };
+                let line = serde_json::to_string(&m)?;
+                writeln!(log, "{line}")?;
+                if !quiet {
+                    eprintln!("{line}");
+                }
+            }
+            sums = (LossTerms::default(), 0.0, 0.0, 0.0, 0);
+            let next = (epoch, bi + 1);
+            if step % cfg.run.checkpoint_every == 0 || step == max_steps {
+                let p = Progress {
+                    step,
+                    epoch: next.0,
+                    batch: next.1,
+                    file: String::new(),
+                    config_json: config_json.clone(),
+                };
+                last_ckpt = Some(
+                    checkpoint::save(
+                        &cfg.run.dir,
+                        &learner.online_map,
+                        &learner.target_map,
+                        learner.opt.state_tensors()?,
+                        p,
+                    )?
+                    .display()
+                    .to_string(),
+                );
+            }
+            if step >= max_steps {
+                break 'epochs;
+            }
+        }
+        epoch += 1;
+        start_batch = 0;
+    }
+    Ok(RunSummary {
+        steps: step,
+        resumed_from,
+        first_loss,
+        last_loss,
+        checkpoint: last_ckpt,
+    })
+}
+
+fn add_terms(a: &LossTerms, b: &LossTerms) -> LossTerms {
+    LossTerms {
+        dense_ab: a.dense_ab + b.dense_ab,
+        dense_ba: a.dense_ba + b.dense_ba,
+        pooled_ab: a.pooled_ab + b.pooled_ab,
+        pooled_ba: a.pooled_ba + b.pooled_ba,
+        dense: a.dense + b.dense,
+        pooled: a.pooled + b.pooled,
+        total: a.total + b.total,
+    }
+}
+
+fn scale_terms(a: &LossTerms, s: f32) -> LossTerms {
+    LossTerms {
+        dense_ab: a.dense_ab * s,
+        dense_ba: a.dense_ba * s,
+        pooled_ab: a.pooled_ab * s,
+        pooled_ba: a.pooled_ba * s,
+        dense: a.dense * s,
+        pooled: a.pooled * s,
+        total: a.total * s,
+    }
+}

@@ -1,0 +1,185 @@
+//! The training loop end to end on CPU: exact resume, the non-finite stop, and learning on
+//! real CamVid frame pairs prepared by poodle-prep with the default flow model.
+
+use poodle_train::config::TrainConfig;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("poodle-train-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Prepares the first `pairs` consecutive CamVid training pairs (dt = 30 frames) with the
+/// default flow model; `None` (skip) without the data.
+fn camvid_store(d: &Path, pairs: usize) -> Option<PathBuf> {
+    let camvid = repo().join("../shared/data/camvid/train");
+    if !camvid.exists() {
+        eprintln!("SKIP: ../shared/data/camvid is absent");
+        return None;
+    }
+    let ort = std::fs::read_dir(repo().join(".venv/lib"))
+        .expect("run `make setup`")
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            e.path()
+                .join("site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1")
+        })
+        .find(|p| p.exists())
+        .expect("run `make setup`");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target"));
+    let bin = target.join("debug/poodle-prep");
+    if !bin.exists() {
+        let ok = Command::new(env!("CARGO"))
+            .args(["build", "-p", "poodle-prep"])
+            .current_dir(repo())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "cannot build poodle-prep");
+    }
+    let cfg = d.join("camvid.json");
+    let json = serde_json::json!({
+        "name": "camvid", "layout": {"kind": "frames", "extensions": ["png"]},
+        "sampling": {"kind": "consecutive"}, "height": 96, "width": 128, "pairs_per_shard": 16
+    });
+    std::fs::write(&cfg, serde_json::to_vec(&json).unwrap()).unwrap();
+    let out = d.join("store");
+    let o = Command::new(bin)
+        .current_dir(repo())
+        .arg("prep")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--root")
+        .arg(&camvid)
+        .arg("--out")
+        .arg(&out)
+        .args(["--quiet", "--model", "models/tvl1_flow.json", "--max-pairs"])
+        .arg(pairs.to_string())
+        .env("ORT_DYLIB_PATH", ort)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    Some(out)
+}
+
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn tiny(store: &Path, run: &Path, extra: &[&str]) -> TrainConfig {
+    let mut o: Vec<String> = vec![
+        format!("data.stores={}", serde_json::to_string(&[store]).unwrap()),
+        format!("run.dir={}", serde_json::to_string(run).unwrap()),
+    ];
+    o.extend(extra.iter().map(|s| s.to_string()));
+    TrainConfig::load("tiny", &o).unwrap()
+}
+
+#[test]
+fn pretraining_on_camvid_pairs_lowers_the_loss_without_collapse() {
+    let d = tmpdir("learn");
+    let Some(store) = camvid_store(&d, 32) else {
+        return;
+    };
+    let run = d.join("run");
+    let cfg = tiny(
+        &store,
+        &run,
+        &[
+            "run.max_steps=40",
+            "optim.epochs=5",
+            "optim.warmup_epochs=0.5",
+        ],
+    );
+    let s = poodle_train::run::train(&cfg, false, true).unwrap();
+    assert_eq!(s.steps, 40);
+    let m = metrics(&run);
+    assert_eq!(m.len(), 40);
+    let mean = |rows: &[serde_json::Value], k: &str| {
+        rows.iter().map(|r| r[k].as_f64().unwrap()).sum::<f64>() / rows.len() as f64
+    };
+    let (first, last) = (&m[..8], &m[m.len() - 8..]);
+    let (l0, l1) = (mean(first, "total"), mean(last, "total"));
+    assert!(
+        l1 < l0 - 0.1,
+        "the loss must fall: first 8 steps {l0:.3}, last 8 {l1:.3}"
+    );
+    for term in ["dense", "pooled"] {
+        assert!(mean(last, term) < mean(first, term), "{term} did not fall");
+    }
+    // Healthy projections spread over the batch (about 1/sqrt(64) = 0.125 per dimension);
+    // a collapsed representation gives ~0.
+    let std_last = mean(last, "proj_std");
+    assert!(std_last > 0.03, "projections collapsed: std {std_last}");
+    // The dense loss saw real correspondences: the flow-and-occlusion mask is not empty.
+    assert!(mean(last, "dense_mask_fraction") > 0.05);
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one() {
+    let d = tmpdir("resume");
+    let Some(store) = camvid_store(&d, 16) else {
+        return;
+    };
+    let (a, b) = (d.join("a"), d.join("b"));
+    let every = "run.checkpoint_every=2";
+    poodle_train::run::train(&tiny(&store, &a, &["run.max_steps=5", every]), false, true).unwrap();
+    // Stopped after 2 steps (mid-epoch: 4 batches per epoch), then resumed to 5.
+    poodle_train::run::train(&tiny(&store, &b, &["run.max_steps=2", every]), false, true).unwrap();
+    let s = poodle_train::run::train(&tiny(&store, &b, &["run.max_steps=5", every]), true, true)
+        .unwrap();
+    assert_eq!(s.resumed_from, Some(2));
+    let ca = std::fs::read(a.join("checkpoint-00000005.safetensors")).unwrap();
+    let cb = std::fs::read(b.join("checkpoint-00000005.safetensors")).unwrap();
+    assert!(ca == cb, "resumed and uninterrupted checkpoints differ");
+    // Metric lines of the steps after the resume are the uninterrupted run's.
+    let (ma, mb) = (metrics(&a), metrics(&b));
+    assert_eq!(ma[4]["total"], mb[4]["total"]);
+    // Another config cannot resume this run.
+    let e = poodle_train::run::train(
+        &tiny(&store, &b, &["run.max_steps=6", every, "optim.lr=0.5"]),
+        true,
+        true,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("another config"), "{e}");
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn a_non_finite_loss_stops_the_run_and_names_step_and_term() {
+    let d = tmpdir("nan");
+    let Some(store) = camvid_store(&d, 16) else {
+        return;
+    };
+    let run = d.join("run");
+    let cfg = tiny(
+        &store,
+        &run,
+        &["run.max_steps=6", "optim.warmup_epochs=0", "optim.lr=1e30"],
+    );
+    let e = poodle_train::run::train(&cfg, false, true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("non-finite loss at step"), "{e}");
+    assert!(
+        ["dense_ab", "dense_ba", "pooled_ab", "pooled_ba"]
+            .iter()
+            .any(|t| e.contains(t)),
+        "{e}"
+    );
+    std::fs::remove_dir_all(d).unwrap();
+}
