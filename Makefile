@@ -12,7 +12,7 @@ DEVICE ?= cpu
 PREP_ARGS ?=
 CARGO_RELEASE := cargo build --release -p poodle-prep
 
-.PHONY: setup build demo prep test fmt clippy bench clean
+.PHONY: setup build build-train demo prep train test fmt clippy bench clean
 
 ## setup: Python venv with PyPI's ONNX Runtime (the library ort loads) and zarr (interop tests).
 setup: $(VENV)/.ok
@@ -36,6 +36,18 @@ demo: DATASET = sample
 demo: prep
 	./target/release/poodle-prep inspect $(OUT)/sample-part-00000-of-00001.zarr
 	./target/release/poodle-prep show $(OUT)/sample-part-00000-of-00001.zarr --pair 0 --out $(OUT)/pair0.png
+
+build-train:
+	cargo build --release -p poodle-train
+
+## train: pre-train the demo configuration (ResNet-18, 64x128 crops; CPU) on the store that
+## `make demo` prepared. TRAIN_ARGS adds options, e.g. TRAIN_ARGS="--resume".
+TRAIN_CONFIG ?= tiny
+TRAIN_ARGS ?= --set run.max_steps=20
+train: build-train
+	@test -d out/sample || { echo "no out/sample: run make demo first"; exit 1; }
+	./target/release/poodle-train train --config $(TRAIN_CONFIG) --stores out/sample \
+	  --run-dir runs/demo --device $(DEVICE) $(TRAIN_ARGS)
 
 fmt:
 	cargo fmt --all -- --check

@@ -183,3 +183,37 @@ fn a_non_finite_loss_stops_the_run_and_names_step_and_term() {
     );
     std::fs::remove_dir_all(d).unwrap();
 }
+
+#[test]
+fn every_ablation_switch_trains_a_step() {
+    let d = tmpdir("variants");
+    let Some(store) = camvid_store(&d, 8) else {
+        return;
+    };
+    let variants: [(&str, &[&str]); 5] = [
+        ("dense_only", &["method.pooled=false"]),
+        ("pooled_only", &["method.dense=false"]),
+        (
+            "no_decoder",
+            &["model.decoder.enabled=false", "model.dilated=true"],
+        ),
+        ("top_down_only", &["model.decoder.lateral=false"]),
+        ("lateral_only", &["model.decoder.top_down=false"]),
+    ];
+    for (name, sets) in variants {
+        let run = d.join(name);
+        let mut o = vec!["run.max_steps=1"];
+        o.extend_from_slice(sets);
+        let s = poodle_train::run::train(&tiny(&store, &run, &o), false, true)
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert_eq!(s.steps, 1, "{name}");
+        let m = &metrics(&run)[0];
+        let (dense, pooled) = (m["dense"].as_f64().unwrap(), m["pooled"].as_f64().unwrap());
+        match name {
+            "dense_only" => assert!(dense > 0.0 && pooled == 0.0, "{name}: {m}"),
+            "pooled_only" => assert!(dense == 0.0 && pooled > 0.0, "{name}: {m}"),
+            _ => assert!(dense > 0.0 && pooled > 0.0, "{name}: {m}"),
+        }
+    }
+    std::fs::remove_dir_all(d).unwrap();
+}
