@@ -112,6 +112,11 @@ fn pretraining_on_camvid_pairs_lowers_the_loss_without_collapse() {
     };
     let (first, last) = (&m[..8], &m[m.len() - 8..]);
     let (l0, l1) = (mean(first, "total"), mean(last, "total"));
+    eprintln!(
+        "camvid learning: total {l0:.4} -> {l1:.4}, dense {:.4} -> {:.4}, pooled {:.4} -> {:.4}, proj_std {:.4} -> {:.4}, mask {:.3}",
+        mean(first, "dense"), mean(last, "dense"), mean(first, "pooled"), mean(last, "pooled"),
+        mean(first, "proj_std"), mean(last, "proj_std"), mean(last, "dense_mask_fraction")
+    );
     assert!(
         l1 < l0 - 0.1,
         "the loss must fall: first 8 steps {l0:.3}, last 8 {l1:.3}"
