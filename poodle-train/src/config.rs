@@ -23,6 +23,12 @@ pub struct TrainConfig {
     pub run: RunConfig,
     /// `cpu` or `cuda:N` (a build with the `cuda` feature).
     pub device: String,
+    /// Start from these backbone weights (safetensors or torchvision .pth), e.g.
+    /// ImageNet-supervised (the paper's BDD* rows); `null`: random initialisation. Loaded by
+    /// [`crate::export::load_init`] into the online backbone before the target is copied from
+    /// it; the decoder and heads stay randomly initialised.
+    #[serde(default)]
+    pub init: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -119,6 +125,7 @@ impl TrainConfig {
                 max_steps: None,
             },
             device: "cpu".into(),
+            init: None,
         }
     }
 

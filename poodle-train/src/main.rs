@@ -38,12 +38,31 @@ enum Cmd {
         /// cpu or cuda:N (replaces device).
         #[arg(long)]
         device: Option<String>,
+        /// Start from these backbone weights: safetensors (e.g. an export) or a torchvision
+        /// .pth such as ImageNet-supervised ResNet-50 (the paper's BDD* rows).
+        #[arg(long)]
+        init: Option<PathBuf>,
         /// Continue from RUN_DIR's latest checkpoint.
         #[arg(long)]
         resume: bool,
         /// Print only the summary.
         #[arg(long)]
         quiet: bool,
+    },
+    /// Export a checkpoint's backbone for other frameworks.
+    Export {
+        /// Only `torchvision` (resnet keys and shapes; load with strict=True after
+        /// `m.fc = torch.nn.Identity()`).
+        #[arg(long, default_value = "torchvision")]
+        format: String,
+        /// A run folder (its latest checkpoint) or a checkpoint .safetensors file.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The online encoder (default; what PooDLe evaluates) or the EMA target.
+        #[arg(long, value_enum)]
+        which: Option<poodle_train::export::Which>,
+        /// Output .safetensors file.
+        out: PathBuf,
     },
     /// Open stores as the trainer will and report pairs and flow groups.
     CheckStores { stores: Vec<PathBuf> },
@@ -57,6 +76,7 @@ fn main() -> Result<()> {
             stores,
             run_dir,
             device,
+            init,
             resume,
             quiet,
         } => {
@@ -69,9 +89,29 @@ fn main() -> Result<()> {
             if let Some(d) = device {
                 overrides.push(format!("device={}", serde_json::to_string(&d)?));
             }
+            if let Some(p) = init {
+                overrides.push(format!("init={}", serde_json::to_string(&p)?));
+            }
             let cfg = TrainConfig::load(&config, &overrides)?;
             let s = poodle_train::run::train(&cfg, resume, quiet)?;
             println!("{}", serde_json::to_string(&s)?);
+        }
+        Cmd::Export {
+            format,
+            checkpoint,
+            which,
+            out,
+        } => {
+            anyhow::ensure!(
+                format == "torchvision",
+                "--format {format:?}: only torchvision is supported"
+            );
+            let r = poodle_train::export::export_torchvision(
+                &checkpoint,
+                which.unwrap_or_default(),
+                &out,
+            )?;
+            println!("{}", serde_json::to_string(&r)?);
         }
         Cmd::CheckStores { stores } => {
             let mut total = 0;

@@ -93,6 +93,10 @@ impl Learner {
             VarBuilder::from_varmap(&target_map, DType::F32, dev),
         )?;
         crate::model::init::reseed(&online_map, cfg.seed)?;
+        if let Some(path) = &cfg.init {
+            crate::export::load_init(&online_map, path)
+                .with_context(|| format!("init {}", path.display()))?;
+        }
         copy_vars(&online_map, &target_map)?;
         let online_params = trainable_vars(&online_map);
         let target_params = trainable_vars(&target_map);
