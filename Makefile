@@ -12,7 +12,7 @@ DEVICE ?= cpu
 PREP_ARGS ?=
 CARGO_RELEASE := cargo build --release -p poodle-prep
 
-.PHONY: setup build build-train demo prep train test fmt clippy bench clean
+.PHONY: setup build build-train demo prep train experiment-camvid test fmt clippy bench clean
 
 ## setup: Python venv with PyPI's ONNX Runtime (the library ort loads) and zarr (interop tests).
 setup: $(VENV)/.ok
@@ -48,6 +48,13 @@ train: build-train
 	@test -d out/sample || { echo "no out/sample: run make demo first"; exit 1; }
 	./target/release/poodle-train train --config $(TRAIN_CONFIG) --stores out/sample \
 	  --run-dir runs/demo --device $(DEVICE) $(TRAIN_ARGS)
+
+## experiment-camvid: prep CamVid train pairs, pre-train PooDLe / dense-only / pooled-only with
+## one budget, linear readout on CamVid val for each and for a random encoder; table in
+## runs/camvid-summary.md. STEPS=180 (default) takes about 30 minutes on a 2-core CPU.
+experiment-camvid: setup
+	cargo build --release -p poodle-prep -p poodle-train
+	DEVICE=$(DEVICE) MODEL=$(MODEL) PY=$(VENV)/bin/python bash bench/experiment_camvid.sh
 
 fmt:
 	cargo fmt --all -- --check

@@ -66,6 +66,19 @@ enum Cmd {
     },
     /// Open stores as the trainer will and report pairs and flow groups.
     CheckStores { stores: Vec<PathBuf> },
+    /// Downstream evaluation of a checkpoint's encoder.
+    Eval {
+        #[command(subcommand)]
+        cmd: EvalCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum EvalCmd {
+    /// Linear readout for semantic segmentation: frozen backbone and decoder, a trained 1x1
+    /// convolution; reports mIoU, pixel accuracy, IoU per class and the paper's class groups
+    /// (table, or JSON with --json; OUT/report.json, OUT/report.md and PNGs always).
+    Linear(poodle_train::eval::LinearArgs),
 }
 
 fn main() -> Result<()> {
@@ -127,6 +140,11 @@ fn main() -> Result<()> {
                 total += s.num_pairs();
             }
             println!("{total} pairs in {} stores", stores.len());
+        }
+        Cmd::Eval {
+            cmd: EvalCmd::Linear(args),
+        } => {
+            poodle_train::eval::linear::run_cli(&args)?;
         }
     }
     Ok(())
