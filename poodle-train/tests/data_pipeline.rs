@@ -30,12 +30,8 @@ const S: usize = 8;
 const DX: f32 = 4.0;
 const DY: f32 = -2.0;
 
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("poodle-data-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+mod common;
+use common::{ort_library, prep_binary, repo, shared_data, tmpdir};
 
 fn ramp(c: usize, x: f32, y: f32, offset: f32) -> f32 {
     // Steep in x (channel 0) and y (channel 1): a one-pixel misregistration exceeds the
@@ -770,43 +766,12 @@ fn broken_stores_are_errors_that_name_the_store() {
     std::fs::remove_dir_all(d).unwrap();
 }
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The poodle-prep binary of this workspace, built if needed; `None` (skip) when it cannot be.
-fn prep_binary() -> Option<PathBuf> {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target"));
-    let bin = target.join("debug/poodle-prep");
-    if !bin.exists() {
-        let ok = Command::new(env!("CARGO"))
-            .args(["build", "-p", "poodle-prep"])
-            .current_dir(repo())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok || !bin.exists() {
-            eprintln!("SKIP: could not build poodle-prep ({})", bin.display());
-            return None;
-        }
-    }
-    Some(bin)
-}
-
 #[test]
 fn a_real_prep_job_streams_through_the_loader() {
-    let videos = repo().join("../shared/data/video");
-    if !videos.join("dashcam-highway-720p.mp4").exists() {
-        eprintln!("SKIP: ../shared/data/video is absent");
+    let Some(videos) = shared_data("video") else {
         return;
-    }
-    let ort =
-        repo().join(".venv/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1");
-    if !ort.exists() {
-        eprintln!("SKIP: {} is absent (run `make setup`)", ort.display());
-        return;
-    }
+    };
+    let Some(ort) = ort_library() else { return };
     let Some(bin) = prep_binary() else { return };
     let d = tmpdir("prep");
     let cfg = d.join("tiny.json");

@@ -13,21 +13,11 @@ use poodle_train::run::Learner;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-fn camvid() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/camvid");
-    if p.join("trainannot").is_dir() {
-        Some(p)
-    } else {
-        eprintln!("SKIP: ../shared/data/camvid is absent");
-        None
-    }
-}
+mod common;
+use common::{shared_data, tmpdir};
 
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("poodle-eval-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn camvid() -> Option<PathBuf> {
+    shared_data("camvid/trainannot").map(|p| p.parent().unwrap().to_path_buf())
 }
 
 /// This file's own label decoder: (width, height, values) of an 8-bit greyscale PNG.

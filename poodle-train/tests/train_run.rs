@@ -5,46 +5,15 @@ use poodle_train::config::TrainConfig;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("poodle-train-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+mod common;
+use common::{ort_library, prep_binary, repo, shared_data, tmpdir};
 
 /// Prepares the first `pairs` consecutive CamVid training pairs (dt = 30 frames) with the
 /// default flow model; `None` (skip) without the data.
 fn camvid_store(d: &Path, pairs: usize) -> Option<PathBuf> {
-    let camvid = repo().join("../shared/data/camvid/train");
-    if !camvid.exists() {
-        eprintln!("SKIP: ../shared/data/camvid is absent");
-        return None;
-    }
-    let ort = std::fs::read_dir(repo().join(".venv/lib"))
-        .expect("run `make setup`")
-        .filter_map(|e| e.ok())
-        .map(|e| {
-            e.path()
-                .join("site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1")
-        })
-        .find(|p| p.exists())
-        .expect("run `make setup`");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target"));
-    let bin = target.join("debug/poodle-prep");
-    if !bin.exists() {
-        let ok = Command::new(env!("CARGO"))
-            .args(["build", "-p", "poodle-prep"])
-            .current_dir(repo())
-            .status()
-            .unwrap();
-        assert!(ok.success(), "cannot build poodle-prep");
-    }
+    let camvid = shared_data("camvid/train")?;
+    let ort = ort_library()?;
+    let bin = prep_binary()?;
     let cfg = d.join("camvid.json");
     let json = serde_json::json!({
         "name": "camvid", "layout": {"kind": "frames", "extensions": ["png"]},

@@ -129,10 +129,29 @@ pub struct Downsample {
 }
 
 impl Downsample {
-    fn new(in_ch: usize, out_ch: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
-        let (conv, bn) = conv_bn(in_ch, out_ch, 1, stride, 1, "0", "1", &vb)?;
-        Ok(Self { conv, bn })
+    /// The `downsample` branch of a block under `vb`, where torchvision has one: when the
+    /// block changes the stride or the width.
+    fn if_needed(
+        in_ch: usize,
+        out_ch: usize,
+        stride: usize,
+        vb: &VarBuilder,
+    ) -> Result<Option<Self>> {
+        if stride == 1 && in_ch == out_ch {
+            return Ok(None);
+        }
+        let (conv, bn) = conv_bn(in_ch, out_ch, 1, stride, 1, "0", "1", &vb.pp("downsample"))?;
+        Ok(Some(Self { conv, bn }))
     }
+}
+
+/// `relu(y + shortcut(x))`: the end of every residual block.
+fn residual(y: Tensor, x: &Tensor, downsample: &Option<Downsample>, train: bool) -> Result<Tensor> {
+    let identity = match downsample {
+        Some(d) => d.forward_t(x, train)?,
+        None => x.clone(),
+    };
+    (y + identity)?.relu()
 }
 
 impl ModuleT for Downsample {
@@ -161,11 +180,7 @@ impl BasicBlock {
     ) -> Result<Self> {
         let (conv1, bn1) = conv_bn(in_ch, planes, 3, stride, dilation, "conv1", "bn1", &vb)?;
         let (conv2, bn2) = conv_bn(planes, planes, 3, 1, dilation, "conv2", "bn2", &vb)?;
-        let downsample = if stride != 1 || in_ch != planes {
-            Some(Downsample::new(in_ch, planes, stride, vb.pp("downsample"))?)
-        } else {
-            None
-        };
+        let downsample = Downsample::if_needed(in_ch, planes, stride, &vb)?;
         Ok(Self {
             conv1,
             bn1,
@@ -180,11 +195,7 @@ impl ModuleT for BasicBlock {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
         let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
-        let identity = match &self.downsample {
-            Some(d) => d.forward_t(x, train)?,
-            None => x.clone(),
-        };
-        (y + identity)?.relu()
+        residual(y, x, &self.downsample, train)
     }
 }
 
@@ -215,11 +226,7 @@ impl Bottleneck {
         let (conv1, bn1) = conv_bn(in_ch, width, 1, 1, 1, "conv1", "bn1", &vb)?;
         let (conv2, bn2) = conv_bn(width, width, 3, stride, dilation, "conv2", "bn2", &vb)?;
         let (conv3, bn3) = conv_bn(width, out_ch, 1, 1, 1, "conv3", "bn3", &vb)?;
-        let downsample = if stride != 1 || in_ch != out_ch {
-            Some(Downsample::new(in_ch, out_ch, stride, vb.pp("downsample"))?)
-        } else {
-            None
-        };
+        let downsample = Downsample::if_needed(in_ch, out_ch, stride, &vb)?;
         Ok(Self {
             conv1,
             bn1,
@@ -240,11 +247,7 @@ impl ModuleT for Bottleneck {
             .forward_t(&self.conv2.forward(&y)?, train)?
             .relu()?;
         let y = self.bn3.forward_t(&self.conv3.forward(&y)?, train)?;
-        let identity = match &self.downsample {
-            Some(d) => d.forward_t(x, train)?,
-            None => x.clone(),
-        };
-        (y + identity)?.relu()
+        residual(y, x, &self.downsample, train)
     }
 }
 

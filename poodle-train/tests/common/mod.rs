@@ -1,0 +1,68 @@
+//! Helpers shared by poodle-train's integration tests: the repository, scratch folders, the
+//! ONNX Runtime library that `make setup` installs, and the workspace's poodle-prep binary.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The workspace root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A fresh scratch folder, unique per test binary run and tag.
+pub fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("poodle-train-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// `../shared/data/<rel>` if it exists; `None` (skip, with a message) otherwise.
+pub fn shared_data(rel: &str) -> Option<PathBuf> {
+    let p = repo().join("../shared/data").join(rel);
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("SKIP: ../shared/data/{rel} is absent");
+        None
+    }
+}
+
+/// The ONNX Runtime library of the `.venv` that `make setup` creates, whatever its Python
+/// version; `None` (skip, with a message) before `make setup`.
+pub fn ort_library() -> Option<PathBuf> {
+    let found = std::fs::read_dir(repo().join(".venv/lib"))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            e.path()
+                .join("site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1")
+        })
+        .find(|p| p.exists());
+    if found.is_none() {
+        eprintln!("SKIP: no onnxruntime in .venv (run `make setup`)");
+    }
+    found
+}
+
+/// The workspace's debug poodle-prep binary, built if needed; `None` (skip) when it cannot be.
+pub fn prep_binary() -> Option<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target"));
+    let bin = target.join("debug/poodle-prep");
+    if !bin.exists() {
+        let ok = Command::new(env!("CARGO"))
+            .args(["build", "-p", "poodle-prep"])
+            .current_dir(repo())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok || !bin.exists() {
+            eprintln!("SKIP: could not build poodle-prep ({})", bin.display());
+            return None;
+        }
+    }
+    Some(bin)
+}
