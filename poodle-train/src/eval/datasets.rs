@@ -231,7 +231,12 @@ fn name_of(p: &Path) -> &str {
 
 fn files_with(dir: &Path, exts: &[&str]) -> Result<Vec<PathBuf>> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("{}", dir.display()))?
+        .with_context(|| {
+            format!(
+                "{}: cannot list the split's images (wrong --root, --dataset or split? layouts: poodle_train::eval::datasets)",
+                dir.display()
+            )
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.is_file()
@@ -246,7 +251,12 @@ fn files_with(dir: &Path, exts: &[&str]) -> Result<Vec<PathBuf>> {
 
 fn subdirs(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("{}", dir.display()))?
+        .with_context(|| {
+            format!(
+                "{}: cannot list the split's city folders (wrong --root or split?)",
+                dir.display()
+            )
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_dir())
         .collect();

@@ -333,6 +333,11 @@ pub fn resolve_checkpoint(path: &Path) -> Result<(PathBuf, Option<u64>)> {
 /// The architecture recorded in a run folder's `config.json` (for a checkpoint file: its
 /// folder's).
 pub fn model_config_of(checkpoint: &Path) -> Result<ModelConfig> {
+    ensure!(
+        checkpoint.exists(),
+        "{}: no such run folder or checkpoint file",
+        checkpoint.display()
+    );
     let dir = if checkpoint.is_dir() {
         checkpoint.to_path_buf()
     } else {
