@@ -13,13 +13,14 @@
 #   4. A markdown table and a JSON summary: mIoU, pixel accuracy, small/large/rare/common
 #      mIoU (the paper's class groups from the CamVid training labels), wall times.
 #
-# Knobs (environment): STEPS (pre-training budget per method, default 180), EVAL_SIZE
+# Knobs (environment): STEPS (pre-training budget per method, default 180), SCRATCH_SEEDS
+# (further random encoders for the baseline's spread, default "1 2"), EVAL_SIZE
 # (readout input HxW, default 128x160), EVAL_EPOCHS (readout epochs, default 20), SEED,
 # STORE_H/STORE_W (stored frame size), CAMVID (data root), OUT (store folder), RUNS (prefix
 # of the run folders), DEVICE (cpu or cuda:N), MODEL (flow model card), PY (python3).
-# About 20-30 minutes on a 2-core CPU with the defaults (measured 29.6 min on a busy 2-core
-# machine: prep 2.3 min, pre-training 11.5 / 10.3 / 3 min for PooDLe / dense / pooled,
-# each readout ~36 s).
+# About 20 minutes on a 2-core CPU with the defaults (measured 18.4 min on the 2-core
+# development machine with tests running beside it: prep 1.5 min, pre-training 9.2 / 3.3 /
+# 2.0 min for PooDLe / dense / pooled, each readout ~40 s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +28,7 @@ STEPS=${STEPS:-180}
 EVAL_SIZE=${EVAL_SIZE:-128x160}
 EVAL_EPOCHS=${EVAL_EPOCHS:-20}
 SEED=${SEED:-0}
+SCRATCH_SEEDS=${SCRATCH_SEEDS-1 2}
 STORE_H=${STORE_H:-180}
 STORE_W=${STORE_W:-240}
 CAMVID=${CAMVID:-../shared/data/camvid}
@@ -85,23 +87,29 @@ done
 
 echo "== 3/3 linear readout on CamVid (train -> val), input $EVAL_SIZE, $EVAL_EPOCHS epochs"
 EVAL_ARGS=(--dataset camvid --root "$CAMVID" --size "$EVAL_SIZE" --epochs "$EVAL_EPOCHS"
-  --seed "$SEED" --device "$DEVICE" --quiet)
+  --device "$DEVICE" --quiet)
 "$TRAIN" eval linear --scratch --checkpoint "$RUNS-poodle" --out "$RUNS-scratch/eval" \
-  "${EVAL_ARGS[@]}" > "$OUT/eval-scratch.md"
+  "${EVAL_ARGS[@]}" --seed "$SEED" > "$OUT/eval-scratch.md"
 echo "   scratch: done"
+for s in $SCRATCH_SEEDS; do
+  "$TRAIN" eval linear --scratch --checkpoint "$RUNS-poodle" --out "$RUNS-scratch-seed$s/eval" \
+    "${EVAL_ARGS[@]}" --seed "$s" > "$OUT/eval-scratch-seed$s.md"
+  echo "   scratch (seed $s): done"
+done
 for m in poodle dense pooled; do
   "$TRAIN" eval linear --checkpoint "$RUNS-$m" --out "$RUNS-$m/eval" "${EVAL_ARGS[@]}" \
-    > "$OUT/eval-$m.md"
+    --seed "$SEED" > "$OUT/eval-$m.md"
   echo "   $m: done"
 done
 
 SUMMARY_JSON="$RUNS-summary.json"
 SUMMARY_MD="$RUNS-summary.md"
 "$PY" - "$RUNS" "$SUMMARY_JSON" "$SUMMARY_MD" "$STEPS" "$PREP_S" \
-  "${TRAIN_S[poodle]}" "${TRAIN_S[dense]}" "${TRAIN_S[pooled]}" <<'PYEOF'
+  "${TRAIN_S[poodle]}" "${TRAIN_S[dense]}" "${TRAIN_S[pooled]}" $SCRATCH_SEEDS <<'PYEOF'
 import json, sys
 runs, out_json, out_md, steps, prep_s = sys.argv[1:6]
 train_s = dict(zip(["poodle", "dense", "pooled"], map(float, sys.argv[6:9])))
+extra_seeds = [int(x) for x in sys.argv[9:]]
 rows = []
 for m, label in [("scratch", "Scratch (random init)"), ("poodle", "PooDLe"),
                  ("dense", "Dense only"), ("pooled", "Pooled only")]:
@@ -128,6 +136,15 @@ for x in rows:
         f"| {x['method']} | {x['pretrain_steps']} | {pct(x['miou'])} | {pct(x['pixel_acc'])} | "
         f"{pct(x['small'])} | {pct(x['large'])} | {pct(x['rare'])} | {pct(x['common'])} | "
         f"{x['pretrain_s']:.0f} | {x['readout_s']:.0f} |")
+spread = []
+for s in extra_seeds:
+    r = json.load(open(f"{runs}-scratch-seed{s}/eval/report.json"))
+    spread.append({"seed": s, "miou": r["miou"], "pixel_acc": r["pixel_acc"]})
+if spread:
+    all_miou = [rows[0]["miou"]] + [x["miou"] for x in spread]
+    lines += ["", "Random encoders with other seeds (the baseline's spread): " + ", ".join(
+        f"seed {x['seed']}: {pct(x['miou'])} mIoU / {pct(x['pixel_acc'])} Acc" for x in spread)
+        + f"; all {len(all_miou)}: {pct(min(all_miou))}-{pct(max(all_miou))} mIoU"]
 gr = rows[0]["groups"]
 lines += ["", "Groups (paper's thresholds on the CamVid training labels): " + "; ".join(
     f"{k}: {', '.join(v) if v else '(none)'}" for k, v in gr.items())]
@@ -137,7 +154,7 @@ for x in rows:
     lines.append(f"| {x['method']} | " + " | ".join(pct(x["iou"][n]) for n in names) + " |")
 md = "\n".join(lines) + "\n"
 open(out_md, "w").write(md)
-json.dump({"steps": int(steps), "prep_s": float(prep_s), "rows": rows}, open(out_json, "w"), indent=2)
+json.dump({"steps": int(steps), "prep_s": float(prep_s), "rows": rows, "scratch_seeds": spread}, open(out_json, "w"), indent=2)
 print(md)
 PYEOF
 echo "summary: $SUMMARY_MD, $SUMMARY_JSON; reports and pictures: $RUNS-*/eval/"
