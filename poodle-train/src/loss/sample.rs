@@ -263,7 +263,10 @@ impl SampleGrid {
     pub fn sample(&self, x: &Tensor) -> Result<Tensor> {
         self.check_input(x)?;
         if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-            x.contiguous()?.apply_op1(Gather(self.plan.clone()))
+            x.contiguous()?.apply_op1(Taps {
+                plan: self.plan.clone(),
+                adjoint: false,
+            })
         } else {
             self.sample_index_select(x)
         }
@@ -379,68 +382,60 @@ fn scatter_kernel<T: Elem>(plan: &Plan, c: usize, g: &[T]) -> Vec<T> {
     out
 }
 
-/// Tap gather `(n, C, h_in, w_in) -> (n, C, h_out, w_out)`; backward = [`Scatter`].
-struct Gather(Arc<Plan>);
-/// Its adjoint `(n, C, h_out, w_out) -> (n, C, h_in, w_in)`; backward = [`Gather`].
-struct Scatter(Arc<Plan>);
+/// The tap gather `(n, C, h_in, w_in) -> (n, C, h_out, w_out)` (`adjoint: false`) or its
+/// adjoint, the scatter back `(n, C, h_out, w_out) -> (n, C, h_in, w_in)` (`adjoint: true`);
+/// the backward of each is the other.
+struct Taps {
+    plan: Arc<Plan>,
+    adjoint: bool,
+}
 
-impl CustomOp1 for Gather {
-    fn name(&self) -> &'static str {
-        "bilinear-gather"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, c, _, _) = layout.shape().dims4()?;
-        let plan = &self.0;
-        let shape = Shape::from((n, c, plan.h_out, plan.w_out));
-        let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(gather_kernel(
-                plan,
-                c,
-                contiguous_slice(v, layout, "gather")?,
-            )),
-            CpuStorage::F64(v) => CpuStorage::F64(gather_kernel(
-                plan,
-                c,
-                contiguous_slice(v, layout, "gather")?,
-            )),
-            _ => candle_core::bail!("bilinear-gather: f32 or f64 only"),
-        };
-        Ok((out, shape))
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1(Scatter(self.0.clone()))?))
+impl Taps {
+    fn kernel<T: Elem>(&self, c: usize, x: &[T]) -> Vec<T> {
+        if self.adjoint {
+            scatter_kernel(&self.plan, c, x)
+        } else {
+            gather_kernel(&self.plan, c, x)
+        }
     }
 }
 
-impl CustomOp1 for Scatter {
+impl CustomOp1 for Taps {
     fn name(&self) -> &'static str {
-        "bilinear-scatter"
+        if self.adjoint {
+            "bilinear-scatter"
+        } else {
+            "bilinear-gather"
+        }
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c, _, _) = layout.shape().dims4()?;
-        let plan = &self.0;
-        let shape = Shape::from((n, c, plan.h_in, plan.w_in));
-        let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(scatter_kernel(
-                plan,
-                c,
-                contiguous_slice(v, layout, "scatter")?,
-            )),
-            CpuStorage::F64(v) => CpuStorage::F64(scatter_kernel(
-                plan,
-                c,
-                contiguous_slice(v, layout, "scatter")?,
-            )),
-            _ => candle_core::bail!("bilinear-scatter: f32 or f64 only"),
+        let p = &self.plan;
+        let (h, w) = if self.adjoint {
+            (p.h_in, p.w_in)
+        } else {
+            (p.h_out, p.w_out)
         };
-        Ok((out, shape))
+        let name = self.name();
+        let out = match storage {
+            CpuStorage::F32(v) => {
+                CpuStorage::F32(self.kernel(c, contiguous_slice(v, layout, name)?))
+            }
+            CpuStorage::F64(v) => {
+                CpuStorage::F64(self.kernel(c, contiguous_slice(v, layout, name)?))
+            }
+            _ => candle_core::bail!("{name}: f32 or f64 only"),
+        };
+        Ok((out, Shape::from((n, c, h, w))))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1(Gather(self.0.clone()))?))
+        let adjoint = Taps {
+            plan: self.plan.clone(),
+            adjoint: !self.adjoint,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1(adjoint)?))
     }
 }
 
