@@ -24,16 +24,7 @@ enum Cmd {
     Prep(PrepArgs),
     /// Probe every video once and write the video and pair manifests under OUT/manifest/
     /// (run this before a job array so that its tasks do not all probe).
-    Discover {
-        /// Dataset config (manifests/<name>.json).
-        #[arg(long)]
-        config: PathBuf,
-        /// Dataset root (default: the config's default_root).
-        #[arg(long)]
-        root: Option<PathBuf>,
-        #[arg(long)]
-        out: PathBuf,
-    },
+    Discover(DatasetArgs),
     /// Summarise a store: pairs, arrays, sizes, flow groups, statistics.
     Inspect {
         store: PathBuf,
@@ -137,18 +128,44 @@ struct EvalFlowArgs {
     json: bool,
 }
 
+/// Which dataset, where it is, and where its job writes (prep and discover).
 #[derive(clap::Args)]
-struct PrepArgs {
-    // --- What ---
+struct DatasetArgs {
     /// Dataset config (manifests/<name>.json).
     #[arg(long)]
     config: PathBuf,
     /// Dataset root (default: the config's default_root).
     #[arg(long)]
     root: Option<PathBuf>,
-    /// Output folder; stores are OUT/<name>-part-IIIII-of-NNNNN.zarr.
+    /// Output folder; stores are OUT/<name>-part-IIIII-of-NNNNN.zarr, manifests OUT/manifest/.
     #[arg(long)]
     out: PathBuf,
+}
+
+impl DatasetArgs {
+    /// The config and the root (`--root`, else the config's `default_root`).
+    fn load(&self) -> Result<(DatasetConfig, PathBuf)> {
+        let config = DatasetConfig::load(&self.config)?;
+        let root = match self
+            .root
+            .clone()
+            .or_else(|| config.default_root.clone().map(PathBuf::from))
+        {
+            Some(r) => r,
+            None => anyhow::bail!(
+                "--root is required: config {} has no default_root",
+                self.config.display()
+            ),
+        };
+        Ok((config, root))
+    }
+}
+
+#[derive(clap::Args)]
+struct PrepArgs {
+    // --- What ---
+    #[command(flatten)]
+    dataset: DatasetArgs,
     /// Use only the first N pairs of the manifest (quick checks).
     #[arg(long)]
     max_pairs: Option<usize>,
@@ -191,22 +208,12 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Prep(a) => {
-            let config = DatasetConfig::load(&a.config)?;
-            let root = match a
-                .root
-                .or_else(|| config.default_root.clone().map(PathBuf::from))
-            {
-                Some(r) => r,
-                None => anyhow::bail!(
-                    "--root is required: config {} has no default_root",
-                    a.config.display()
-                ),
-            };
+            let (config, root) = a.dataset.load()?;
             let threads = a.model.threads();
             let opts = PrepOptions {
                 config,
                 root,
-                out: a.out,
+                out: a.dataset.out,
                 part_index: a.part_index,
                 num_parts: a.num_parts,
                 model_card: a.model.model,
@@ -327,15 +334,9 @@ fn main() -> Result<()> {
                 println!("photo: mean |frame1 - warp(frame2)| (0-255) with the predicted flow; photo0 with zero flow; photoGT with the ground truth where it is valid");
             }
         }
-        Cmd::Discover { config, root, out } => {
-            let cfg = DatasetConfig::load(&config)?;
-            let root = match root.or_else(|| cfg.default_root.clone().map(PathBuf::from)) {
-                Some(r) => r,
-                None => anyhow::bail!(
-                    "--root is required: config {} has no default_root",
-                    config.display()
-                ),
-            };
+        Cmd::Discover(d) => {
+            let (cfg, root) = d.load()?;
+            let out = d.out;
             poodle_prep::tools::check_ffmpeg()?;
             let mp = indicatif::MultiProgress::new();
             let m = poodle_prep::pipeline::load_or_probe(&cfg, &root, &out, &mp)?;
