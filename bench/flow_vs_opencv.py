@@ -34,7 +34,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -44,6 +43,8 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
+from machine import machine  # bench/machine.py
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 FLOW = DATA / "flow"
@@ -52,18 +53,6 @@ PAIRS = {
     "RubberWhale": ("rubberwhale1.png", "rubberwhale2.png", "Middlebury_flow_gt.flo"),
     "KITTI": ("KITTI_frame1.png", "KITTI_frame2.png", "KITTI_flow_gt.png"),
 }
-
-
-def machine():
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, {platform.system()}"
 
 
 # ---- data ------------------------------------------------------------------------------

@@ -9,25 +9,15 @@ measured in the same run on the same machine:
 
 Run: make bench (builds release, uses .venv). Prints a table and one JSON line.
 """
-import json, os, platform, shutil, subprocess, sys, tempfile, time
+import json, os, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
+
+from machine import machine  # bench/machine.py
 
 ROOT = Path(__file__).resolve().parent.parent
 VIDEOS = ROOT.parent / "shared" / "data" / "video"
 BIN = ROOT / "target" / "release" / "poodle-prep"
 CARD = ROOT / "models" / "raft_small_random.json"
-
-
-def machine():
-    model = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, {platform.system()}"
 
 
 def ffmpeg_decode_fps(h, w):

@@ -31,7 +31,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ import numcodecs
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
+
+from machine import cpu_name  # bench/machine.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLO = os.path.join(REPO, "..", "shared", "data", "flow", "Middlebury_flow_gt.flo")
@@ -222,17 +223,6 @@ def blosc(clevel, shuffle, typesize):
     return (f"blosc-zstd c{clevel} {shuffle}",
             BloscCodec(cname="zstd", clevel=clevel, shuffle=shuffle, typesize=typesize),
             numcodecs.Blosc(cname="zstd", clevel=clevel, shuffle=nc_shuffle))
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main():
