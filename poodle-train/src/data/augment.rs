@@ -39,6 +39,7 @@ use crate::geom::Affine;
 use poodle_common::flowmath::{resize_bilinear, resize_flow, Map};
 use serde::{Deserialize, Serialize};
 
+/// ImageNet mean and std (RGB, 0..1 scale): pre-training and the readouts normalise alike.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 

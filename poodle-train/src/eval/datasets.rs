@@ -18,6 +18,7 @@
 //! PNGs are decoded with the `png` crate; other formats (BDD's JPEGs) through the `ffmpeg`
 //! binary (`ffmpeg -i f.jpg -f image2pipe -vcodec ppm -`).
 
+use crate::data::augment::{IMAGENET_MEAN, IMAGENET_STD};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -401,10 +402,6 @@ pub fn read_label(path: &Path) -> Result<LabelMap> {
         data,
     })
 }
-
-/// ImageNet mean and std (RGB, 0..1 scale).
-pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// Resampling weights for one axis, PIL-style "bilinear" (a triangle filter widened by the
 /// scale when downsampling, so downscaling averages instead of aliasing): for each output
