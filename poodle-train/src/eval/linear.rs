@@ -668,7 +668,7 @@ pub fn run(cfg: &LinearEvalConfig) -> Result<LinearReport> {
     // Readout training.
     let t_train = Instant::now();
     let mut head = LinearHead::zeros(fdims.2, k);
-    let mut opt = AdamW::new(&head, cfg.weight_decay);
+    let mut opt = AdamW::new(&head, cfg.weight_decay)?;
     let n = train.len();
     let steps_per_epoch = n.div_ceil(cfg.batch_size);
     let total = (steps_per_epoch * cfg.epochs) as u64;
@@ -704,7 +704,7 @@ pub fn run(cfg: &LinearEvalConfig) -> Result<LinearReport> {
                 let gb: Vec<f32> = g.gb.iter().map(|v| v * s).collect();
                 // Shifted by one: neither the first nor the last step has lr 0.
                 let lr = crate::optim::lr_at(step + 1, total + 1, warmup, cfg.lr);
-                opt.step(&mut head, &gw, &gb, lr);
+                opt.step(&mut head, &gw, &gb, lr)?;
             }
             step += 1;
             loss_sum += g.loss_sum;

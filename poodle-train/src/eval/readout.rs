@@ -8,6 +8,8 @@
 //! Features are `C x P` row-major per image (`P = h * w`), labels `H x W` class ids with
 //! values `>= K` ignored.
 
+use crate::optim::{AdamWConfig, Grads};
+use candle_core::{Device, Result, Tensor, Var};
 use rayon::prelude::*;
 
 /// One axis of PyTorch's `align_corners=False` bilinear interpolation: for each output
@@ -235,54 +237,51 @@ impl LinearHead {
     }
 }
 
-/// AdamW (PyTorch semantics) over the head's two tensors; weight decay on `W` only.
-#[derive(Clone, Debug)]
+/// The project's AdamW ([`crate::optim::AdamW`], PyTorch semantics) over the head's two
+/// tensors, `readout.weight` (decayed) and `readout.bias` (not, by the optimiser's name rule),
+/// with PyTorch's default eps 1e-8.
 pub struct AdamW {
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    t: i32,
-    m: [Vec<f32>; 2],
-    v: [Vec<f32>; 2],
+    opt: crate::optim::AdamW,
+    w: Var,
+    b: Var,
 }
 
 impl AdamW {
-    pub fn new(head: &LinearHead, weight_decay: f64) -> Self {
-        AdamW {
-            beta1: 0.9,
-            beta2: 0.999,
+    pub fn new(head: &LinearHead, weight_decay: f64) -> Result<Self> {
+        let (k, c) = (head.b.len(), head.w.len() / head.b.len().max(1));
+        let w = Var::from_vec(head.w.clone(), (k, c), &Device::Cpu)?;
+        let b = Var::from_vec(head.b.clone(), k, &Device::Cpu)?;
+        let cfg = AdamWConfig {
             eps: 1e-8,
             weight_decay,
-            t: 0,
-            m: [vec![0.0; head.w.len()], vec![0.0; head.b.len()]],
-            v: [vec![0.0; head.w.len()], vec![0.0; head.b.len()]],
-        }
+            ..AdamWConfig::default()
+        };
+        let params = vec![
+            ("readout.weight".to_string(), w.clone()),
+            ("readout.bias".to_string(), b.clone()),
+        ];
+        Ok(AdamW {
+            opt: crate::optim::AdamW::new(params, cfg)?,
+            w,
+            b,
+        })
     }
 
-    /// One step with gradients `gw`, `gb` (already averaged).
-    pub fn step(&mut self, head: &mut LinearHead, gw: &[f32], gb: &[f32], lr: f64) {
-        self.t += 1;
-        let bc1 = 1.0 - self.beta1.powi(self.t);
-        let bc2 = (1.0 - self.beta2.powi(self.t)).sqrt();
-        let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
-        for (i, (p, g)) in [(&mut head.w, gw), (&mut head.b, gb)]
-            .into_iter()
-            .enumerate()
-        {
-            let decay = if i == 0 {
-                1.0 - lr * self.weight_decay
-            } else {
-                1.0
-            };
-            for j in 0..p.len() {
-                self.m[i][j] = b1 * self.m[i][j] + (1.0 - b1) * g[j];
-                self.v[i][j] = b2 * self.v[i][j] + (1.0 - b2) * g[j] * g[j];
-                let denom = f64::from(self.v[i][j]).sqrt() / bc2 + self.eps;
-                let upd = lr / bc1 * f64::from(self.m[i][j]) / denom;
-                p[j] = (f64::from(p[j]) * decay - upd) as f32;
-            }
-        }
+    /// One step with gradients `gw`, `gb` (already averaged); the head gets the new values.
+    pub fn step(&mut self, head: &mut LinearHead, gw: &[f32], gb: &[f32], lr: f64) -> Result<()> {
+        let mut grads = Grads::default();
+        grads.insert(
+            "readout.weight",
+            Tensor::from_slice(gw, self.w.dims(), &Device::Cpu)?,
+        );
+        grads.insert(
+            "readout.bias",
+            Tensor::from_slice(gb, self.b.dims(), &Device::Cpu)?,
+        );
+        self.opt.step(&grads, lr)?;
+        head.w = self.w.as_tensor().flatten_all()?.to_vec1()?;
+        head.b = self.b.to_vec1()?;
+        Ok(())
     }
 }
 
@@ -405,14 +404,14 @@ mod tests {
     fn adamw_first_step_moves_each_weight_by_lr() {
         let mut head = LinearHead::zeros(2, 1);
         head.w = vec![1.0, -1.0];
-        let mut opt = AdamW::new(&head, 0.0);
-        opt.step(&mut head, &[0.5, -2.0], &[1.0], 0.1);
+        let mut opt = AdamW::new(&head, 0.0).unwrap();
+        opt.step(&mut head, &[0.5, -2.0], &[1.0], 0.1).unwrap();
         // Bias-corrected m / sqrt(v) = sign(g) on the first step.
         assert!((head.w[0] - 0.9).abs() < 1e-6 && (head.w[1] + 0.9).abs() < 1e-6);
         assert!((head.b[0] + 0.1).abs() < 1e-6);
-        let mut opt = AdamW::new(&head, 0.5);
+        let mut opt = AdamW::new(&head, 0.5).unwrap();
         let before = head.w[0];
-        opt.step(&mut head, &[0.0, 0.0], &[0.0], 0.1);
+        opt.step(&mut head, &[0.0, 0.0], &[0.0], 0.1).unwrap();
         assert!((head.w[0] - before * 0.95).abs() < 1e-6);
     }
 }
