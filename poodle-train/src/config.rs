@@ -147,7 +147,7 @@ impl TrainConfig {
         c.model = ModelConfig::tiny();
         c.augment.out_height = 64;
         c.augment.out_width = 128;
-        c.augment.crop_area = [0.3, 0.8];
+        c.augment.global_crop.area = [0.3, 0.8];
         c.augment.subcrops.k = 2;
         c.augment.subcrops.size = 32;
         c.data.batch_size = 4;

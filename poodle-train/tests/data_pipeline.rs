@@ -15,7 +15,7 @@ use poodle_common::flowmath::{
 use poodle_common::store::{
     Codecs, FlowAttrs, Geometry, PoodleStore, StoreArrays, StoreAttrs, SCHEMA_VERSION,
 };
-use poodle_train::data::augment::{crop, crop_resize_flow};
+use poodle_train::data::crop::{crop, crop_resize_flow};
 use poodle_train::data::{AugmentConfig, Batch, Loader, LoaderConfig};
 use poodle_train::geom::Affine;
 use std::path::{Path, PathBuf};
@@ -173,6 +173,11 @@ fn small_augment() -> AugmentConfig {
     a
 }
 
+fn no_affine(mut a: AugmentConfig) -> AugmentConfig {
+    a.affine.enabled = false;
+    a
+}
+
 fn loader_cfg(stores: Vec<PathBuf>, augment: AugmentConfig) -> LoaderConfig {
     LoaderConfig {
         stores,
@@ -221,10 +226,7 @@ fn assert_same_batches(a: &[Batch], b: &[Batch]) {
 fn flow_and_frames_stay_consistent_through_the_loader() {
     let d = tmpdir("consistent");
     write_store(&d.join("a.zarr"), &StoreSpec::default());
-    let aug = AugmentConfig {
-        dense_affine: false,
-        ..small_augment().without_colour()
-    };
+    let aug = no_affine(small_augment().without_colour());
     let loader = open(loader_cfg(vec![d.join("a.zarr")], aug));
     let mut checked = 0;
     for epoch in 0..3 {
@@ -289,10 +291,7 @@ fn affine_views_sample_the_crop_at_a_x() {
     let with = open(loader_cfg(vec![d.join("a.zarr")], small_augment()));
     let without = open(loader_cfg(
         vec![d.join("a.zarr")],
-        AugmentConfig {
-            dense_affine: false,
-            ..small_augment()
-        },
+        no_affine(small_augment()),
     ));
     let (bw, bo) = (all_batches(&with, 0), all_batches(&without, 0));
     let mut flips = 0;
@@ -326,10 +325,7 @@ fn affine_views_sample_the_crop_at_a_x() {
 fn subcrops_follow_the_backward_flow_and_match_their_boxes() {
     let d = tmpdir("subcrops");
     write_store(&d.join("a.zarr"), &StoreSpec::default());
-    let aug = AugmentConfig {
-        dense_affine: false,
-        ..small_augment().without_colour()
-    };
+    let aug = no_affine(small_augment().without_colour());
     let loader = open(loader_cfg(vec![d.join("a.zarr")], aug));
     let mut warped = 0;
     let mut total = 0;

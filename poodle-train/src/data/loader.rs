@@ -24,7 +24,8 @@
 //!   Tensors are created on the target device by the workers (host-to-device copies overlap
 //!   the training step; on a GPU, `prefetch` batches of device memory are held).
 
-use super::augment::{augment_pair, AugmentConfig, AugmentedPair, CropBox, RawPair};
+use super::augment::{augment_pair, AugmentConfig, AugmentedPair, RawPair};
+use super::crop::CropBox;
 use super::subcrops::SubcropPair;
 use super::Rng;
 use crate::geom::Affine;

@@ -23,11 +23,15 @@
 //! - Randomness: every sample draws from its own [`Rng`] derived from (seed, epoch, position
 //!   in the epoch), so results do not depend on the worker count or on timing.
 
+pub mod affine;
 pub mod augment;
+pub mod colour;
+pub mod crop;
 pub mod loader;
 pub mod subcrops;
 
-pub use augment::{augment_pair, AugmentConfig, AugmentedPair, CropBox, RawPair};
+pub use augment::{augment_pair, AugmentConfig, AugmentedPair, RawPair};
+pub use crop::CropBox;
 pub use loader::{
     resolve_store_paths, Batch, EpochIter, Loader, LoaderConfig, LoaderStats, LoaderSummary,
     SampleMeta, StoreSummary,

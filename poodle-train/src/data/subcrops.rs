@@ -32,7 +32,7 @@
 //! is the area rule (the frame-t crop is the smaller one on average), which the swapped
 //! direction inherits; one subcrop set per pair keeps the cost at K crops per frame.
 
-use super::augment::{crop_resize, CropBox};
+use super::crop::{crop_resize, CropBox};
 use super::Rng;
 use poodle_common::flowmath::{sample_bilinear, Map};
 use serde::{Deserialize, Serialize};

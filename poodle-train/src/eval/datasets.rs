@@ -18,7 +18,7 @@
 //! PNGs are decoded with the `png` crate; other formats (BDD's JPEGs) through the `ffmpeg`
 //! binary (`ffmpeg -i f.jpg -f image2pipe -vcodec ppm -`).
 
-use crate::data::augment::{IMAGENET_MEAN, IMAGENET_STD};
+use crate::data::colour::{IMAGENET_MEAN, IMAGENET_STD};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
