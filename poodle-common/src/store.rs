@@ -110,6 +110,11 @@ pub struct StoreAttrs {
     /// Video paths relative to the dataset root; `pairs[:, 0]` indexes this list.
     pub videos: Vec<String>,
     pub root: String,
+    /// Frame rate of each video in `videos` (same order), from the probe. The loader needs it
+    /// to find the clip a pair belongs to under `clips` sampling; empty in stores written
+    /// before it was recorded.
+    #[serde(default)]
+    pub video_fps: Vec<f64>,
 }
 
 /// Flow group attributes (under [`ATTR_KEY`]).
@@ -609,6 +614,25 @@ impl PoodleStore {
         let a = self.array(&format!("/{FLOW_ROOT}/{group}/{STATS}"))?;
         a.retrieve_array_subset::<Vec<f32>>(&a.subset_all())
             .map_err(|e| Error::store(&self.path, format!("{group}/stats: {e}")))
+    }
+
+    /// `(video, t, dt)` of every pair, in pair order.
+    pub fn read_all_pairs(&self) -> Result<Vec<[i64; 3]>> {
+        let a = self.array(&format!("/{PAIRS}"))?;
+        let flat = a
+            .retrieve_array_subset::<Vec<i64>>(&a.subset_all())
+            .map_err(|e| Error::store(&self.path, format!("pairs: {e}")))?;
+        if flat.len() != 3 * self.num_pairs() {
+            return Err(Error::store(
+                &self.path,
+                format!(
+                    "pairs: {} values for {} pairs",
+                    flat.len(),
+                    self.num_pairs()
+                ),
+            ));
+        }
+        Ok(flat.chunks_exact(3).map(|c| [c[0], c[1], c[2]]).collect())
     }
 
     pub fn read_all_valid(&self) -> Result<Vec<bool>> {

@@ -606,6 +606,7 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
         geometry,
         videos: videos.iter().map(|v| v.path.clone()).collect(),
         root: opts.root.display().to_string(),
+        video_fps: videos.iter().map(|v| v.fps).collect(),
     };
     arrays.finalize_flow(&flow_arrays, &flow_attrs(&model, opts.store_backward))?;
     arrays.finalize(&attrs)?;

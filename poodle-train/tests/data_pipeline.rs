@@ -158,6 +158,7 @@ fn write_store(path: &Path, spec: &StoreSpec) {
             geometry: g,
             videos: vec!["a.mp4".into(), "b.mp4".into()],
             root: "/nowhere".into(),
+            video_fps: vec![30.0, 30.0],
         })
         .unwrap();
 }

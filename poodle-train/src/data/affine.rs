@@ -41,7 +41,10 @@ impl AffineConfig {
             ));
         }
         if !(0.0..=1.0).contains(&self.flip_p) {
-            return Err(format!("affine.flip_p must be a probability, got {}", self.flip_p));
+            return Err(format!(
+                "affine.flip_p must be a probability, got {}",
+                self.flip_p
+            ));
         }
         Ok(())
     }

@@ -266,7 +266,6 @@ pub fn augment_pair(raw: &RawPair, cfg: &AugmentConfig, rng: &mut Rng) -> Augmen
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,7 +354,6 @@ mod tests {
         cfg
     }
 
-
     #[test]
     fn translation_flow_stays_a_translation_scaled_by_the_resize() {
         let (dx, dy) = (6.0, -3.0);
@@ -433,7 +431,6 @@ mod tests {
         }
     }
 
-
     #[test]
     fn affine_view_samples_the_crop_at_a_x() {
         let s = synthetic(90, 160, 3.0, 2.0);
@@ -480,7 +477,6 @@ mod tests {
         assert_eq!(a.affines, [Affine::IDENTITY; 2]);
         assert_eq!(a.views[0], a.crops[0]);
     }
-
 
     #[test]
     fn config_round_trips_through_json_and_validates() {

@@ -458,8 +458,8 @@ mod tests {
         assert!((m.get(0, 4, 3) - m.get(0, 4, 5)).abs() < 1e-7);
         assert!((m.get(0, 3, 4) - m.get(0, 4, 3)).abs() < 1e-7);
         assert!((m.data.iter().sum::<f32>() - 1.0).abs() < 1e-5);
-        assert_eq!(AugmentConfig::default().blur_scaling().0, 53);
-        let ab = AugmentConfig::ablation().blur_scaling();
+        assert_eq!(ColourConfig::default().blur_scaling(512, 1024).0, 53);
+        let ab = ColourConfig::default().blur_scaling(256, 512);
         assert_eq!(ab.0, 27);
         assert!((ab.1 - 256.0 / 224.0).abs() < 1e-12);
     }
@@ -496,13 +496,13 @@ mod tests {
 
     #[test]
     fn colour_draws_follow_probabilities_per_frame() {
-        let cfg = AugmentConfig::default();
+        let cfg = ColourConfig::default();
         let mut rng = Rng::new(5);
         let n = 4000;
         let mut counts = [[0usize; 4]; 2];
         for _ in 0..n {
             for (f, cnt) in counts.iter_mut().enumerate() {
-                let p = sample_colour(&cfg, f, &mut rng);
+                let p = sample_colour(&cfg, (512, 1024), f, &mut rng);
                 cnt[0] += usize::from(p.jitter.is_some());
                 cnt[1] += usize::from(p.grayscale);
                 cnt[2] += usize::from(p.blur.is_some());
@@ -534,5 +534,4 @@ mod tests {
         assert!(m.data[0].abs() < 1e-6 && (m.data[1] - 1.0).abs() < 1e-6);
         assert!((m.data[2] + 0.406 / 0.225).abs() < 1e-5);
     }
-
 }

@@ -205,7 +205,6 @@ mod tests {
         );
     }
 
-
     #[test]
     fn mask_threshold_ties_count_as_occluded() {
         // 1 x 2 -> 1 x 1 (align_corners=False) samples source x = 0.5: value exactly 0.5.
@@ -227,5 +226,4 @@ mod tests {
         let m = crop_resize_mask(&[true, false], 1, 2, &b, 1, 4, 0.5);
         assert_eq!(m, [true, true, false, false]);
     }
-
 }

@@ -28,6 +28,7 @@ pub mod augment;
 pub mod colour;
 pub mod crop;
 pub mod loader;
+pub mod sampling;
 pub mod subcrops;
 
 pub use augment::{augment_pair, AugmentConfig, AugmentedPair, RawPair};
@@ -36,6 +37,7 @@ pub use loader::{
     resolve_store_paths, Batch, EpochIter, Loader, LoaderConfig, LoaderStats, LoaderSummary,
     SampleMeta, StoreSummary,
 };
+pub use sampling::{PairSampling, VisitUnit};
 pub use subcrops::{SubcropConfig, SubcropPair};
 
 use poodle_common::rng::SplitMix64;
