@@ -49,7 +49,10 @@ pub enum Layout {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Sampling {
-    /// R pairs per video: t uniform over the valid starts, dt ~ U{dt_min..dt_max} frames (BDD).
+    /// A pool of P = `pairs_per_video` pairs per video: t uniform over the valid starts,
+    /// dt ~ U{dt_min..dt_max} frames (BDD: 15..30). Training draws R pairs from the pool at
+    /// every visit of the video (the authors draw fresh pairs online; poodle precomputes
+    /// their flow for the pool). Disk grows linearly with P: `poodle-prep discover` prints it.
     PerVideo {
         pairs_per_video: usize,
         dt_min: u64,

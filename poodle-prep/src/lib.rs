@@ -11,6 +11,7 @@ pub mod flowstage;
 pub mod inspect;
 pub mod job;
 pub mod pipeline;
+pub mod plan;
 pub mod reflow;
 pub mod tools;
 

@@ -344,9 +344,25 @@ fn main() -> Result<()> {
             for s in m.skipped.iter().chain(&skipped) {
                 eprintln!("skipped video {}: {}", s.path, s.reason);
             }
+            let pair_videos: Vec<u32> = pairs.iter().map(|p| p.video).collect();
+            let plan = poodle_prep::plan::plan(&cfg, m.videos.len(), &pair_videos, &out);
+            eprintln!(
+                "{} pairs from {} videos ({}-{} per video), about {} on disk ({} per pair, {})",
+                plan.pairs,
+                plan.videos,
+                plan.pairs_per_video_min,
+                plan.pairs_per_video_max,
+                poodle_prep::plan::human_bytes(plan.total_bytes),
+                poodle_prep::plan::human_bytes(plan.bytes_per_pair),
+                plan.measured_from
+                    .as_deref()
+                    .map_or("poodle's reference measurement".to_string(), |s| format!(
+                        "measured on {s}"
+                    ))
+            );
             println!(
                 "{}",
-                serde_json::json!({"videos": m.videos.len(), "videos_skipped": m.skipped.len() + skipped.len(), "pairs": pairs.len(), "manifest": out.join("manifest")})
+                serde_json::json!({"videos": m.videos.len(), "videos_skipped": m.skipped.len() + skipped.len(), "pairs": pairs.len(), "manifest": out.join("manifest"), "disk": plan})
             );
         }
         Cmd::Inspect { store, json } => {

@@ -20,34 +20,26 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Pre-train. The run prints its git sha and full config, logs JSON lines to
-    /// RUN_DIR/metrics.jsonl and checkpoints atomically to RUN_DIR.
+    /// RUN_DIR/metrics.jsonl and checkpoints atomically to RUN_DIR. A RUN_DIR that holds a
+    /// checkpoint is continued from it (auto-resume).
     Train {
-        /// A preset (paper, ablation, tiny) or a JSON config file.
-        #[arg(long, default_value = "paper")]
-        config: String,
-        /// Overrides, e.g. --set optim.lr=1e-3 --set method.pooled=false
-        /// --set data.stores='["out/bdd"]' (values are JSON, else strings).
-        #[arg(long = "set")]
-        overrides: Vec<String>,
-        /// Stores or folders of stores (replaces data.stores).
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Refuse a RUN_DIR that already holds a run instead of continuing it.
         #[arg(long)]
-        stores: Vec<PathBuf>,
-        /// Run folder (replaces run.dir).
-        #[arg(long)]
-        run_dir: Option<PathBuf>,
-        /// cpu or cuda:N (replaces device).
-        #[arg(long)]
-        device: Option<String>,
-        /// Start from these backbone weights: safetensors (e.g. an export) or a torchvision
-        /// .pth such as ImageNet-supervised ResNet-50 (the paper's BDD* rows).
-        #[arg(long)]
-        init: Option<PathBuf>,
-        /// Continue from RUN_DIR's latest checkpoint.
-        #[arg(long)]
+        no_resume: bool,
+        /// Continue RUN_DIR's run (the default; kept for older scripts).
+        #[arg(long, hide = true)]
         resume: bool,
         /// Print only the summary.
         #[arg(long)]
         quiet: bool,
+    },
+    /// Print the resolved training configuration as JSON (the object a run writes to
+    /// RUN_DIR/config.json), e.g. `config show --config ablation --set optim.lr=2e-3`.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
     },
     /// Export a checkpoint's backbone for other frameworks.
     Export {
@@ -74,6 +66,60 @@ enum Cmd {
 }
 
 #[derive(Subcommand)]
+enum ConfigCmd {
+    /// The preset or file with the overrides applied, validated.
+    Show(ConfigArgs),
+}
+
+/// A training configuration: preset or file, then overrides.
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// A preset (paper, ablation, walking_tours, tiny), a JSON config file, or a run folder
+    /// (its config.json).
+    #[arg(long, default_value = "paper")]
+    config: String,
+    /// Overrides, e.g. --set optim.lr=1e-3 --set method.pooled=false
+    /// --set data.stores='["out/bdd"]' (values are JSON, else strings).
+    #[arg(long = "set")]
+    overrides: Vec<String>,
+    /// Stores or folders of stores (replaces data.stores).
+    #[arg(long)]
+    stores: Vec<PathBuf>,
+    /// Run folder (replaces run.dir).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// cpu or cuda:N (replaces device).
+    #[arg(long)]
+    device: Option<String>,
+    /// Start from these weights: safetensors (e.g. an export), a torchvision .pth such as
+    /// ImageNet-supervised ResNet-50 (the paper's BDD* rows), or a full checkpoint.
+    #[arg(long)]
+    init: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    fn resolve(self) -> Result<TrainConfig> {
+        let mut overrides = self.overrides;
+        if !self.stores.is_empty() {
+            overrides.push(format!(
+                "data.stores={}",
+                serde_json::to_string(&self.stores)?
+            ));
+        }
+        if let Some(d) = self.run_dir {
+            overrides.push(format!("run.dir={}", serde_json::to_string(&d)?));
+        }
+        if let Some(d) = self.device {
+            overrides.push(format!("device={}", serde_json::to_string(&d)?));
+        }
+        if let Some(p) = self.init {
+            overrides.push(format!("init={}", serde_json::to_string(&p)?));
+        }
+        TrainConfig::load(&self.config, &overrides)
+    }
+}
+
+#[derive(Subcommand)]
 enum EvalCmd {
     /// Linear readout for semantic segmentation: frozen backbone and decoder, a trained 1x1
     /// convolution; reports mIoU, pixel accuracy, IoU per class and the paper's class groups
@@ -85,29 +131,18 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Train {
             config,
-            mut overrides,
-            stores,
-            run_dir,
-            device,
-            init,
-            resume,
+            no_resume,
+            resume: _,
             quiet,
         } => {
-            if !stores.is_empty() {
-                overrides.push(format!("data.stores={}", serde_json::to_string(&stores)?));
-            }
-            if let Some(d) = run_dir {
-                overrides.push(format!("run.dir={}", serde_json::to_string(&d)?));
-            }
-            if let Some(d) = device {
-                overrides.push(format!("device={}", serde_json::to_string(&d)?));
-            }
-            if let Some(p) = init {
-                overrides.push(format!("init={}", serde_json::to_string(&p)?));
-            }
-            let cfg = TrainConfig::load(&config, &overrides)?;
-            let s = poodle_train::run::train(&cfg, resume, quiet)?;
+            let cfg = config.resolve()?;
+            let s = poodle_train::run::train(&cfg, !no_resume, quiet)?;
             println!("{}", serde_json::to_string(&s)?);
+        }
+        Cmd::Config {
+            cmd: ConfigCmd::Show(c),
+        } => {
+            println!("{}", serde_json::to_string_pretty(&c.resolve()?)?);
         }
         Cmd::Export {
             format,

@@ -7,6 +7,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rayon::prelude::*;
+use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 
 /// AdamW hyper-parameters other than the per-step learning rate.
@@ -417,6 +418,73 @@ pub fn lr_at(step: u64, total_steps: u64, warmup_steps: u64, base_lr: f64) -> f6
 /// The paper's base EMA momentum.
 pub const EMA_M0: f64 = 0.996;
 
+/// The pre-training schedules in **paper epochs**, as the authors compute them: a pass over
+/// the videos that draws R pairs per video counts as R epochs, and optimiser step `s` of a
+/// pass of `steps_per_pass` steps sits at epoch `pass * R + R * i / steps_per_pass` (their
+/// `epoch + repeat_sample * data_iter_step / len(data_loader)`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Schedule {
+    pub steps_per_pass: u64,
+    /// R: paper epochs per pass.
+    pub epochs_per_pass: u64,
+    /// ceil(epochs / R) passes (the authors' `range(0, epochs, repeat_sample)`).
+    pub passes: u64,
+    pub total_steps: u64,
+    pub epochs: f64,
+    pub warmup_epochs: f64,
+    pub base_lr: f64,
+    pub ema_m0: f64,
+}
+
+impl Schedule {
+    pub fn new(
+        steps_per_pass: u64,
+        epochs_per_pass: u64,
+        epochs: usize,
+        warmup_epochs: f64,
+        base_lr: f64,
+        ema_m0: f64,
+    ) -> Self {
+        let r = epochs_per_pass.max(1);
+        let passes = (epochs as u64).div_ceil(r);
+        Schedule {
+            steps_per_pass: steps_per_pass.max(1),
+            epochs_per_pass: r,
+            passes,
+            total_steps: passes * steps_per_pass.max(1),
+            epochs: epochs as f64,
+            warmup_epochs,
+            base_lr,
+            ema_m0,
+        }
+    }
+
+    /// Paper epoch (fractional) at the start of optimiser step `step` (0-based).
+    pub fn paper_epoch(&self, step: u64) -> f64 {
+        step as f64 * self.epochs_per_pass as f64 / self.steps_per_pass as f64
+    }
+
+    /// Linear warm-up from 0 over `warmup_epochs`, then a half cosine to 0 at `epochs`
+    /// (MAE's `adjust_learning_rate`, which the authors use with min_lr = 0).
+    pub fn lr(&self, step: u64) -> f64 {
+        let e = self.paper_epoch(step).min(self.epochs);
+        if e < self.warmup_epochs {
+            return self.base_lr * e / self.warmup_epochs;
+        }
+        let span = (self.epochs - self.warmup_epochs).max(f64::MIN_POSITIVE);
+        let progress = (e - self.warmup_epochs) / span;
+        self.base_lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+
+    /// EMA momentum `1 - (1 - m0) (cos(pi e / epochs) + 1) / 2` at paper epoch `e` of step
+    /// `step`: m0 at the start, 1 at the end (BYOL; the authors' routine).
+    pub fn momentum(&self, step: u64) -> f64 {
+        let e = self.paper_epoch(step).min(self.epochs);
+        let t = e / self.epochs.max(f64::MIN_POSITIVE);
+        1.0 - (1.0 - self.ema_m0) * ((std::f64::consts::PI * t).cos() + 1.0) / 2.0
+    }
+}
+
 /// EMA momentum at step `t` of `T`: `1 - (1 - m0) * (cos(pi t / T) + 1) / 2` (`t` clamped to
 /// `T`): `m0` at the start, 1 at the end.
 pub fn ema_momentum(step: u64, total_steps: u64, m0: f64) -> f64 {
@@ -742,5 +810,33 @@ mod tests {
         assert!(ema_update(&[("w".into(), var(&[1.0]))], &online, 0.9).is_err());
         copy_vars(&target, &online).unwrap();
         assert_eq!(vals(&t_w), vals(&o_w));
+    }
+
+    #[test]
+    fn schedule_counts_a_pass_as_r_paper_epochs() {
+        // 300 epochs, R = 2: 150 passes; 100 steps per pass = 2 epochs.
+        let s = Schedule::new(100, 2, 300, 2.0, 5e-4, 0.996);
+        assert_eq!((s.passes, s.total_steps), (150, 15_000));
+        assert!((s.paper_epoch(50) - 1.0).abs() < 1e-12);
+        // Warm-up: half-way through the 2 warm-up epochs at step 50.
+        assert!((s.lr(50) - 2.5e-4).abs() < 1e-12);
+        assert!((s.lr(100) - 5e-4).abs() < 1e-12);
+        // Cosine: half-way between epoch 2 and 300 (epoch 151 = step 7550) gives lr / 2.
+        assert!((s.lr(7550) - 2.5e-4).abs() < 1e-12);
+        assert!(s.lr(15_000).abs() < 1e-15);
+        // The same paper epochs whatever R: R = 10 with 20 steps per pass also reaches
+        // epoch 1 after 2 steps.
+        let r10 = Schedule::new(20, 10, 40, 3.0, 1e-3, 0.996);
+        assert_eq!((r10.passes, r10.total_steps), (4, 80));
+        assert!((r10.paper_epoch(2) - 1.0).abs() < 1e-12);
+        assert!((r10.lr(3) - 1e-3 * 1.5 / 3.0).abs() < 1e-12);
+        // EMA: 0.996 at the start, (1 + 0.996) / 2 half-way, 1 at the end.
+        assert!((s.momentum(0) - 0.996).abs() < 1e-12);
+        assert!((s.momentum(7500) - 0.998).abs() < 1e-9);
+        assert!((s.momentum(15_000) - 1.0).abs() < 1e-12);
+        // 40 epochs with R = 3: 14 passes (the last one stops the schedules at epoch 40).
+        let odd = Schedule::new(10, 3, 40, 0.0, 1.0, 0.996);
+        assert_eq!(odd.passes, 14);
+        assert!(odd.lr(139).abs() < 1e-15);
     }
 }

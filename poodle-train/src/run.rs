@@ -7,21 +7,25 @@ use crate::config::TrainConfig;
 use crate::data::loader::{Batch, Loader, LoaderConfig};
 use crate::loss::{check_finite, dense::dense_loss, pooled::pooled_loss, total, LossTerms};
 use crate::model::{copy_vars, trainable_vars, Encoder, Online};
-use crate::optim::{
-    ema_momentum, ema_update, is_no_decay, lr_at, AdamW, AdamWConfig, GradAccumulator,
-};
-use anyhow::{Context, Result};
+use crate::optim::{ema_update, is_no_decay, AdamW, AdamWConfig, GradAccumulator, Schedule};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::Serialize;
 use std::io::Write;
+use std::path::Path;
 use std::time::Instant;
 
 /// One JSON line of `metrics.jsonl`.
 #[derive(Debug, Serialize)]
 pub struct StepMetrics {
     pub step: u64,
-    pub epoch: u64,
+    /// Pass over the data (each counts as R paper epochs).
+    pub pass: u64,
+    /// Paper epochs done after this step (fractional).
+    pub epoch: f64,
+    /// Pairs trained on so far (on this device).
+    pub pairs_seen: u64,
     pub lr: f64,
     pub momentum: f64,
     #[serde(flatten)]
@@ -40,6 +44,8 @@ pub struct StepMetrics {
 pub struct RunSummary {
     pub steps: u64,
     pub resumed_from: Option<u64>,
+    pub paper_epochs: f64,
+    pub pairs_seen: u64,
     pub first_loss: Option<f32>,
     pub last_loss: Option<f32>,
     pub checkpoint: Option<String>,
@@ -56,16 +62,6 @@ pub fn device(spec: &str) -> Result<Device> {
     Device::new_cuda(id.parse().with_context(|| format!("device {spec:?}"))?).with_context(|| {
         format!("device {spec}: build poodle-train with --features cuda on a CUDA machine")
     })
-}
-
-fn git_sha() -> String {
-    std::process::Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Online network, EMA target and optimiser, built from a config.
@@ -198,31 +194,101 @@ fn collapse_std(x: &Tensor) -> Result<f32> {
     Ok(var.sqrt()?.mean_all()?.to_scalar::<f32>()?)
 }
 
-/// Trains per `cfg`; `resume` continues from `cfg.run.dir`'s latest checkpoint.
-pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary> {
-    let dev = device(&cfg.device)?;
-    // A run's identity is its config, except where it stops: resuming with a later
-    // run.max_steps continues the same run.
-    let config_json = {
-        let mut ident = cfg.clone();
-        ident.run.max_steps = None;
-        serde_json::to_string(&ident)?
-    };
-    let sha = git_sha();
-    if !quiet {
-        eprintln!("poodle-train {} (git {sha})", env!("CARGO_PKG_VERSION"));
-        eprintln!("{}", serde_json::to_string_pretty(cfg)?);
+/// The git commit this binary was built from (recorded at build time by build.rs, so a job
+/// run outside the source tree still knows it).
+pub const GIT_SHA: &str = env!("POODLE_GIT_SHA");
+
+/// What a run folder holds before the run starts.
+struct RunDirState {
+    /// Where the checkpoint being continued stands (its weights are loaded already).
+    resume: Option<Progress>,
+}
+
+/// Writes `config.json` (the resolved config, accepted by `--config`) and `run.json`, and
+/// decides whether the run continues a checkpoint. `resume = false` refuses a folder that
+/// already holds a run instead of appending to it.
+fn open_run_dir(
+    cfg: &TrainConfig,
+    resume: bool,
+    learner: &mut Learner,
+    dev: &Device,
+) -> Result<RunDirState> {
+    let dir = &cfg.run.dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    let metrics = dir.join("metrics.jsonl");
+    let holds_run =
+        dir.join("latest.json").exists() || std::fs::metadata(&metrics).is_ok_and(|m| m.len() > 0);
+    if holds_run && !resume {
+        bail!(
+            "{} already holds a run (checkpoints or metrics.jsonl): continue it (the default of \
+             `poodle-train train`), or choose another run.dir",
+            dir.display()
+        );
     }
-    std::fs::create_dir_all(&cfg.run.dir).with_context(|| format!("{}", cfg.run.dir.display()))?;
+    let mut state = RunDirState { resume: None };
+    if let Some((p, optim_state)) =
+        checkpoint::load(dir, &learner.online_map, &learner.target_map, dev)?
+    {
+        ensure!(
+            p.config_json == identity_json(cfg)?,
+            "{}: the checkpoint was written with another config; resume with the same config \
+             (RUN_DIR/config.json) or use another run.dir",
+            dir.display()
+        );
+        learner.opt.load_state(&optim_state)?;
+        state.resume = Some(p);
+    }
+    // Steps after the checkpoint were lost with the process: drop their metric lines, so
+    // that no step is logged twice.
+    let keep_until = state.resume.as_ref().map_or(0, |p| p.step);
+    truncate_metrics(&metrics, keep_until)?;
+    poodle_common::atomic::write_json_atomic(&dir.join("config.json"), cfg)?;
     poodle_common::atomic::write_json_atomic(
-        &cfg.run.dir.join("config.json"),
-        &serde_json::json!({"git_sha": sha, "config": cfg}),
+        &dir.join("run.json"),
+        &serde_json::json!({
+            "git_sha": GIT_SHA,
+            "version": env!("CARGO_PKG_VERSION"),
+            "resumed_from_step": state.resume.as_ref().map(|p| p.step),
+        }),
     )?;
+    Ok(state)
+}
+
+/// A run's identity is its config, except where it stops: resuming with a later
+/// run.max_steps continues the same run.
+fn identity_json(cfg: &TrainConfig) -> Result<String> {
+    let mut ident = cfg.clone();
+    ident.run.max_steps = None;
+    Ok(serde_json::to_string(&ident)?)
+}
+
+/// Keeps the metric lines of steps `<= step` (all lines when the file is absent).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if kept.len() != text.len() {
+        poodle_common::atomic::write_atomic(path, kept.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn open_loader(cfg: &TrainConfig, dev: &Device) -> Result<Loader> {
     let mut aug = cfg.augment.clone();
     if !cfg.method.pooled {
         aug.subcrops.k = 0; // no subcrops to cut when the pooled objective is off
     }
-    let loader = Loader::open(
+    Loader::open(
         LoaderConfig {
             stores: cfg.data.stores.clone(),
             flow_group: cfg.data.flow_group.clone(),
@@ -231,50 +297,79 @@ pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary>
             prefetch: cfg.data.prefetch,
             seed: cfg.seed,
             drop_last: true,
+            sampling: cfg.data.sampling.clone(),
             augment: aug,
         },
         dev.clone(),
-    )?;
-    if !quiet {
-        eprintln!("{}", serde_json::to_string(loader.summary())?);
-    }
-    let mut learner = Learner::new(cfg, &dev)?;
-    let per_epoch = loader.batches_per_epoch();
-    let steps_per_epoch = (per_epoch / cfg.optim.accumulate).max(1) as u64;
-    let total_steps = steps_per_epoch * cfg.optim.epochs as u64;
-    let warmup = (cfg.optim.warmup_epochs * steps_per_epoch as f64).round() as u64;
+    )
+}
 
-    let (mut step, mut epoch, mut start_batch, mut resumed_from) = (0u64, 0u64, 0usize, None);
-    if resume {
-        if let Some((p, optim_state)) =
-            checkpoint::load(&cfg.run.dir, &learner.online_map, &learner.target_map, &dev)?
-        {
-            anyhow::ensure!(
-                p.config_json == config_json,
-                "{}: the checkpoint was written with another config; resume with the same config or use another run.dir",
-                cfg.run.dir.display()
-            );
-            learner.opt.load_state(&optim_state)?;
-            (step, epoch, start_batch, resumed_from) = (p.step, p.epoch, p.batch, Some(p.step));
-            if !quiet {
-                eprintln!("resuming at step {step} (epoch {epoch}, batch {start_batch})");
-            }
+/// Sums of one optimiser step's micro-batches.
+#[derive(Default)]
+struct StepSums {
+    loss: LossTerms,
+    mask: f32,
+    proj_std: f32,
+    wait_s: f64,
+    pairs: usize,
+}
+
+/// Trains per `cfg`. With `resume`, a run folder that holds a checkpoint continues from it
+/// (DINO-style auto-resume; a folder with metrics but no checkpoint restarts); without it,
+/// a folder that holds a run is refused.
+pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary> {
+    let dev = device(&cfg.device)?;
+    if !quiet {
+        eprintln!("poodle-train {} (git {GIT_SHA})", env!("CARGO_PKG_VERSION"));
+        eprintln!("{}", serde_json::to_string_pretty(cfg)?);
+    }
+    let loader = open_loader(cfg, &dev)?;
+    let mut learner = Learner::new(cfg, &dev)?;
+    let state = open_run_dir(cfg, resume, &mut learner, &dev)?;
+    let steps_per_pass = (loader.batches_per_epoch() / cfg.optim.accumulate).max(1) as u64;
+    let sched = Schedule::new(
+        steps_per_pass,
+        loader.epochs_per_pass() as u64,
+        cfg.optim.epochs,
+        cfg.optim.warmup_epochs,
+        cfg.optim.lr,
+        cfg.optim.ema_m0,
+    );
+    if !quiet {
+        eprintln!("{}", loader.summary());
+        eprintln!(
+            "{} passes x {} steps = {} steps = {} paper epochs ({} per pass)",
+            sched.passes,
+            sched.steps_per_pass,
+            sched.total_steps,
+            cfg.optim.epochs,
+            sched.epochs_per_pass
+        );
+    }
+    let config_json = identity_json(cfg)?;
+    let (mut step, mut pass, mut start_batch, mut resumed_from) = (0u64, 0u64, 0usize, None);
+    if let Some(p) = &state.resume {
+        (step, pass, start_batch, resumed_from) = (p.step, p.epoch, p.batch, Some(p.step));
+        if !quiet {
+            eprintln!("resuming at step {step} (pass {pass}, batch {start_batch})");
         }
     }
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(cfg.run.dir.join("metrics.jsonl"))?;
+    let pairs_per_step = (cfg.data.batch_size * cfg.optim.accumulate) as u64;
     let (mut first_loss, mut last_loss, mut last_ckpt) = (None, None, None);
-    let max_steps = cfg.run.max_steps.unwrap_or(total_steps).min(total_steps);
-    'epochs: while epoch < cfg.optim.epochs as u64 && step < max_steps {
+    let max_steps = cfg
+        .run
+        .max_steps
+        .unwrap_or(sched.total_steps)
+        .min(sched.total_steps);
+    'passes: while pass < sched.passes && step < max_steps {
         let mut acc = GradAccumulator::new();
-        let mut sums = (LossTerms::default(), 0f32, 0f32, 0f64, 0usize);
+        let mut sums = StepSums::default();
         let mut t_step = Instant::now();
-        for (bi, batch) in loader.epoch(epoch).enumerate() {
-            if bi < start_batch {
-                continue; // already trained on before the checkpoint
-            }
+        for (bi, batch) in (start_batch..).zip(loader.epoch_from(pass, start_batch)) {
             let b = batch?;
             if acc.micro_batches() == 0 {
                 t_step = Instant::now();
@@ -282,11 +377,11 @@ pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary>
             let (tot, terms, maskf, pstd) = learner.losses(&b)?;
             check_finite(step + 1, &terms).map_err(|e| anyhow::anyhow!("{e}; stopping"))?;
             acc.add(&tot.backward()?, &learner.online_params)?;
-            sums.0 = add_terms(&sums.0, &terms);
-            sums.1 += maskf;
-            sums.2 += pstd;
-            sums.3 += b.wait.as_secs_f64();
-            sums.4 += b.len();
+            sums.loss = add_terms(&sums.loss, &terms);
+            sums.mask += maskf;
+            sums.proj_std += pstd;
+            sums.wait_s += b.wait.as_secs_f64();
+            sums.pairs += b.len();
             if acc.micro_batches() < cfg.optim.accumulate {
                 continue;
             }
@@ -296,26 +391,28 @@ pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary>
                 Some(c) => grads.clip_global_norm(c)?,
                 None => grads.global_norm()?,
             };
-            let lr = lr_at(step, total_steps, warmup, cfg.optim.lr);
+            let lr = sched.lr(step);
             learner.opt.step_with(&grads, lr, cfg.optim.weight_decay)?;
-            let mom = ema_momentum(step, total_steps, cfg.optim.ema_m0);
+            let mom = sched.momentum(step);
             ema_update(&learner.target_params, &learner.online_params, mom)?;
             step += 1;
-            let loss = scale_terms(&sums.0, 1.0 / n);
+            let loss = scale_terms(&sums.loss, 1.0 / n);
             first_loss.get_or_insert(loss.total);
             last_loss = Some(loss.total);
             if step % cfg.run.log_every == 0 || step == max_steps {
                 let m = StepMetrics {
                     step,
-                    epoch,
+                    pass,
+                    epoch: sched.paper_epoch(step),
+                    pairs_seen: step * pairs_per_step,
                     lr,
                     momentum: mom,
                     loss,
-                    dense_mask_fraction: sums.1 / n,
-                    proj_std: sums.2 / n,
+                    dense_mask_fraction: sums.mask / n,
+                    proj_std: sums.proj_std / n,
                     grad_norm,
-                    pairs_per_s: sums.4 as f64 / t_step.elapsed().as_secs_f64().max(1e-9),
-                    data_wait_s: sums.3,
+                    pairs_per_s: sums.pairs as f64 / t_step.elapsed().as_secs_f64().max(1e-9),
+                    data_wait_s: sums.wait_s,
                 };
                 let line = serde_json::to_string(&m)?;
                 writeln!(log, "{line}")?;
@@ -323,38 +420,36 @@ pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary>
                     eprintln!("{line}");
                 }
             }
-            sums = (LossTerms::default(), 0.0, 0.0, 0.0, 0);
-            let next = (epoch, bi + 1);
+            sums = StepSums::default();
             if step % cfg.run.checkpoint_every == 0 || step == max_steps {
                 let p = Progress {
                     step,
-                    epoch: next.0,
-                    batch: next.1,
+                    epoch: pass,
+                    batch: bi + 1,
                     file: String::new(),
                     config_json: config_json.clone(),
                 };
-                last_ckpt = Some(
-                    checkpoint::save(
-                        &cfg.run.dir,
-                        &learner.online_map,
-                        &learner.target_map,
-                        learner.opt.state_tensors()?,
-                        p,
-                    )?
-                    .display()
-                    .to_string(),
-                );
+                let path = checkpoint::save(
+                    &cfg.run.dir,
+                    &learner.online_map,
+                    &learner.target_map,
+                    learner.opt.state_tensors()?,
+                    p,
+                )?;
+                last_ckpt = Some(path.display().to_string());
             }
             if step >= max_steps {
-                break 'epochs;
+                break 'passes;
             }
         }
-        epoch += 1;
+        pass += 1;
         start_batch = 0;
     }
     Ok(RunSummary {
         steps: step,
         resumed_from,
+        paper_epochs: sched.paper_epoch(step),
+        pairs_seen: step * pairs_per_step,
         first_loss,
         last_loss,
         checkpoint: last_ckpt,

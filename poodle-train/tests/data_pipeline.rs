@@ -16,7 +16,7 @@ use poodle_common::store::{
     Codecs, FlowAttrs, Geometry, PoodleStore, StoreArrays, StoreAttrs, SCHEMA_VERSION,
 };
 use poodle_train::data::crop::{crop, crop_resize_flow};
-use poodle_train::data::{AugmentConfig, Batch, Loader, LoaderConfig};
+use poodle_train::data::{AugmentConfig, Batch, Loader, LoaderConfig, PairSampling};
 use poodle_train::geom::Affine;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -186,6 +186,9 @@ fn loader_cfg(stores: Vec<PathBuf>, augment: AugmentConfig) -> LoaderConfig {
         workers: 2,
         prefetch: 2,
         seed: 11,
+        // Every pair once per pass: the generic loader tests below count pairs per pass.
+        // `passes_draw_r_pairs_per_video_visit_from_its_pool` tests the default sampling.
+        sampling: PairSampling::every_pair(),
         augment,
         ..LoaderConfig::default()
     }
@@ -443,6 +446,71 @@ fn epochs_reshuffle_and_cover_every_valid_pair_once() {
     // Pairs of different shards mix within the first batches.
     let shards: std::collections::BTreeSet<usize> = o0[..4].iter().map(|i| i / 4).collect();
     assert!(shards.len() > 1 || o1[..4].iter().any(|i| i / 4 != o1[0] / 4));
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn passes_draw_r_pairs_per_video_visit_from_its_pool() {
+    // Two parts of one job: pairs alternate between videos a.mp4 and b.mp4 (same root), so
+    // each video's pool spans both stores: 2 x 6 = 12 pairs per video; pair 4 of the first
+    // part (video a) is invalid.
+    let d = tmpdir("pools");
+    let valid: Vec<bool> = (0..12).map(|i| i != 4).collect();
+    for (name, offset, valid) in [("p0.zarr", 20.0, &valid[..]), ("p1.zarr", 30.0, &[][..])] {
+        let spec = StoreSpec {
+            pairs: 12,
+            per_shard: 4,
+            valid,
+            offset,
+            ..StoreSpec::default()
+        };
+        write_store(&d.join(name), &spec);
+    }
+    let cfg = LoaderConfig {
+        sampling: PairSampling::default(),
+        ..loader_cfg(vec![d.clone()], no_affine(small_augment().without_colour()))
+    };
+    let loader = open(cfg);
+    let s = loader.summary();
+    assert_eq!((s.units, s.pool_min, s.pool_max), (2, 11, 12), "{s}");
+    assert_eq!(
+        (s.pairs_per_visit, s.pairs_per_pass, s.epochs_per_pass),
+        (2, 4, 2)
+    );
+    assert_eq!(s.batches_per_epoch, 2);
+    let video_of = |m: &poodle_train::data::SampleMeta| m.video.clone();
+    let mut seen: std::collections::HashMap<String, Vec<(PathBuf, usize)>> = Default::default();
+    for pass in 0..6 {
+        let batches = all_batches(&loader, pass);
+        assert_eq!(batches.len(), 2);
+        for b in &batches {
+            // A batch of 2 is one visit: both pairs from the same video, different pairs.
+            assert_eq!(video_of(&b.meta[0]), video_of(&b.meta[1]), "pass {pass}");
+            assert_ne!(
+                (&b.meta[0].store, b.meta[0].pair),
+                (&b.meta[1].store, b.meta[1].pair)
+            );
+            for m in &b.meta {
+                assert!(
+                    !(m.store.ends_with("p0.zarr") && m.pair == 4),
+                    "invalid pair used"
+                );
+                seen.entry(video_of(m))
+                    .or_default()
+                    .push((m.store.clone(), m.pair));
+            }
+        }
+    }
+    // 6 passes x 2 draws = 12 draws per video: the first 11 (a's pool) or 12 (b's) are
+    // distinct, so no pair was reused before its pool was used up; both stores contribute.
+    for (video, draws) in &seen {
+        assert_eq!(draws.len(), 12, "{video}");
+        let pool = if video == "a.mp4" { 11 } else { 12 };
+        let distinct: std::collections::HashSet<_> = draws[..pool].iter().collect();
+        assert_eq!(distinct.len(), pool, "{video}: {draws:?}");
+        assert!(draws.iter().any(|(st, _)| st.ends_with("p0.zarr")));
+        assert!(draws.iter().any(|(st, _)| st.ends_with("p1.zarr")));
+    }
     std::fs::remove_dir_all(d).unwrap();
 }
 

@@ -9,10 +9,14 @@
 //!   names it. Stores may differ in stored resolution (crops are resized anyway).
 //! - **Invalid pairs** (`valid == false`) are left out when the loader opens; how many is in
 //!   [`Loader::summary`].
-//! - **Epochs**: a permutation of all valid pairs of all stores (so shards and stores mix),
-//!   drawn from `seed + epoch`. Batch `b` holds epoch positions `b*B .. (b+1)*B`; the sample
-//!   at position `p` augments with `Rng::derive(seed, [epoch, p, ..])`. Batches are therefore
-//!   identical for any worker count (including 0: built inline in `next`).
+//! - **Passes** ([`super::sampling`]): the valid pairs of all stores are grouped into units
+//!   (videos, clips of long videos, or single pairs for image sequences); pass `e` visits every
+//!   unit in a seeded order and draws R pairs from its pool (the authors' fresh pairs per
+//!   visit), so stores and shards mix. A pass counts as R paper epochs
+//!   ([`Loader::epochs_per_pass`]). `epoch` in this module's API is the pass number.
+//!   Batch `b` holds pass positions `b*B .. (b+1)*B`; the sample at position `p` augments with
+//!   `Rng::derive(seed, [pass, p, ..])`. Batches are therefore identical for any worker count
+//!   (including 0: built inline in `next`).
 //! - **Unreadable pairs** (a corrupt chunk, a short buffer): counted, reported once on stderr
 //!   and in [`Loader::stats`], and replaced by a pair drawn from a stream derived from
 //!   (seed, epoch, position, attempt), so the replacement is deterministic too; after
@@ -26,12 +30,14 @@
 
 use super::augment::{augment_pair, AugmentConfig, AugmentedPair, RawPair};
 use super::crop::CropBox;
+use super::sampling::{clip_of, PairKey, PairSampling, PassPlanner, VisitUnit};
 use super::subcrops::SubcropPair;
 use super::Rng;
 use crate::geom::Affine;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 use crossbeam_channel::{bounded, Receiver, Sender};
+use poodle_common::config::Sampling;
 use poodle_common::store::{
     PoodleStore, BACKWARD, FLOW_ROOT, FORWARD, OCCLUSION, OCCLUSION_BACKWARD,
 };
@@ -48,7 +54,6 @@ use std::time::{Duration, Instant};
 pub const MAX_REPLACEMENTS: u64 = 8;
 /// Unreadable-pair messages kept in [`LoaderStats::bad_pairs`].
 const MAX_MESSAGES: usize = 64;
-const TAG_PERM: u64 = 0x7065_726d;
 const TAG_AUG: u64 = 1;
 const TAG_REPLACE: u64 = 2;
 
@@ -70,6 +75,8 @@ pub struct LoaderConfig {
     pub seed: u64,
     /// Drop the last incomplete batch of an epoch (true).
     pub drop_last: bool,
+    /// Which pairs a pass draws (default: the authors' R = 2 per video visit).
+    pub sampling: PairSampling,
     pub augment: AugmentConfig,
 }
 
@@ -83,6 +90,7 @@ impl Default for LoaderConfig {
             prefetch: 4,
             seed: 0,
             drop_last: true,
+            sampling: PairSampling::default(),
             augment: AugmentConfig::default(),
         }
     }
@@ -159,6 +167,16 @@ pub struct LoaderSummary {
     pub valid_pairs: usize,
     /// Pairs left out because the store marks them invalid.
     pub invalid_skipped: usize,
+    /// What a visit draws from (`video` or `pair`), and how many there are.
+    pub unit: VisitUnit,
+    pub units: usize,
+    /// Smallest and largest pool of stored pairs per unit.
+    pub pool_min: usize,
+    pub pool_max: usize,
+    /// R actually drawn per visit, pairs per pass, and paper epochs per pass (= R).
+    pub pairs_per_visit: usize,
+    pub pairs_per_pass: usize,
+    pub epochs_per_pass: usize,
     pub batches_per_epoch: usize,
 }
 
@@ -166,12 +184,23 @@ impl std::fmt::Display for LoaderSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} valid pairs in {} stores (flow group {}), {} invalid pairs skipped, {} batches per epoch",
+            "{} valid pairs in {} stores (flow group {}), {} invalid pairs skipped; {} {} units \
+             (pools of {}-{} pairs), {} pairs per visit: {} pairs and {} batches per pass = {} paper epochs",
             self.valid_pairs,
             self.stores.len(),
             self.flow_group,
             self.invalid_skipped,
-            self.batches_per_epoch
+            self.units,
+            serde_json::to_value(self.unit)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            self.pool_min,
+            self.pool_max,
+            self.pairs_per_visit,
+            self.pairs_per_pass,
+            self.batches_per_epoch,
+            self.epochs_per_pass
         )
     }
 }
@@ -207,6 +236,7 @@ struct Shared {
     group: String,
     /// Valid pairs: (store, pair).
     index: Vec<(u32, u32)>,
+    planner: PassPlanner,
     counters: Counters,
 }
 
@@ -261,6 +291,68 @@ fn open_store(path: &Path, group: Option<&str>) -> Result<(PoodleStore, String)>
     Ok((s, name))
 }
 
+/// The valid pairs of store `s` with the name of the unit each belongs to: `root|video|clip`
+/// for video units (clip 0 except under `clips` sampling), `store|pair` for pair units.
+fn store_units(s: &PoodleStore, unit: VisitUnit) -> Result<Vec<(usize, String)>> {
+    let where_ = || format!("store {}", s.path.display());
+    let valid = s
+        .read_all_valid()
+        .map_err(|e| anyhow!("{e}"))
+        .with_context(|| format!("{}: reading `valid`", where_()))?;
+    let pairs = s
+        .read_all_pairs()
+        .map_err(|e| anyhow!("{e}"))
+        .with_context(where_)?;
+    if valid.len() != s.num_pairs() || pairs.len() != s.num_pairs() {
+        bail!(
+            "{}: `valid` has {} and `pairs` {} entries for {} pairs",
+            where_(),
+            valid.len(),
+            pairs.len(),
+            s.num_pairs()
+        );
+    }
+    let a = &s.attrs;
+    let mut out = Vec::new();
+    for (i, [video, t, dt]) in pairs.into_iter().enumerate() {
+        if !valid[i] {
+            continue;
+        }
+        let key = match unit {
+            VisitUnit::Pair | VisitUnit::Auto => format!("{}|{i}", s.path.display()),
+            VisitUnit::Video => {
+                let v = usize::try_from(video).ok().filter(|&v| v < a.videos.len());
+                let v = v.with_context(|| {
+                    format!(
+                        "{}: pair {i} names video {video} of {}",
+                        where_(),
+                        a.videos.len()
+                    )
+                })?;
+                let clip = match &a.dataset.sampling {
+                    Sampling::Clips {
+                        clip_seconds,
+                        dt_seconds,
+                        ..
+                    } => {
+                        // Stores written before fps was recorded: dt = round(dt_seconds * fps).
+                        let fps = a
+                            .video_fps
+                            .get(v)
+                            .copied()
+                            .unwrap_or(dt as f64 / dt_seconds);
+                        clip_of(t, fps, *clip_seconds)
+                    }
+                    _ => 0,
+                };
+                format!("{}|{}|{clip}", a.root, a.videos[v])
+            }
+        };
+        out.push((i, key));
+    }
+    Ok(out)
+}
+
 /// The loader: opened stores and an index of valid pairs. Cheap to keep; each
 /// [`Loader::epoch`] starts its own workers.
 pub struct Loader {
@@ -287,25 +379,21 @@ impl Loader {
         let mut stores = Vec::new();
         let mut summaries = Vec::new();
         let mut index = Vec::new();
+        let mut keys = Vec::new();
+        let mut units_seen = Vec::new();
         let mut group = cfg.flow_group.clone();
         for p in &paths {
             let (s, g) = open_store(p, group.as_deref())?;
             group.get_or_insert(g);
-            let valid = s
-                .read_all_valid()
-                .map_err(|e| anyhow!("{e}"))
-                .with_context(|| format!("store {}: reading `valid`", p.display()))?;
-            if valid.len() != s.num_pairs() {
-                bail!(
-                    "store {}: `valid` has {} entries for {} pairs",
-                    p.display(),
-                    valid.len(),
-                    s.num_pairs()
-                );
-            }
             let k = u32::try_from(stores.len()).context("too many stores")?;
+            let unit = cfg.sampling.unit_for(&s.attrs.dataset.sampling);
+            units_seen.push(unit);
             let before = index.len();
-            for (i, _) in valid.iter().enumerate().filter(|(_, &v)| v) {
+            for (i, key) in store_units(&s, unit)? {
+                keys.push(PairKey {
+                    index: u32::try_from(index.len()).context("too many pairs")?,
+                    unit: key,
+                });
                 index.push((k, u32::try_from(i).context("store too large")?));
             }
             let nvalid = index.len() - before;
@@ -320,8 +408,16 @@ impl Loader {
             });
             stores.push(s);
         }
+        let unit = units_seen[0];
+        if units_seen.iter().any(|&u| u != unit) {
+            bail!(
+                "the stores mix image sequences (one unit per pair) and videos (one unit per \
+                 video): set data.sampling.unit to \"video\" or \"pair\""
+            );
+        }
         let group = group.expect("set by the first store");
-        let n = index.len();
+        let planner = PassPlanner::new(&cfg.sampling, cfg.seed, &keys, unit == VisitUnit::Pair);
+        let n = planner.pairs_per_pass();
         let bs = cfg.batch_size;
         let batches = if cfg.drop_last {
             n / bs
@@ -330,16 +426,28 @@ impl Loader {
         };
         if batches == 0 {
             bail!(
-                "{n} valid pairs in {} stores: not one batch of {bs} (drop_last = {})",
+                "{} valid pairs in {} stores give {n} pairs per pass ({} units x {} per visit): \
+                 not one batch of {bs} (drop_last = {})",
+                index.len(),
                 paths.len(),
+                planner.num_units(),
+                planner.pairs_per_visit(),
                 cfg.drop_last
             );
         }
+        let (pool_min, pool_max) = planner.pool_sizes();
         let summary = LoaderSummary {
             flow_group: group.clone(),
-            valid_pairs: n,
+            valid_pairs: index.len(),
             invalid_skipped: summaries.iter().map(|s| s.invalid).sum(),
             stores: summaries,
+            unit,
+            units: planner.num_units(),
+            pool_min,
+            pool_max,
+            pairs_per_visit: planner.pairs_per_visit(),
+            pairs_per_pass: n,
+            epochs_per_pass: planner.epochs_per_pass(),
             batches_per_epoch: batches,
         };
         Ok(Loader {
@@ -349,6 +457,7 @@ impl Loader {
                 stores,
                 group,
                 index,
+                planner,
                 counters: Counters::default(),
             }),
             summary,
@@ -363,8 +472,14 @@ impl Loader {
         &self.shared.cfg
     }
 
+    /// Batches in every pass.
     pub fn batches_per_epoch(&self) -> usize {
         self.summary.batches_per_epoch
+    }
+
+    /// Paper epochs one pass counts as (R; 1 for image sequences).
+    pub fn epochs_per_pass(&self) -> usize {
+        self.summary.epochs_per_pass
     }
 
     /// Read failures so far.
@@ -405,8 +520,14 @@ impl Loader {
             .collect()
     }
 
-    /// Starts epoch `epoch`: its workers run until the iterator is exhausted or dropped.
+    /// Starts pass `epoch`: its workers run until the iterator is exhausted or dropped.
     pub fn epoch(&self, epoch: u64) -> EpochIter {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// Starts pass `epoch` at batch `start` (resuming): the batches before it are neither
+    /// read nor augmented, and batch `b >= start` is the same as in a full pass.
+    pub fn epoch_from(&self, epoch: u64, start: usize) -> EpochIter {
         let plan = Arc::new(EpochPlan {
             epoch,
             perm: self.shared.permutation(epoch),
@@ -416,7 +537,7 @@ impl Loader {
         let mut it = EpochIter {
             shared: self.shared.clone(),
             plan: plan.clone(),
-            next: 0,
+            next: start,
             pending: BTreeMap::new(),
             results: None,
             tokens: None,
@@ -433,7 +554,7 @@ impl Loader {
             tok_tx.send(()).expect("token channel has room");
         }
         let (res_tx, res_rx) = bounded(cfg.prefetch);
-        let next_batch = Arc::new(AtomicUsize::new(0));
+        let next_batch = Arc::new(AtomicUsize::new(start));
         for w in 0..cfg.workers {
             let ctx = WorkerCtx {
                 shared: self.shared.clone(),
@@ -466,9 +587,7 @@ struct EpochPlan {
 
 impl Shared {
     fn permutation(&self, epoch: u64) -> Vec<u32> {
-        let mut perm: Vec<u32> = (0..self.index.len() as u32).collect();
-        Rng::derive(self.cfg.seed.wrapping_add(epoch), &[TAG_PERM]).shuffle(&mut perm);
-        perm
+        self.planner.pass(epoch)
     }
 
     fn read_and_augment(&self, g: usize, rng: &mut Rng) -> Result<(AugmentedPair, SampleMeta)> {
