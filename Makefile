@@ -14,12 +14,13 @@ CARGO_RELEASE := cargo build --release -p poodle-prep
 
 .PHONY: setup build build-train demo prep train experiment-camvid test fmt clippy bench clean
 
-## setup: Python venv with PyPI's ONNX Runtime (the library ort loads) and zarr (interop tests).
+## setup: ffmpeg/ffprobe (apt-get where it can, else the command to run), and a Python venv with
+## PyPI's ONNX Runtime (the library ort loads) and zarr (interop tests).
 setup: $(VENV)/.ok
-$(VENV)/.ok: tools/requirements.txt
+$(VENV)/.ok: tools/requirements.txt tools/system-deps.sh
+	tools/system-deps.sh
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -r tools/requirements.txt
-	@command -v ffmpeg >/dev/null || { echo "ffmpeg is missing: apt-get install ffmpeg"; exit 1; }
 	touch $@
 
 build:

@@ -9,6 +9,7 @@ pub mod flowmath;
 pub mod manifest;
 pub mod rng;
 pub mod store;
+pub mod testenv;
 
 pub use error::{Error, Result};
 

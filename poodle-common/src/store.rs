@@ -29,8 +29,10 @@ use crate::flowmath::{FLOW_QUANT_SCALE, FLOW_STAT_NAMES};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use zarrs::array::codec::ZstdCodec;
+use zarrs::array::{ArrayShardedReadableExt, ArrayShardedReadableExtCache, CodecOptions};
 use zarrs::array::{
     data_type, Array, ArrayBuilder, ArrayMetadata, ArrayMetadataOptions, ArraySubset,
 };
@@ -462,6 +464,14 @@ pub struct PoodleStore {
     pub attrs: StoreAttrs,
     pub flow_groups: Vec<(String, FlowAttrs)>,
     storage: Arc<FilesystemStore>,
+    /// Arrays opened once per process (their metadata parsed once), each with its shard-index
+    /// cache, so that reading a pair costs one shard-index lookup and one chunk decode.
+    open: Mutex<HashMap<String, Arc<OpenArray>>>,
+}
+
+struct OpenArray {
+    array: Array<FilesystemStore>,
+    shard_index: ArrayShardedReadableExtCache,
 }
 
 fn group_attrs<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T> {
@@ -519,6 +529,7 @@ impl PoodleStore {
             attrs,
             flow_groups,
             storage,
+            open: Mutex::new(HashMap::new()),
         };
         for name in [FRAMES, PAIRS, VALID] {
             s.array(&format!("/{name}"))?;
@@ -530,21 +541,33 @@ impl PoodleStore {
         self.attrs.geometry.num_pairs
     }
 
-    fn array(&self, path: &str) -> Result<Array<FilesystemStore>> {
-        Array::open(self.storage.clone(), path).map_err(|e| {
+    /// Opens `path` the first time it is asked for; later calls share it.
+    fn array(&self, path: &str) -> Result<Arc<OpenArray>> {
+        if let Some(a) = self.open.lock().expect("array map").get(path) {
+            return Ok(a.clone());
+        }
+        let array = Array::open(self.storage.clone(), path).map_err(|e| {
             Error::store(
                 &self.path,
                 format!("array {path} missing or unreadable: {e}"),
             )
-        })
+        })?;
+        let shard_index = ArrayShardedReadableExtCache::new(&array);
+        let a = Arc::new(OpenArray { array, shard_index });
+        self.open
+            .lock()
+            .expect("array map")
+            .insert(path.to_string(), a.clone());
+        Ok(a)
     }
 
+    /// Pair `i` of `path`: its inner chunk (one pair each), through the shard-index cache.
     fn read<T: zarrs::array::ElementOwned>(&self, path: &str, i: usize) -> Result<Vec<T>> {
         let a = self.array(path)?;
-        let shape = a.shape().to_vec();
-        let mut ranges: Vec<std::ops::Range<u64>> = shape.iter().map(|&d| 0..d).collect();
-        ranges[0] = i as u64..i as u64 + 1;
-        a.retrieve_array_subset::<Vec<T>>(&ArraySubset::new_with_ranges(&ranges))
+        let mut chunk = vec![0u64; a.array.dimensionality()];
+        chunk[0] = i as u64;
+        a.array
+            .retrieve_subchunk_opt::<Vec<T>>(&a.shard_index, &chunk, &CodecOptions::default())
             .map_err(|e| Error::store(&self.path, format!("{path}, pair {i}: {e}")))
     }
 
@@ -611,14 +634,14 @@ impl PoodleStore {
 
     /// All per-pair rows of a small 2-D array (pairs or stats), for summaries.
     pub fn read_all_stats(&self, group: &str) -> Result<Vec<f32>> {
-        let a = self.array(&format!("/{FLOW_ROOT}/{group}/{STATS}"))?;
+        let a = &self.array(&format!("/{FLOW_ROOT}/{group}/{STATS}"))?.array;
         a.retrieve_array_subset::<Vec<f32>>(&a.subset_all())
             .map_err(|e| Error::store(&self.path, format!("{group}/stats: {e}")))
     }
 
     /// `(video, t, dt)` of every pair, in pair order.
     pub fn read_all_pairs(&self) -> Result<Vec<[i64; 3]>> {
-        let a = self.array(&format!("/{PAIRS}"))?;
+        let a = &self.array(&format!("/{PAIRS}"))?.array;
         let flat = a
             .retrieve_array_subset::<Vec<i64>>(&a.subset_all())
             .map_err(|e| Error::store(&self.path, format!("pairs: {e}")))?;
@@ -636,7 +659,7 @@ impl PoodleStore {
     }
 
     pub fn read_all_valid(&self) -> Result<Vec<bool>> {
-        let a = self.array(&format!("/{VALID}"))?;
+        let a = &self.array(&format!("/{VALID}"))?.array;
         a.retrieve_array_subset::<Vec<bool>>(&a.subset_all())
             .map_err(|e| Error::store(&self.path, format!("valid: {e}")))
     }

@@ -274,7 +274,7 @@ mod tests {
     fn real_ground_truth_files_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/flow");
         if !dir.exists() {
-            eprintln!("SKIP: ../shared/data/flow is absent");
+            poodle_common::testenv::missing(&format!("{} is absent", dir.display()));
             return;
         }
         let m = read_flo(&dir.join("Middlebury_flow_gt.flo")).unwrap();

@@ -31,7 +31,7 @@ use std::collections::BTreeMap;
 
 const TAG_PASS: u64 = 0x7061_7373;
 const TAG_POOL: u64 = 0x706f_6f6c;
-const TAG_MIX: u64 = 0x6d69_78;
+const TAG_MIX: u64 = 0x006d_6978;
 
 /// What one visit draws from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -18,13 +18,14 @@ pub fn tmpdir(tag: &str) -> PathBuf {
     d
 }
 
-/// `../shared/data/<rel>` if it exists; `None` (skip, with a message) otherwise.
+/// `../shared/data/<rel>` if it exists; `None` (skip, with a message; a failure under
+/// `CI=true`) otherwise.
 pub fn shared_data(rel: &str) -> Option<PathBuf> {
     let p = repo().join("../shared/data").join(rel);
     if p.exists() {
         Some(p)
     } else {
-        eprintln!("SKIP: ../shared/data/{rel} is absent");
+        poodle_common::testenv::missing(&format!("{} is absent", p.display()));
         None
     }
 }
@@ -42,7 +43,10 @@ pub fn ort_library() -> Option<PathBuf> {
         })
         .find(|p| p.exists());
     if found.is_none() {
-        eprintln!("SKIP: no onnxruntime in .venv (run `make setup`)");
+        poodle_common::testenv::missing(&format!(
+            "no onnxruntime 1.31.1 under {} (run `make setup`)",
+            repo().join(".venv/lib").display()
+        ));
     }
     found
 }
@@ -60,7 +64,10 @@ pub fn prep_binary() -> Option<PathBuf> {
             .status()
             .is_ok_and(|s| s.success());
         if !ok || !bin.exists() {
-            eprintln!("SKIP: could not build poodle-prep ({})", bin.display());
+            poodle_common::testenv::missing(&format!(
+                "could not build poodle-prep ({})",
+                bin.display()
+            ));
             return None;
         }
     }
