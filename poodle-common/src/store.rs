@@ -28,14 +28,12 @@ use crate::config::DatasetConfig;
 use crate::flowmath::{FLOW_QUANT_SCALE, FLOW_STAT_NAMES};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use zarrs::array::codec::ZstdCodec;
+use zarrs::array::{data_type, Array, ArrayBuilder, ArrayMetadata, ArrayMetadataOptions};
 use zarrs::array::{ArrayShardedReadableExt, ArrayShardedReadableExtCache, CodecOptions};
-use zarrs::array::{
-    data_type, Array, ArrayBuilder, ArrayMetadata, ArrayMetadataOptions, ArraySubset,
-};
 use zarrs::filesystem::FilesystemStore;
 
 pub const SCHEMA_VERSION: u32 = 1;
