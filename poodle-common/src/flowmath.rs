@@ -100,10 +100,16 @@ impl Map {
     }
 }
 
-/// PyTorch `align_corners=False` linear index/weight table for one axis.
-fn linear_table(n_in: usize, n_out: usize) -> Vec<(usize, usize, f32, f32)> {
-    let scale = n_in as f32 / n_out as f32;
-    (0..n_out)
+/// PyTorch's `align_corners=False` index/weight table for outputs `offset .. offset + n_out`
+/// of a linear resize of `n_in` samples to `n_scaled`: a crop of the resize, without the rest.
+fn window_table(
+    n_in: usize,
+    n_scaled: usize,
+    offset: usize,
+    n_out: usize,
+) -> Vec<(usize, usize, f32, f32)> {
+    let scale = n_in as f32 / n_scaled as f32;
+    (offset..offset + n_out)
         .map(|o| {
             let src = ((o as f32 + 0.5) * scale - 0.5).max(0.0);
             let i0 = (src as usize).min(n_in - 1);
@@ -117,12 +123,30 @@ fn linear_table(n_in: usize, n_out: usize) -> Vec<(usize, usize, f32, f32)> {
 /// Bilinear resize, identical to PyTorch `F.interpolate(mode='bilinear', align_corners=False,
 /// antialias=False)` (no antialiasing when downscaling).
 pub fn resize_bilinear(m: &Map, h: usize, w: usize) -> Map {
+    resize_window(m, (h, w), (0, 0), (h, w))
+}
+
+/// The `out` = (h, w) window at `origin` = (y0, x0) of `m` resized to `scaled` = (H', W'):
+/// exactly `F.interpolate(m, size=scaled, mode='bilinear', align_corners=False)` followed by
+/// `[..., y0:y0+h, x0:x0+w]`, computing only the window. The window must lie inside `scaled`.
+pub fn resize_window(
+    m: &Map,
+    scaled: (usize, usize),
+    origin: (usize, usize),
+    out: (usize, usize),
+) -> Map {
+    let (h, w) = out;
+    assert!(
+        origin.0 + h <= scaled.0 && origin.1 + w <= scaled.1,
+        "resize_window: window {out:?} at {origin:?} outside {scaled:?}"
+    );
     let mut out = Map::zeros(m.c, h, w);
     if h == 0 || w == 0 || m.c == 0 {
         return out;
     }
-    assert!(m.h > 0 && m.w > 0, "resize_bilinear: empty input");
-    let (ty, tx) = (linear_table(m.h, h), linear_table(m.w, w));
+    assert!(m.h > 0 && m.w > 0, "resize_window: empty input");
+    let ty = window_table(m.h, scaled.0, origin.0, h);
+    let tx = window_table(m.w, scaled.1, origin.1, w);
     for c in 0..m.c {
         let src = m.channel(c);
         let dst = &mut out.data[c * h * w..(c + 1) * h * w];
@@ -141,9 +165,22 @@ pub fn resize_bilinear(m: &Map, h: usize, w: usize) -> Map {
 
 /// Resizes a flow field and rescales it: `u *= w / w_in`, `v *= h / h_in`.
 pub fn resize_flow(flow: &Map, h: usize, w: usize) -> Map {
+    resize_window_flow(flow, (h, w), (0, 0), (h, w))
+}
+
+/// [`resize_window`] for a flow field, its vectors rescaled to the resized image's pixels
+/// (`u *= W' / w_in`, `v *= H' / h_in`; a crop does not change displacements).
+pub fn resize_window_flow(
+    flow: &Map,
+    scaled: (usize, usize),
+    origin: (usize, usize),
+    out: (usize, usize),
+) -> Map {
     assert_eq!(flow.c, 2, "resize_flow: flow must have 2 channels");
-    let mut out = resize_bilinear(flow, h, w);
-    let (su, sv) = (w as f32 / flow.w as f32, h as f32 / flow.h as f32);
+    let mut out = resize_window(flow, scaled, origin, out);
+    let (h, w) = (out.h, out.w);
+    let su = scaled.1 as f32 / flow.w as f32;
+    let sv = scaled.0 as f32 / flow.h as f32;
     let n = h * w;
     out.data[..n].iter_mut().for_each(|u| *u *= su);
     out.data[n..].iter_mut().for_each(|v| *v *= sv);
@@ -441,6 +478,25 @@ mod tests {
         assert_eq!(resize_bilinear(&m, 2, 2), m);
         let row = Map::from_vec(1, 1, 4, vec![0.0, 10.0, 20.0, 40.0]);
         assert_eq!(resize_bilinear(&row, 1, 2).data, [5.0, 30.0]);
+    }
+
+    #[test]
+    fn resize_window_is_the_window_of_the_full_resize() {
+        let m = Map::from_vec(2, 5, 7, (0..70).map(|v| ((v * 37) % 11) as f32).collect());
+        let full = resize_bilinear(&m, 9, 13);
+        let win = resize_window(&m, (9, 13), (3, 4), (5, 6));
+        for c in 0..2 {
+            for y in 0..5 {
+                for x in 0..6 {
+                    assert_eq!(win.get(c, y, x), full.get(c, y + 3, x + 4));
+                }
+            }
+        }
+        let f = resize_window_flow(&m, (9, 13), (3, 4), (5, 6));
+        let ff = resize_flow(&m, 9, 13);
+        assert_eq!(f.get(0, 2, 3), ff.get(0, 5, 7));
+        assert_eq!(f.get(1, 4, 5), ff.get(1, 7, 9));
+        assert!((ff.get(0, 5, 7) - full.get(0, 5, 7) * 13.0 / 7.0).abs() < 1e-5);
     }
 
     #[test]
