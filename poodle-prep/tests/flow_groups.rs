@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 mod common;
-use common::{prep_bin, repo, run_json as ok};
+use common::{prep_bin, run_json as ok};
 
 fn bin(args: &[&str]) -> Command {
     let mut c = prep_bin();
@@ -33,11 +33,9 @@ fn config(dir: &Path, per_shard: usize, r: usize) -> PathBuf {
 
 #[test]
 fn second_flow_group_is_resumable_and_matches_prep_flow() {
-    let videos = repo().join("../shared/data/video");
-    if !videos.exists() {
-        eprintln!("SKIP: ../shared/data/video is absent");
+    let Some(videos) = common::shared_data("video", "dashcam-highway-720p.mp4") else {
         return;
-    }
+    };
     let d = tmpdir("reflow");
     let cfg = config(&d, 1, 4);
     let out = d.join("out");

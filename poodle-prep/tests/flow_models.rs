@@ -8,11 +8,9 @@ use common::{ort_lib, repo};
 
 #[test]
 fn tvl1_default_model_meets_the_accuracy_bars() {
-    let data = repo().join("../shared/data/flow");
-    if !data.join("Middlebury_flow_gt.flo").exists() {
-        eprintln!("SKIP: ../shared/data/flow is absent");
+    let Some(_data) = common::shared_data("flow", "Middlebury_flow_gt.flo") else {
         return;
-    }
+    };
     let lib = ort_lib();
     let o = Command::new(env!("CARGO_BIN_EXE_poodle-prep"))
         .current_dir(repo())

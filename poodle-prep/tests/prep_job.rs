@@ -11,13 +11,7 @@ mod common;
 use common::{prep_bin, repo, run_json as run_ok};
 
 fn sample_videos() -> Option<PathBuf> {
-    let p = repo().join("../shared/data/video");
-    if p.join("dashcam-highway-720p.mp4").exists() {
-        Some(p)
-    } else {
-        eprintln!("SKIP: ../shared/data/video is absent (real dashcam clips)");
-        None
-    }
+    common::shared_data("video", "dashcam-highway-720p.mp4")
 }
 
 fn tmpdir(tag: &str) -> PathBuf {
@@ -400,11 +394,9 @@ fn missing_runtime_or_mismatched_model_fails_before_any_work() {
 
 #[test]
 fn image_sequences_pair_consecutive_frames() {
-    let camvid = repo().join("../shared/data/camvid/train");
-    if !camvid.exists() {
-        eprintln!("SKIP: ../shared/data/camvid is absent");
+    let Some(camvid) = common::shared_data("camvid/train", "0016E5_00390.png") else {
         return;
-    }
+    };
     let d = tmpdir("frames");
     let seq = d.join("seq");
     std::fs::create_dir_all(&seq).unwrap();

@@ -6,6 +6,8 @@
 //! project's venv python (`make setup`), which re-reads the store with zarr-python and checks
 //! the schema, the codecs and the values.
 
+mod common;
+
 use poodle_common::store::PoodleStore;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -138,15 +140,9 @@ fn expected(store: &PoodleStore, indices: &[usize]) -> Value {
 #[test]
 fn zarr_python_reads_prep_store() {
     let repo = repo();
-    let root = repo.join("../shared/data/video");
-    if !root.is_dir() {
-        eprintln!(
-            "SKIP zarr_python_reads_prep_store: sample videos not found at {} \
-             (the test needs the shared real data; see ../shared/data/README.md)",
-            root.display()
-        );
+    let Some(root) = common::shared_data("video", "dashcam-highway-720p.mp4") else {
         return;
-    }
+    };
     let venv = repo.join(".venv");
     let python = venv.join("bin/python");
     assert!(

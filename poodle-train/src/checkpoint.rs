@@ -41,6 +41,42 @@ fn take(map: &VarMap, prefix: &str, all: &HashMap<String, Tensor>, file: &Path) 
     Ok(())
 }
 
+/// Checkpoints kept after each save (the newest by step; the one `latest.json` names is
+/// never deleted).
+pub const KEEP_CHECKPOINTS: usize = 2;
+
+/// The step a checkpoint file name encodes (`checkpoint-<step>.safetensors`).
+fn checkpoint_step(name: &str) -> Option<u64> {
+    name.strip_prefix("checkpoint-")?
+        .strip_suffix(".safetensors")?
+        .parse()
+        .ok()
+}
+
+/// Deletes all but the `keep` highest-step checkpoints of `dir`, never `latest` (the file
+/// `latest.json` names, which may be older than a stray higher-step file left by another
+/// job). Steps are compared as numbers, so names of different widths sort right.
+pub fn prune(dir: &Path, keep: usize, latest: &str) -> Result<Vec<PathBuf>> {
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .with_context(|| format!("listing checkpoints in {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let step = checkpoint_step(p.file_name()?.to_str()?)?;
+            Some((step, p))
+        })
+        .collect();
+    found.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
+    let mut removed = Vec::new();
+    for (_, p) in found.into_iter().skip(keep) {
+        if p.file_name().and_then(|n| n.to_str()) == Some(latest) {
+            continue;
+        }
+        std::fs::remove_file(&p).with_context(|| format!("pruning {}", p.display()))?;
+        removed.push(p);
+    }
+    Ok(removed)
+}
+
 pub fn save(
     dir: &Path,
     online: &VarMap,
@@ -60,19 +96,7 @@ pub fn save(
     std::fs::rename(&tmp, &path)?;
     progress.file = name;
     poodle_common::atomic::write_json_atomic(&dir.join("latest.json"), &progress)?;
-    // Keep the two newest checkpoints.
-    let mut old: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("checkpoint-") && n.ends_with(".safetensors"))
-        })
-        .collect();
-    old.sort();
-    for p in old.iter().rev().skip(2) {
-        let _ = std::fs::remove_file(p);
-    }
+    prune(dir, KEEP_CHECKPOINTS, &progress.file)?;
     Ok(path)
 }
 
@@ -99,4 +123,43 @@ pub fn load(
         .filter(|(k, _)| k.starts_with("adam."))
         .collect();
     Ok(Some((progress, optim)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prune_keeps_the_highest_steps_and_the_latest_file() {
+        let dir = std::env::temp_dir().join(format!("poodle-prune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // Unpadded names: a name sort would put step 900 above step 10000.
+        for name in [
+            "checkpoint-900.safetensors",
+            "checkpoint-10000.safetensors",
+            "checkpoint-20000.safetensors",
+            "checkpoint-00000500.safetensors",
+            "checkpoint-7.safetensors",
+            "notes.txt",
+        ] {
+            std::fs::write(dir.join(name), b"x").unwrap();
+        }
+        prune(&dir, 2, "checkpoint-00000500.safetensors").unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "checkpoint-00000500.safetensors",
+                "checkpoint-10000.safetensors",
+                "checkpoint-20000.safetensors",
+                "notes.txt"
+            ]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

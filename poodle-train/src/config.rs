@@ -177,7 +177,8 @@ impl TrainConfig {
         c.model = ModelConfig::tiny();
         c.augment.out_height = 64;
         c.augment.out_width = 128;
-        c.augment.global_crop.area = [0.3, 0.8];
+        // The paper's geometry at 1/8 scale: 64x128 windows of (135 s, 240 s).
+        c.augment.global_crop.initial_size = [135, 240];
         c.augment.subcrops.k = 2;
         c.augment.subcrops.size = 32;
         c.data.batch_size = 4;

@@ -11,6 +11,7 @@ pub mod data;
 pub mod eval;
 pub mod export;
 pub mod geom;
+pub mod loaderbench;
 pub mod loss;
 pub mod model;
 pub mod optim;

@@ -56,6 +56,21 @@ enum Cmd {
         /// Output .safetensors file.
         out: PathBuf,
     },
+    /// Measure the data loader: pairs/s per core at a run's configuration (default the
+    /// paper's: 512x1024 crops, K = 6 subcrops of 192 px, full augmentation), beside the
+    /// store reads alone; prints JSON. Build with --release.
+    BenchLoader {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Cores (rayon threads) building batches.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Batches timed, after --warmup untimed ones.
+        #[arg(long, default_value_t = 8)]
+        batches: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+    },
     /// Open stores as the trainer will and report pairs and flow groups.
     CheckStores { stores: Vec<PathBuf> },
     /// Downstream evaluation of a checkpoint's encoder.
@@ -160,6 +175,16 @@ fn main() -> Result<()> {
                 &out,
             )?;
             println!("{}", serde_json::to_string(&r)?);
+        }
+        Cmd::BenchLoader {
+            config,
+            threads,
+            batches,
+            warmup,
+        } => {
+            let cfg = config.resolve()?;
+            let r = poodle_train::loaderbench::bench_loader(&cfg, threads, batches, warmup)?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
         }
         Cmd::CheckStores { stores } => {
             let mut total = 0;

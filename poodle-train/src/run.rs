@@ -128,16 +128,14 @@ impl Learner {
             (zero.clone(), zero.clone(), zero.clone(), zero);
         let mut mask_fraction = 0.0;
         let mut proj_std = 0.0;
+        // Both directions go through each network as one batch, as the authors concatenate
+        // [frame t, frame t+dt]: BatchNorm sees 2N images (2NK subcrops).
+        let halves = |x: Tensor| -> Result<Vec<Tensor>> { Ok(x.chunk(2, 0)?) };
         if m.dense {
-            let q: Vec<Tensor> = (0..2)
-                .map(|i| {
-                    let p = self.online.encoder.dense(&b.views[i], true)?;
-                    self.online.predictors.dense(&p, true)
-                })
-                .collect::<candle_core::Result<_>>()?;
-            let t: Vec<Tensor> = (0..2)
-                .map(|i| self.target.dense(&b.views[i], true).map(|x| x.detach()))
-                .collect::<candle_core::Result<_>>()?;
+            let both = Tensor::cat(&[&b.views[0], &b.views[1]], 0)?;
+            let p = self.online.encoder.dense(&both, true)?;
+            let q = halves(self.online.predictors.dense(&p, true)?)?;
+            let t = halves(self.target.dense(&both, true)?.detach())?;
             let (l, s) = dense_loss(
                 &q[0],
                 &t[1],
@@ -162,20 +160,17 @@ impl Learner {
             proj_std = collapse_std(&t[0].mean((2, 3))?)?;
         }
         if m.pooled {
-            let mut proj = Vec::new();
-            let q: Vec<Tensor> = (0..2)
-                .map(|i| {
-                    let p = self.online.encoder.pooled(&b.subcrops[i], true)?;
-                    proj.push(p.clone());
-                    self.online.predictors.pooled(&p, true)
-                })
-                .collect::<candle_core::Result<_>>()?;
-            let z: Vec<Tensor> = (0..2)
-                .map(|i| self.target.pooled(&b.subcrops[i], true).map(|x| x.detach()))
-                .collect::<candle_core::Result<_>>()?;
-            p_ab = pooled_loss(&q[0], &z[1])?;
-            p_ba = pooled_loss(&q[1], &z[0])?;
-            proj_std = collapse_std(&proj[0].detach())?;
+            // subcrops[d][0] online, subcrops[d][1] target of direction d (t online, then
+            // t+dt online): each direction has its own K pairs.
+            let sc = &b.subcrops;
+            let online_in = Tensor::cat(&[&sc[0][0], &sc[1][0]], 0)?;
+            let target_in = Tensor::cat(&[&sc[0][1], &sc[1][1]], 0)?;
+            let proj = self.online.encoder.pooled(&online_in, true)?;
+            let q = halves(self.online.predictors.pooled(&proj, true)?)?;
+            let z = halves(self.target.pooled(&target_in, true)?.detach())?;
+            p_ab = pooled_loss(&q[0], &z[0])?;
+            p_ba = pooled_loss(&q[1], &z[1])?;
+            proj_std = collapse_std(&halves(proj.detach())?[0])?;
         }
         let (wd, wp) = (
             if m.dense { m.w_dense } else { 0.0 },
@@ -283,7 +278,8 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     Ok(())
 }
 
-fn open_loader(cfg: &TrainConfig, dev: &Device) -> Result<Loader> {
+/// The loader a run with `cfg` reads (also what `bench-loader` measures).
+pub fn open_loader(cfg: &TrainConfig, dev: &Device) -> Result<Loader> {
     let mut aug = cfg.augment.clone();
     if !cfg.method.pooled {
         aug.subcrops.k = 0; // no subcrops to cut when the pooled objective is off

@@ -15,7 +15,7 @@ use poodle_common::flowmath::{
 use poodle_common::store::{
     Codecs, FlowAttrs, Geometry, PoodleStore, StoreArrays, StoreAttrs, SCHEMA_VERSION,
 };
-use poodle_train::data::crop::{crop, crop_resize_flow};
+use poodle_train::data::subcrops::crop_zero_padded;
 use poodle_train::data::{AugmentConfig, Batch, Loader, LoaderConfig, PairSampling};
 use poodle_train::geom::Affine;
 use std::path::{Path, PathBuf};
@@ -169,6 +169,8 @@ fn small_augment() -> AugmentConfig {
         out_width: OW,
         ..AugmentConfig::default()
     };
+    // Windows of (36 s, 64 s), s in [0.75, 1.25], from the 40x72 stored frames.
+    a.global_crop.initial_size = [36, 64];
     a.subcrops.k = K;
     a.subcrops.size = S;
     a
@@ -221,7 +223,9 @@ fn assert_same_batches(a: &[Batch], b: &[Batch]) {
             assert_eq!(vals(&x.views[i]), vals(&y.views[i]));
             assert_eq!(vals(&x.flow[i]), vals(&y.flow[i]));
             assert_eq!(vals(&x.occluded[i]), vals(&y.occluded[i]));
-            assert_eq!(vals(&x.subcrops[i]), vals(&y.subcrops[i]));
+            for r in 0..2 {
+                assert_eq!(vals(&x.subcrops[i][r]), vals(&y.subcrops[i][r]));
+            }
         }
     }
 }
@@ -238,9 +242,10 @@ fn flow_and_frames_stay_consistent_through_the_loader() {
             assert_eq!(b.views[0].dims4().unwrap(), (2, 3, OH, OW));
             assert_eq!(b.flow[1].dims4().unwrap(), (2, 2, OH, OW));
             assert_eq!(b.occluded[0].dims4().unwrap(), (2, 1, OH, OW));
-            assert_eq!(b.subcrops[1].dims4().unwrap(), (2 * K, 3, S, S));
+            assert_eq!(b.subcrops[1][0].dims4().unwrap(), (2 * K, 3, S, S));
             for (n, m) in b.meta.iter().enumerate() {
-                let (sx, sy) = (OW as f32 / m.crop.w as f32, OH as f32 / m.crop.h as f32);
+                let (sx, sy) = m.crop.scale(H, W, (OH, OW));
+                let (sx, sy) = (sx as f32, sy as f32);
                 let (f0, f1) = (map_of(&b.flow[0], n), map_of(&b.flow[1], n));
                 let np = OH * OW;
                 // Translation flow stays a translation, scaled by the resize factors.
@@ -269,10 +274,10 @@ fn flow_and_frames_stay_consistent_through_the_loader() {
                     }
                 }
                 // Occlusion: the right DX stored columns of frame t are occluded; they map to
-                // crop x >= (W - DX - 0.5 - x0 + 0.5) * sx - 0.5.
+                // the crop pixels whose source lies right of W - DX - 0.5.
                 let occ0 = map_of(&b.occluded[0], n);
                 for x in 0..OW {
-                    let src = m.crop.x0 as f32 + ((x as f32 + 0.5) / sx - 0.5).max(0.0);
+                    let src = m.crop.source(H, W, (OH, OW), x as f64, 0.0).0 as f32;
                     let edge = W as f32 - DX - 0.5;
                     if (src - edge).abs() > 1.0 {
                         let want = if src > edge { 1.0 } else { 0.0 };
@@ -304,7 +309,9 @@ fn affine_views_sample_the_crop_at_a_x() {
         assert!(b.affines.iter().flatten().all(|m| *m == Affine::IDENTITY));
         for i in 0..2 {
             // Subcrops come from the crops before the affine: identical in both runs.
-            assert_eq!(vals(&a.subcrops[i]), vals(&b.subcrops[i]));
+            for r in 0..2 {
+                assert_eq!(vals(&a.subcrops[i][r]), vals(&b.subcrops[i][r]));
+            }
             for n in 0..a.len() {
                 let aff = a.affines[i][n];
                 assert_ne!(aff, Affine::IDENTITY);
@@ -326,52 +333,56 @@ fn affine_views_sample_the_crop_at_a_x() {
 }
 
 #[test]
-fn subcrops_follow_the_backward_flow_and_match_their_boxes() {
+fn subcrops_of_each_direction_follow_its_flow_and_match_their_boxes() {
     let d = tmpdir("subcrops");
     write_store(&d.join("a.zarr"), &StoreSpec::default());
     let aug = no_affine(small_augment().without_colour());
     let loader = open(loader_cfg(vec![d.join("a.zarr")], aug));
-    let mut warped = 0;
-    let mut total = 0;
+    let (mut paired, mut total) = (0, 0);
     for epoch in 0..4 {
         for b in all_batches(&loader, epoch) {
             for (n, m) in b.meta.iter().enumerate() {
-                assert_eq!(m.subcrops.len(), K);
-                let (sx, sy) = (OW as f64 / m.crop.w as f64, OH as f64 / m.crop.h as f64);
-                let mut cells: Vec<_> = m.subcrops.iter().map(|p| p.cell).collect();
-                cells.sort();
-                cells.dedup();
-                assert_eq!(cells.len(), K, "grid cells are distinct");
-                for (k, p) in m.subcrops.iter().enumerate() {
-                    total += 1;
-                    // Frame t+dt's centre moves by the backward flow (t+dt -> t) into frame t.
-                    let [online, target] = p.centres;
-                    let fp = (target.0 - DX as f64 * sx, target.1 - DY as f64 * sy);
-                    assert!((p.flow_point.0 - fp.0).abs() < 1e-3);
-                    assert!((p.flow_point.1 - fp.1).abs() < 1e-3);
-                    if p.warped {
-                        warped += 1;
-                        assert!((online.0 - fp.0).abs() <= 0.1 * OW as f64 + 1e-9);
-                        assert!((online.1 - fp.1).abs() <= 0.1 * OH as f64 + 1e-9);
-                    } else {
-                        assert_eq!(online, target);
-                    }
-                    for i in 0..2 {
-                        let bx = p.boxes[i];
-                        assert!(bx.inside(OW, OH), "{bx:?}");
-                        // The subcrop is its box of the (affine-free) view, resized.
-                        let view = map_of(&b.views[i], n);
-                        let want = resize_bilinear(&crop(&view, &bx), S, S);
-                        let got = map_of(&b.subcrops[i], n * K + k);
-                        for (u, v) in want.data.iter().zip(&got.data) {
-                            assert!((u - v).abs() < 1e-5);
+                let (sx, sy) = m.crop.scale(H, W, (OH, OW));
+                // Direction 0: frame t online, flow t -> t+dt; direction 1 the reverse.
+                for (dir, sign) in [(0usize, 1.0), (1, -1.0)] {
+                    let pairs = &m.subcrops[dir];
+                    assert_eq!(pairs.len(), K);
+                    let mut cells: Vec<_> = pairs.iter().map(|p| p.cell).collect();
+                    cells.sort();
+                    cells.dedup();
+                    assert_eq!(cells.len(), K, "grid cells are distinct");
+                    let flow = (sign * DX as f64 * sx, sign * DY as f64 * sy);
+                    let online_view = map_of(&b.views[dir], n);
+                    let target_view = map_of(&b.views[1 - dir], n);
+                    for (k, p) in pairs.iter().enumerate() {
+                        total += 1;
+                        let (o, t) = (p.online_centre, p.target_centre);
+                        if p.paired {
+                            paired += 1;
+                            let ex = t.0 as f64 - o.0 as f64 - flow.0;
+                            let ey = t.1 as f64 - o.1 as f64 - flow.1;
+                            assert!(ex.abs() <= 0.1 * OW as f64 + 0.5, "{p:?} {flow:?}");
+                            assert!(ey.abs() <= 0.1 * OH as f64 + 0.5, "{p:?} {flow:?}");
+                        } else {
+                            assert_eq!(o, t);
+                        }
+                        // Each subcrop is its box of the (affine-free) view, resized; an
+                        // unpaired target is cut from the online view.
+                        let target_src = if p.paired { &target_view } else { &online_view };
+                        for (role, src) in [(0, &online_view), (1, target_src)] {
+                            let bx = p.boxes[role];
+                            let want = resize_bilinear(&crop_zero_padded(src, &bx), S, S);
+                            let got = map_of(&b.subcrops[dir][role], n * K + k);
+                            for (u, v) in want.data.iter().zip(&got.data) {
+                                assert!((u - v).abs() < 1e-5);
+                            }
                         }
                     }
                 }
             }
         }
     }
-    assert!(warped * 10 > total * 7, "{warped} of {total} warped");
+    assert!(paired * 10 > total * 7, "{paired} of {total} paired");
     std::fs::remove_dir_all(d).unwrap();
 }
 
@@ -871,6 +882,7 @@ fn a_real_prep_job_streams_through_the_loader() {
         out_width: 128,
         ..AugmentConfig::default()
     };
+    aug.global_crop.initial_size = [135, 240];
     aug.subcrops.k = 2;
     aug.subcrops.size = 32;
     let loader = open(LoaderConfig {
@@ -889,8 +901,13 @@ fn a_real_prep_job_streams_through_the_loader() {
     let mut seen = std::collections::BTreeSet::new();
     for b in all_batches(&loader, 0) {
         assert!(b.wait.as_secs() < 60);
-        assert_eq!(b.subcrops[0].dims4().unwrap(), (2 * b.len(), 3, 32, 32));
-        for t in b.views.iter().chain(&b.flow).chain(&b.subcrops) {
+        assert_eq!(b.subcrops[0][0].dims4().unwrap(), (2 * b.len(), 3, 32, 32));
+        for t in b
+            .views
+            .iter()
+            .chain(&b.flow)
+            .chain(b.subcrops.iter().flatten())
+        {
             assert!(vals(t).iter().all(|v| v.is_finite()));
         }
         for (n, m) in b.meta.iter().enumerate() {
@@ -901,12 +918,9 @@ fn a_real_prep_job_streams_through_the_loader() {
             let rec = store.read_flow(g, m.pair).unwrap();
             let geo = store.attrs.geometry;
             for (i, f) in [rec.forward, rec.backward.unwrap()].into_iter().enumerate() {
-                let want = crop_resize_flow(
-                    &Map::from_vec(2, geo.height, geo.width, f),
-                    &m.crop,
-                    64,
-                    128,
-                );
+                let want = m
+                    .crop
+                    .flow(&Map::from_vec(2, geo.height, geo.width, f), (64, 128));
                 let got = map_of(&b.flow[i], n);
                 for (u, v) in want.data.iter().zip(&got.data) {
                     assert!((u - v).abs() < 1e-4);
@@ -929,8 +943,11 @@ fn no_subcrops_gives_empty_subcrop_tensors() {
     aug.subcrops.k = 0; // the paper's K = 0 ablation
     let loader = open(loader_cfg(vec![d.join("a.zarr")], aug));
     for b in all_batches(&loader, 0) {
-        assert_eq!(b.subcrops[0].dims4().unwrap(), (0, 3, S, S));
-        assert!(b.meta.iter().all(|m| m.subcrops.is_empty()));
+        assert_eq!(b.subcrops[0][1].dims4().unwrap(), (0, 3, S, S));
+        assert!(b
+            .meta
+            .iter()
+            .all(|m| m.subcrops.iter().all(|s| s.is_empty())));
     }
     std::fs::remove_dir_all(d).unwrap();
 }

@@ -9,6 +9,17 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// `../shared/data/<rel>` when `probe` exists inside it; otherwise reports it missing (a
+/// failure under CI=true, a skip message locally) and returns `None`.
+pub fn shared_data(rel: &str, probe: &str) -> Option<PathBuf> {
+    let dir = repo().join("../shared/data").join(rel);
+    if dir.join(probe).exists() {
+        return Some(dir);
+    }
+    poodle_common::testenv::missing(&format!("{} (real test data)", dir.join(probe).display()));
+    None
+}
+
 /// PyPI onnxruntime's library in the project's .venv; panics with the fix when absent.
 pub fn ort_lib() -> PathBuf {
     let lib = repo().join(".venv/lib");

@@ -1,14 +1,13 @@
 //! Pair augmentation (paper Section 3 and Appendix A; REFERENCE.md "Augmentation"), the BYOL
 //! recipe adapted to frame pairs with flow:
 //!
-//! 1. **Global crop**: one RandomResizedCrop box (torchvision `get_params`: 10 tries of area
-//!    fraction `U(crop_area)` and log-uniform aspect ratio, else a centre crop; integer box)
-//!    at the *same* image coordinates in both frames, resized to `out_height x out_width`
-//!    with bilinear `align_corners=False` (PyTorch `F.interpolate`, no antialias). The aspect
-//!    range is relative to the output aspect: `ratio * out_width / out_height`.
-//!    Flow in both directions is cropped and resized the same way and rescaled (`u *= sx`,
-//!    `v *= sy`, with `sx = out_width / box_w`, `sy = out_height / box_h`), so it is in crop
-//!    pixels: with the `align_corners=False` centre map `x_out = (x - x0 + 0.5) sx - 0.5`
+//! 1. **Global crop** ([`super::crop`]): the *same* geometry in both frames. Default (the
+//!    authors' code): both frames resized to `(1080 s, 1920 s)`, `s ~ U(0.75, 1.25)`, then
+//!    one `out_height x out_width` window at a uniform position; the paper-style
+//!    RandomResizedCrop box is the `resized_crop` mode. Bilinear `align_corners=False`
+//!    (PyTorch `F.interpolate`, no antialias). Flow in both directions is resized the same
+//!    way and rescaled (`u *= sx`, `v *= sy`, output pixels per stored pixel), so it is in
+//!    crop pixels: with the `align_corners=False` centre map `x_out = (x + 0.5) sx - 0.5 - x0`
 //!    a displacement scales exactly by `sx`. Occlusion masks are resized bilinearly as 0/1
 //!    and thresholded: occluded iff the interpolated value `>= occlusion_threshold`
 //!    (default 0.5, ties count as occluded: conservative).
@@ -24,8 +23,9 @@
 //!    kernel is truncated at 4 sigma when that is narrower (the dropped mass is < 1e-4) and
 //!    padded by reflection as torchvision does.
 //! 3. **Normalisation**: ImageNet mean/std.
-//! 4. **Subcrops** ([`super::subcrops`]) are cut from the normalised, colour-augmented global
-//!    crops (before the affine), using the resized backward flow.
+//! 4. **Subcrops** ([`super::subcrops`]): a fresh set of K pairs per direction of the
+//!    symmetric loss (t online with the forward flow, t+dt online with the backward flow),
+//!    cut from the normalised, colour-augmented global crops (before the affine).
 //! 5. **Dense affine** (dense branch only): per frame, scale `U(affine_scale)`, rotation
 //!    `U(-deg, deg)`, horizontal flip with `affine_flip_p`, as
 //!    [`Affine::about_centre`]; `view(x) = crop(A x)`, bilinear, zero outside `[0, W-1] x
@@ -35,11 +35,8 @@
 
 use super::affine::{sample_affine, warp_affine, AffineConfig};
 use super::colour::{apply_colour, normalize, sample_colour, ColourConfig, ColourParams};
-use super::crop::{
-    crop_resize, crop_resize_flow, crop_resize_mask, frame_map, sample_crop_box, CropBox,
-    GlobalCropConfig,
-};
-use super::subcrops::{self, SubcropConfig, SubcropPair};
+use super::crop::{frame_map, GlobalCrop, GlobalCropConfig};
+use super::subcrops::{self, SubcropConfig, SubcropSets};
 use super::Rng;
 use crate::geom::Affine;
 use poodle_common::flowmath::Map;
@@ -87,18 +84,19 @@ impl AugmentConfig {
         Self::default()
     }
 
-    /// Walking Tours: global crop area [0.65, 1.0].
+    /// Walking Tours (authors' `poodle_wt.yaml`): scale range [0.535, 0.625] of 1080x1920.
     pub fn walking_tours() -> Self {
         AugmentConfig {
             global_crop: GlobalCropConfig {
-                area: [0.65, 1.0],
+                initial_scale: [0.535, 0.625],
                 ..GlobalCropConfig::default()
             },
             ..Self::default()
         }
     }
 
-    /// Ablation recipe (REFERENCE.md): 256 x 512 crops, no dense affine.
+    /// Ablation recipe (authors' `poodle_ablation.yaml`): 256 x 512 windows of the same
+    /// scaled frames (0.040-0.112 of the frame), no dense affine.
     pub fn ablation() -> Self {
         AugmentConfig {
             out_height: 256,
@@ -128,7 +126,7 @@ impl AugmentConfig {
         if self.out_height == 0 || self.out_width == 0 {
             return Err("out_height and out_width must be positive".into());
         }
-        self.global_crop.validate()?;
+        self.global_crop.validate(self.out_height, self.out_width)?;
         self.colour.validate()?;
         self.affine.validate()?;
         self.subcrops.validate()
@@ -181,8 +179,8 @@ impl RawPair<'_> {
 /// One augmented pair at training resolution. Index 0 = frame t, 1 = frame t+dt.
 #[derive(Clone, Debug)]
 pub struct AugmentedPair {
-    /// The global crop box in stored-frame pixels (same for both frames).
-    pub crop: CropBox,
+    /// The global crop (same for both frames).
+    pub crop: GlobalCrop,
     /// Normalised, colour-augmented global crops before the affine (3, H, W).
     pub crops: [Map; 2],
     /// Dense-branch views `crops[i](affines[i] x)` (3, H, W).
@@ -192,10 +190,12 @@ pub struct AugmentedPair {
     pub flow: [Map; 2],
     /// [0] pixels of frame t occluded in t+dt, [1] pixels of t+dt occluded in t (H*W).
     pub occluded: [Vec<bool>; 2],
-    /// Subcrop geometry (boxes in crop pixels).
-    pub subcrop_pairs: Vec<SubcropPair>,
-    /// K subcrops per frame (3, S, S), pair k at index k in both.
-    pub subcrops: [Vec<Map>; 2],
+    /// Subcrop geometry per direction (boxes in crop pixels): [0] frame t online,
+    /// [1] frame t+dt online.
+    pub subcrop_pairs: SubcropSets,
+    /// `subcrops[d][r]`: direction `d`, role `r` (0 online, 1 target), K maps (3, S, S);
+    /// pair k at index k in both roles.
+    pub subcrops: [[Vec<Map>; 2]; 2],
     pub colour: [ColourParams; 2],
 }
 
@@ -203,7 +203,7 @@ pub struct AugmentedPair {
 /// off does not change the draws of the others.
 const TAG_CROP: u64 = 1;
 const TAG_COLOUR: [u64; 2] = [2, 3];
-const TAG_SUBCROPS: u64 = 4;
+const TAG_SUBCROPS: [u64; 2] = [4, 7];
 const TAG_AFFINE: [u64; 2] = [5, 6];
 
 /// The whole recipe for one pair (module docs). Panics on inconsistent buffer sizes: call
@@ -216,34 +216,37 @@ pub fn augment_pair(raw: &RawPair, cfg: &AugmentConfig, rng: &mut Rng) -> Augmen
     let (oh, ow) = (cfg.out_height, cfg.out_width);
     let mut crop_rng = rng.fork(TAG_CROP);
     let mut colour_rng = [rng.fork(TAG_COLOUR[0]), rng.fork(TAG_COLOUR[1])];
-    let mut sub_rng = rng.fork(TAG_SUBCROPS);
+    let mut sub_rng = TAG_SUBCROPS.map(|t| rng.fork(t));
     let mut affine_rng = [rng.fork(TAG_AFFINE[0]), rng.fork(TAG_AFFINE[1])];
 
-    let aspect = ow as f64 / oh as f64;
-    let gc = &cfg.global_crop;
-    let ratio = [gc.ratio[0] * aspect, gc.ratio[1] * aspect];
-    let b = sample_crop_box(h, w, gc.area, ratio, &mut crop_rng);
+    let b = GlobalCrop::sample(&cfg.global_crop, h, w, (oh, ow), &mut crop_rng);
 
     let colour = [
         sample_colour(&cfg.colour, (oh, ow), 0, &mut colour_rng[0]),
         sample_colour(&cfg.colour, (oh, ow), 1, &mut colour_rng[1]),
     ];
     let crops: [Map; 2] = std::array::from_fn(|i| {
-        let mut m = crop_resize(&frame_map(raw.frames, i, h, w), &b, oh, ow);
+        let mut m = b.image(&frame_map(raw.frames, i, h, w), (oh, ow));
         apply_colour(&mut m, &colour[i], cfg.colour.solarize_threshold);
         normalize(&mut m, cfg.colour.mean, cfg.colour.std);
         m
     });
     let flow_map = |f: &[f32]| Map::from_vec(2, h, w, f.to_vec());
     let flow = [
-        crop_resize_flow(&flow_map(raw.flow_fwd), &b, oh, ow),
-        crop_resize_flow(&flow_map(raw.flow_bwd), &b, oh, ow),
+        b.flow(&flow_map(raw.flow_fwd), (oh, ow)),
+        b.flow(&flow_map(raw.flow_bwd), (oh, ow)),
     ];
-    let occluded = [raw.occ_fwd, raw.occ_bwd]
-        .map(|o| crop_resize_mask(o, h, w, &b, oh, ow, cfg.occlusion_threshold));
+    let occluded =
+        [raw.occ_fwd, raw.occ_bwd].map(|o| b.mask(o, h, w, (oh, ow), cfg.occlusion_threshold));
 
-    let subcrop_pairs = subcrops::sample_subcrops(oh, ow, &flow[1], &cfg.subcrops, &mut sub_rng);
-    let subcrops = subcrops::extract_subcrops(&crops, &subcrop_pairs, cfg.subcrops.size);
+    // Direction d: frame d online, the other frame target, flow[d] from online to target.
+    let subcrop_pairs: SubcropSets = std::array::from_fn(|d| {
+        subcrops::sample_subcrops(oh, ow, &flow[d], &cfg.subcrops, &mut sub_rng[d])
+    });
+    let subcrops = std::array::from_fn(|d| {
+        let (online, target) = (&crops[d], &crops[1 - d]);
+        subcrops::extract_subcrops(online, target, &subcrop_pairs[d], cfg.subcrops.size)
+    });
 
     let affines = [
         sample_affine(ow, oh, &cfg.affine, &mut affine_rng[0]),
@@ -269,6 +272,7 @@ pub fn augment_pair(raw: &RawPair, cfg: &AugmentConfig, rng: &mut Rng) -> Augmen
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::crop::GlobalCropMode;
     use poodle_common::flowmath::sample_bilinear;
 
     /// A pair whose frame t+dt is frame t translated by (dx, dy) (content moves by it), with
@@ -344,25 +348,35 @@ mod tests {
         }
     }
 
+    /// 48x96 crops; scale_then_crop from (72 s, 128 s), s in [0.75, 1.25].
     fn small_cfg() -> AugmentConfig {
         let mut cfg = AugmentConfig {
             out_height: 48,
             out_width: 96,
             ..AugmentConfig::default()
         };
+        cfg.global_crop.initial_size = [72, 128];
         cfg.subcrops.size = 16;
         cfg
+    }
+
+    /// [`small_cfg`] in both global-crop modes.
+    fn both_modes(cfg: AugmentConfig) -> [AugmentConfig; 2] {
+        let mut boxed = cfg.clone();
+        boxed.global_crop.mode = GlobalCropMode::ResizedCrop;
+        [cfg, boxed]
     }
 
     #[test]
     fn translation_flow_stays_a_translation_scaled_by_the_resize() {
         let (dx, dy) = (6.0, -3.0);
         let s = synthetic(60, 96, dx, dy);
-        let cfg = small_cfg().without_colour();
-        for seed in 0..20 {
-            let a = augment_pair(&s.raw(), &cfg, &mut Rng::new(seed));
-            let b = a.crop;
-            let (sx, sy) = (96.0 / b.w as f64, 48.0 / b.h as f64);
+        for (cfg, seed) in both_modes(small_cfg().without_colour())
+            .iter()
+            .flat_map(|c| (0..20).map(move |seed| (c, seed)))
+        {
+            let a = augment_pair(&s.raw(), cfg, &mut Rng::new(seed));
+            let (sx, sy) = a.crop.scale(60, 96, (48, 96));
             let n = 48 * 96;
             for (i, sign) in [(0usize, 1.0), (1, -1.0)] {
                 let f = &a.flow[i];
@@ -402,16 +416,15 @@ mod tests {
     #[test]
     fn occlusion_is_cropped_and_resized_with_the_frames() {
         let s = synthetic(90, 160, 10.0, 0.0);
-        let cfg = small_cfg().without_colour();
-        for seed in 0..20 {
-            let a = augment_pair(&s.raw(), &cfg, &mut Rng::new(seed));
-            let b = a.crop;
-            let (sx, sy) = (b.w as f64 / 96.0, b.h as f64 / 48.0);
+        for (cfg, seed) in both_modes(small_cfg().without_colour())
+            .iter()
+            .flat_map(|c| (0..20).map(move |seed| (c, seed)))
+        {
+            let a = augment_pair(&s.raw(), cfg, &mut Rng::new(seed));
             for y in 0..48 {
                 for x in 0..96 {
                     // Source position of the output pixel centre (align_corners=False).
-                    let src_x = b.x0 as f64 + ((x as f64 + 0.5) * sx - 0.5).max(0.0);
-                    let src_y = b.y0 as f64 + ((y as f64 + 0.5) * sy - 0.5).max(0.0);
+                    let (src_x, src_y) = a.crop.source(90, 160, (48, 96), x as f64, y as f64);
                     let o0 = a.occluded[0][y * 96 + x];
                     let o1 = a.occluded[1][y * 96 + x];
                     // Away from the mask edges the value is the source mask's.
@@ -488,7 +501,12 @@ mod tests {
         assert!(serde_json::from_str::<AugmentConfig>(r#"{"out_hieght": 64}"#).is_err());
         assert!(cfg.validate().is_ok());
         let mut bad = cfg;
-        bad.global_crop.area = [0.5, 0.2];
+        bad.global_crop.initial_scale = [0.2, 0.3];
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .contains("smaller than the 512x1024 crop"));
+        bad.global_crop = GlobalCropConfig::resized_crop([0.5, 0.2]);
         assert!(bad.validate().unwrap_err().contains("global_crop.area"));
     }
 }

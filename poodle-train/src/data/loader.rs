@@ -29,9 +29,9 @@
 //!   the training step; on a GPU, `prefetch` batches of device memory are held).
 
 use super::augment::{augment_pair, AugmentConfig, AugmentedPair, RawPair};
-use super::crop::CropBox;
+use super::crop::GlobalCrop;
 use super::sampling::{clip_of, PairKey, PairSampling, PassPlanner, VisitUnit};
-use super::subcrops::SubcropPair;
+use super::subcrops::SubcropSets;
 use super::Rng;
 use crate::geom::Affine;
 use anyhow::{anyhow, bail, Context, Result};
@@ -110,10 +110,10 @@ pub struct SampleMeta {
     pub position: usize,
     /// True when this pair stands in for an unreadable one.
     pub replacement: bool,
-    /// Global crop box in stored-frame pixels.
-    pub crop: CropBox,
+    /// The global crop drawn for this pair (stored-frame geometry).
+    pub crop: GlobalCrop,
     /// Subcrop boxes and centres in crop pixels.
-    pub subcrops: Vec<SubcropPair>,
+    pub subcrops: SubcropSets,
 }
 
 /// One training batch. Index 0 of each pair of tensors is frame t, index 1 frame t+dt;
@@ -132,8 +132,9 @@ pub struct Batch {
     pub flow: [Tensor; 2],
     /// (N, 1, H, W), 1.0 = occluded: [0] pixels of frame t, [1] pixels of frame t+dt.
     pub occluded: [Tensor; 2],
-    /// (N*K, 3, S, S): pair k of sample n at index n*K + k in both.
-    pub subcrops: [Tensor; 2],
+    /// `subcrops[d][r]` (N*K, 3, S, S): direction `d` (0: frame t online, 1: frame t+dt
+    /// online), role `r` (0 online, 1 target); pair k of sample n at index n*K + k.
+    pub subcrops: [[Tensor; 2]; 2],
     pub meta: Vec<SampleMeta>,
     /// Time the consumer waited in `next()` for this batch.
     pub wait: Duration,
@@ -722,7 +723,7 @@ fn pack(
     let mut views = Vec::with_capacity(2);
     let mut flow = Vec::with_capacity(2);
     let mut occluded = Vec::with_capacity(2);
-    let mut subcrops = Vec::with_capacity(2);
+    let mut subcrops = Vec::with_capacity(4);
     for i in 0..2 {
         let v = stack(n * 3 * h * w, &|a, v| v.extend_from_slice(&a.views[i].data));
         views.push(Tensor::from_vec(v, (n, 3, h, w), device)?);
@@ -732,12 +733,14 @@ fn pack(
             v.extend(a.occluded[i].iter().map(|&o| f32::from(u8::from(o))))
         });
         occluded.push(Tensor::from_vec(v, (n, 1, h, w), device)?);
-        let v = stack(n * k * 3 * s * s, &|a, v| {
-            for m in &a.subcrops[i] {
-                v.extend_from_slice(&m.data)
-            }
-        });
-        subcrops.push(Tensor::from_vec(v, (n * k, 3, s, s), device)?);
+        for role in 0..2 {
+            let v = stack(n * k * 3 * s * s, &|a, v| {
+                for m in &a.subcrops[i][role] {
+                    v.extend_from_slice(&m.data)
+                }
+            });
+            subcrops.push(Tensor::from_vec(v, (n * k, 3, s, s), device)?);
+        }
     }
     let pair = |v: Vec<Tensor>| -> [Tensor; 2] { v.try_into().expect("two tensors") };
     let affines = [0, 1].map(|i| samples.iter().map(|(a, _)| a.affines[i]).collect());
@@ -748,7 +751,11 @@ fn pack(
         affines,
         flow: pair(flow),
         occluded: pair(occluded),
-        subcrops: pair(subcrops),
+        subcrops: {
+            let mut it = subcrops.into_iter();
+            let mut next = || it.next().expect("four subcrop tensors");
+            [[next(), next()], [next(), next()]]
+        },
         meta: samples.into_iter().map(|(_, m)| m).collect(),
         wait: Duration::ZERO,
     })

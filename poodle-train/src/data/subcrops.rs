@@ -1,61 +1,59 @@
-//! Flow-informed subcrop pairs (paper Section 3 "Pooled objective", Appendix A "Local
-//! cropping details"; REFERENCE.md "Subcrops").
+//! Flow-informed subcrop pairs for the pooled objective (paper Section 3 "Pooled
+//! objective", Appendix A "Local cropping details"), drawn as the authors' code draws them
+//! (`src/models/poodle.py`; see docs/method.md "Subcrops").
 //!
-//! All coordinates are pixels of the global crop at training resolution (H x W).
+//! All coordinates are integer pixels of the global crop at training resolution (H x W).
+//! A fresh set of K pairs is drawn for **each direction** of the symmetric loss: direction 0
+//! has frame t online and frame t+dt as target (flow t -> t+dt), direction 1 the reverse
+//! (flow t+dt -> t). For one direction, with `f` the online-to-target flow:
 //!
-//! 1. **Grid**: cell side `d = min(H, W) * sqrt((smin + smax) / 2)`, `ceil(H/d) x ceil(W/d)`
-//!    cells (the last row/column clipped to the crop: 214 px and 3 x 5 = 15 cells at
-//!    512 x 1024). The K pairs take K distinct cells, drawn without replacement (when
-//!    K exceeds the number of cells, a fresh permutation of all cells follows).
-//! 2. **Target centre** `p` uniform in its cell, in the *target* frame `x_{t+dt}` (paper).
-//! 3. **Paired centre** in frame `x_t`: `p' = p + b(p) + jitter`, where `b` is the
-//!    *backward* flow `t+dt -> t` (bilinear at `p`). Why backward: flow `t+dt -> t` says
-//!    where pixel `p` of frame t+dt came from in frame t, which is exactly the point wanted.
-//!    (With only the forward flow `f` one would need to solve `q + f(q) = p` for `q`, an
-//!    inversion that fails at occlusions; the store keeps the backward flow for this.)
-//!    The jitter is uniform in `[-j W, j W] x [-j H, j H]` with `j = 0.1` ("10% of the input
-//!    image size", Appendix A: the input to subcropping is the global crop). Up to `tries`
-//!    (5) jitter draws; the first that lands in `[0, W-1] x [0, H-1]` is kept, else the pair
-//!    uses the same position `p' = p` in both frames (`warped = false`).
-//! 4. **Boxes**: the online crop (frame t) has area `U(smin, smax) * H * W`, the target crop
-//!    (frame t+dt) an area fraction drawn between the online crop's and `smax`
-//!    (`target_area_from_online`); each crop draws its own log-uniform aspect ratio in
-//!    `ratio`. A box is centred on its centre (rounded to integer pixels) and shifted, if
-//!    needed, to lie inside the crop, so boxes are always inside; sizes are clamped to the
-//!    crop.
-//! 5. **Pixels**: each box is resized to `size x size` (bilinear, `align_corners=False`) from
-//!    its frame's normalised, colour-augmented global crop (before the dense affine).
+//! 1. **Grid**: side `r = round(sqrt((smin + smax) / 2) * min(H, W))`, cells
+//!    `(H / r + 1) x (W / r + 1)` (integer division; 214 px and 3 x 5 = 15 cells at
+//!    512 x 1024). K cells drawn uniformly without replacement (with replacement when K
+//!    exceeds the cells), as `torch.multinomial`.
+//! 2. **Online size**: `s ~ U(smin, smax)`, then RandomResizedCrop's `get_params` with area
+//!    fraction exactly `s` and a log-uniform aspect in `ratio` gives `(h, w)`.
+//! 3. **Centre and pairing**, up to `tries` (5) times: the online centre `(i, j)` is uniform
+//!    over the cell's rows `[gi r, min((gi+1) r, H))` and columns alike, raised to at least
+//!    `(h/2, w/2)`; the jitter is `U(-jitter, jitter) * (H, W)`; the target centre is
+//!    `round((i, j) + f(i, j) + jitter)` with the flow read at the integer centre. The first
+//!    try whose target centre lies inside the frame is kept. When none does, a new online
+//!    centre is drawn the same way and the target crop is taken from the **online frame**
+//!    at that same centre (`paired = false`).
+//! 4. **Boxes**: online `[i - h/2, i - h/2 + h) x [j - w/2, j - w/2 + w)`; it may run past the
+//!    bottom or right edge, and those pixels read as zero (torchvision's `crop` pads with
+//!    zeros; zero is the mean colour after normalisation). Target: `get_params` with area
+//!    fraction `U(s, smax)` gives `(h', w')`, the box `[c - h'/2, c - h'/2 + h')` around the
+//!    target centre `c`, clipped to the frame (so it may be smaller).
+//! 5. **Pixels**: each box is resized to `size x size` (bilinear, `align_corners=False`,
+//!    no antialias) from its frame's normalised, colour-augmented global crop (before the
+//!    dense affine).
 //!
-//! **Symmetric loss**: the pairs are symmetric: `subcrops[0][k]` (frame t) and
-//! `subcrops[1][k]` (frame t+dt) correspond, and the loss uses `(crop_t_k, crop_tdt_k)` in
-//! both orders (online t -> target t+dt, then online t+dt -> target t). The only asymmetry
-//! is the area rule (the frame-t crop is the smaller one on average), which the swapped
-//! direction inherits; one subcrop set per pair keeps the cost at K crops per frame.
+//! An edge case the authors' code does not meet at its sizes: when `r` divides H (or W), the
+//! last row (column) of cells is empty and `torch.randint` would fail; here its centres come
+//! from the last pixel row (column).
 
-use super::crop::{crop_resize, CropBox};
+use super::crop::{sample_crop_box, CropBox};
 use super::Rng;
-use poodle_common::flowmath::{sample_bilinear, Map};
+use poodle_common::flowmath::{resize_bilinear, Map};
 use serde::{Deserialize, Serialize};
 
-/// Subcrop parameters (defaults from the paper).
+/// Subcrop parameters (defaults: the authors' configs, which match the paper).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SubcropConfig {
-    /// Pairs per frame pair (6).
+    /// Pairs per direction (6).
     pub k: usize,
     /// Output side (192).
     pub size: usize,
     /// Area fraction of the global crop [smin, smax] ([0.05, 0.3]).
     pub area: [f64; 2],
-    /// Aspect-ratio range w/h ([3/4, 4/3]).
+    /// Aspect-ratio range w/h ([0.75, 1.3333], the authors' config).
     pub ratio: [f64; 2],
-    /// Jitter of the paired centre as a fraction of the global crop's width/height (0.1).
+    /// Jitter of the target centre as a fraction of the crop's height/width (0.1).
     pub jitter: f64,
-    /// Jitter draws to land in bounds before falling back to the same position (5).
+    /// Tries to land the target centre inside the frame (5).
     pub tries: usize,
-    /// Target (frame t+dt) crop area drawn between the online crop's and smax (true);
-    /// false: drawn independently from [smin, smax].
-    pub target_area_from_online: bool,
 }
 
 impl Default for SubcropConfig {
@@ -64,10 +62,9 @@ impl Default for SubcropConfig {
             k: 6,
             size: 192,
             area: [0.05, 0.3],
-            ratio: [3.0 / 4.0, 4.0 / 3.0],
+            ratio: [0.75, 1.3333],
             jitter: 0.1,
             tries: 5,
-            target_area_from_online: true,
         }
     }
 }
@@ -101,10 +98,11 @@ impl SubcropConfig {
     }
 }
 
-/// The sampling grid over an `h` x `w` crop.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// The sampling grid over an `h` x `w` crop (module docs, step 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Grid {
-    pub d: f64,
+    /// Cell side in pixels.
+    pub r: usize,
     pub rows: usize,
     pub cols: usize,
     pub h: usize,
@@ -113,13 +111,12 @@ pub struct Grid {
 
 impl Grid {
     pub fn new(h: usize, w: usize, cfg: &SubcropConfig) -> Grid {
-        let d = h.min(w) as f64 * ((cfg.area[0] + cfg.area[1]) / 2.0).sqrt();
-        let d = d.max(1.0);
-        let count = |n: usize| ((n as f64 / d).ceil() as usize).max(1);
+        let mean = (cfg.area[0] + cfg.area[1]) / 2.0;
+        let r = ((mean.sqrt() * h.min(w) as f64).round() as usize).max(1);
         Grid {
-            d,
-            rows: count(h),
-            cols: count(w),
+            r,
+            rows: h / r + 1,
+            cols: w / r + 1,
             h,
             w,
         }
@@ -129,139 +126,176 @@ impl Grid {
         self.rows * self.cols
     }
 
-    /// Closed range of centres in cell `(row, col)`: `(x_lo, x_hi, y_lo, y_hi)`, clipped to
-    /// `[0, w-1] x [0, h-1]`.
-    pub fn cell_bounds(&self, row: usize, col: usize) -> (f64, f64, f64, f64) {
-        let span = |i: usize, n: usize| {
-            let max = n as f64 - 1.0;
-            let lo = (i as f64 * self.d).min(max);
-            let hi = ((i + 1) as f64 * self.d).min(max);
-            (lo, hi)
-        };
-        let (x0, x1) = span(col, self.w);
-        let (y0, y1) = span(row, self.h);
-        (x0, x1, y0, y1)
+    /// Half-open pixel range `[lo, hi)` of cell index `i` along an axis of `n` pixels (never
+    /// empty: an empty last cell falls back to the last pixel).
+    fn span(&self, i: usize, n: usize) -> (usize, usize) {
+        let lo = (i * self.r).min(n - 1);
+        let hi = ((i + 1) * self.r).min(n).max(lo + 1);
+        (lo, hi)
+    }
+
+    /// Row range and column range of cell `(row, col)`.
+    pub fn cell_ranges(&self, row: usize, col: usize) -> ((usize, usize), (usize, usize)) {
+        (self.span(row, self.h), self.span(col, self.w))
     }
 }
 
-/// One subcrop pair. Index 0 = frame t (online in the forward direction), 1 = frame t+dt.
+/// One subcrop pair of one direction, in crop pixels.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SubcropPair {
-    /// Grid cell `(row, col)` of the target centre.
+    /// Grid cell `(row, col)` of the online centre.
     pub cell: (usize, usize),
-    /// `[frame t centre, frame t+dt centre]`: the frame-t+dt centre is uniform in the cell;
-    /// the frame-t centre is `flow_point + jitter`, or the frame-t+dt centre when not warped.
-    pub centres: [(f64, f64); 2],
-    /// The frame-t+dt centre moved by the backward flow (no jitter).
-    pub flow_point: (f64, f64),
-    /// False when no jitter draw landed in bounds (same position used).
-    pub warped: bool,
-    /// Area fractions drawn for [frame t, frame t+dt].
+    /// Online centre `(x, y)`.
+    pub online_centre: (usize, usize),
+    /// Target centre `(x, y)`: the online centre moved by the flow and the jitter, rounded;
+    /// the online centre itself when `paired` is false.
+    pub target_centre: (usize, usize),
+    /// True: the target crop is cut from the target frame; false: no try landed inside,
+    /// and the target crop is cut from the online frame.
+    pub paired: bool,
+    /// Area fractions drawn for [online, target] (the target box may be clipped smaller).
     pub area: [f64; 2],
-    /// Boxes in crop pixels, inside the crop.
+    /// [online box, target box]. The online box may extend past the bottom/right edge
+    /// (zero pixels there); the target box lies inside the frame.
     pub boxes: [CropBox; 2],
 }
 
-/// An integer box of `area_px` pixels and aspect `ratio` centred (as nearly as integers allow)
-/// on `(cx, cy)`, shifted to lie inside a `w` x `h` image.
-pub fn box_around(cx: f64, cy: f64, area_px: f64, ratio: f64, h: usize, w: usize) -> CropBox {
-    let bw = ((area_px * ratio).sqrt().round() as usize).clamp(1, w);
-    let bh = ((area_px / ratio).sqrt().round() as usize).clamp(1, h);
-    let place = |c: f64, b: usize, n: usize| {
-        let x0 = (c - (b as f64 - 1.0) / 2.0).round();
-        x0.clamp(0.0, (n - b) as f64) as usize
-    };
-    CropBox {
-        x0: place(cx, bw, w),
-        y0: place(cy, bh, h),
-        w: bw,
-        h: bh,
-    }
+/// The subcrop geometry of one pair: `[direction 0 (t online), direction 1 (t+dt online)]`.
+pub type SubcropSets = [Vec<SubcropPair>; 2];
+
+/// Height and width of a RandomResizedCrop box of area fraction `s` (module docs, step 2).
+fn box_size(h: usize, w: usize, s: f64, ratio: [f64; 2], rng: &mut Rng) -> (usize, usize) {
+    let b = sample_crop_box(h, w, [s, s], ratio, rng);
+    (b.h, b.w)
 }
 
-/// K subcrop pairs over an `h` x `w` global crop; `flow_bwd` is the crop's `t+dt -> t` flow
-/// in crop pixels (2, h, w).
+/// A centre uniform over the cell's pixels, raised to at least `(bh / 2, bw / 2)`: (x, y).
+fn draw_centre(
+    grid: &Grid,
+    cell: (usize, usize),
+    bh: usize,
+    bw: usize,
+    rng: &mut Rng,
+) -> (usize, usize) {
+    let ((y0, y1), (x0, x1)) = grid.cell_ranges(cell.0, cell.1);
+    let i = (y0 + rng.below(y1 - y0)).max(bh / 2);
+    let j = (x0 + rng.below(x1 - x0)).max(bw / 2);
+    (j, i)
+}
+
+/// K subcrop pairs of one direction over an `h` x `w` global crop; `flow` is the
+/// online-to-target flow in crop pixels (2, h, w).
 pub fn sample_subcrops(
     h: usize,
     w: usize,
-    flow_bwd: &Map,
+    flow: &Map,
     cfg: &SubcropConfig,
     rng: &mut Rng,
 ) -> Vec<SubcropPair> {
     assert_eq!(
-        (flow_bwd.c, flow_bwd.h, flow_bwd.w),
+        (flow.c, flow.h, flow.w),
         (2, h, w),
         "sample_subcrops: flow shape"
     );
     let grid = Grid::new(h, w, cfg);
-    let mut cells: Vec<usize> = Vec::with_capacity(cfg.k);
-    while cells.len() < cfg.k {
+    let cells: Vec<usize> = if cfg.k > grid.cells() {
+        (0..cfg.k).map(|_| rng.below(grid.cells())).collect()
+    } else {
         let mut perm: Vec<usize> = (0..grid.cells()).collect();
         rng.shuffle(&mut perm);
-        cells.extend(perm.into_iter().take(cfg.k - cells.len()));
-    }
-    let (lr0, lr1) = (cfg.ratio[0].ln(), cfg.ratio[1].ln());
-    let total = (h * w) as f64;
-    let (xmax, ymax) = (w as f64 - 1.0, h as f64 - 1.0);
+        perm.truncate(cfg.k);
+        perm
+    };
+    let (jy, jx) = (cfg.jitter * h as f64, cfg.jitter * w as f64);
+    let smax = cfg.area[1];
     cells
         .into_iter()
-        .map(|cell| {
-            let (row, col) = (cell / grid.cols, cell % grid.cols);
-            let (x0, x1, y0, y1) = grid.cell_bounds(row, col);
-            let target = (rng.uniform_in(x0, x1), rng.uniform_in(y0, y1));
-            let a_online = rng.uniform_in(cfg.area[0], cfg.area[1]);
-            let a_target = if cfg.target_area_from_online {
-                rng.uniform_in(a_online, cfg.area[1])
-            } else {
-                rng.uniform_in(cfg.area[0], cfg.area[1])
-            };
-            let ratios = [
-                rng.uniform_in(lr0, lr1).exp(),
-                rng.uniform_in(lr0, lr1).exp(),
-            ];
-            let (tx, ty) = (target.0 as f32, target.1 as f32);
-            let bu = sample_bilinear(flow_bwd, 0, tx, ty).unwrap_or(0.0) as f64;
-            let bv = sample_bilinear(flow_bwd, 1, tx, ty).unwrap_or(0.0) as f64;
-            let flow_point = (target.0 + bu, target.1 + bv);
-            let (jx, jy) = (cfg.jitter * w as f64, cfg.jitter * h as f64);
-            let mut online = None;
+        .map(|c| {
+            let cell = (c / grid.cols, c % grid.cols);
+            let s = rng.uniform_in(cfg.area[0], smax);
+            let (bh, bw) = box_size(h, w, s, cfg.ratio, rng);
+            let mut found = None;
             for _ in 0..cfg.tries {
-                let c = (
-                    flow_point.0 + rng.uniform_in(-jx, jx),
-                    flow_point.1 + rng.uniform_in(-jy, jy),
-                );
-                if (0.0..=xmax).contains(&c.0) && (0.0..=ymax).contains(&c.1) {
-                    online = Some(c);
+                let (x, y) = draw_centre(&grid, cell, bh, bw, rng);
+                let dy = rng.uniform_in(-jy, jy);
+                let dx = rng.uniform_in(-jx, jx);
+                let tx = (x as f64 + f64::from(flow.get(0, y, x)) + dx).round();
+                let ty = (y as f64 + f64::from(flow.get(1, y, x)) + dy).round();
+                if (0.0..w as f64).contains(&tx) && (0.0..h as f64).contains(&ty) {
+                    found = Some(((x, y), (tx as usize, ty as usize)));
                     break;
                 }
             }
-            let warped = online.is_some();
-            let online = online.unwrap_or(target);
-            let area = [a_online, a_target];
-            let boxes = [
-                box_around(online.0, online.1, a_online * total, ratios[0], h, w),
-                box_around(target.0, target.1, a_target * total, ratios[1], h, w),
-            ];
+            let paired = found.is_some();
+            let (online_centre, target_centre) = found.unwrap_or_else(|| {
+                let c = draw_centre(&grid, cell, bh, bw, rng);
+                (c, c)
+            });
+            let s_target = rng.uniform_in(s, smax);
+            let (th, tw) = box_size(h, w, s_target, cfg.ratio, rng);
+            let online = CropBox {
+                x0: online_centre.0 - bw / 2,
+                y0: online_centre.1 - bh / 2,
+                w: bw,
+                h: bh,
+            };
+            let clip = |c: usize, b: usize, n: usize| {
+                let lo = c.saturating_sub(b / 2);
+                let hi = (c as isize - (b / 2) as isize + b as isize).clamp(0, n as isize) as usize;
+                (lo.min(n), hi)
+            };
+            let (tx0, tx1) = clip(target_centre.0, tw, w);
+            let (ty0, ty1) = clip(target_centre.1, th, h);
+            let target = CropBox {
+                x0: tx0,
+                y0: ty0,
+                w: tx1 - tx0,
+                h: ty1 - ty0,
+            };
             SubcropPair {
-                cell: (row, col),
-                centres: [online, target],
-                flow_point,
-                warped,
-                area,
-                boxes,
+                cell,
+                online_centre,
+                target_centre,
+                paired,
+                area: [s, s_target],
+                boxes: [online, target],
             }
         })
         .collect()
 }
 
-/// The subcrop pixels: `[frame t crops, frame t+dt crops]`, each K maps of (c, size, size).
-pub fn extract_subcrops(crops: &[Map; 2], pairs: &[SubcropPair], size: usize) -> [Vec<Map>; 2] {
-    std::array::from_fn(|i| {
+/// Copies box `b` out of `m`, zero where the box runs past the image (torchvision `crop`).
+pub fn crop_zero_padded(m: &Map, b: &CropBox) -> Map {
+    let mut out = Map::zeros(m.c, b.h, b.w);
+    let rows = b.h.min(m.h.saturating_sub(b.y0));
+    let cols = b.w.min(m.w.saturating_sub(b.x0));
+    for c in 0..m.c {
+        for y in 0..rows {
+            let src = m.idx(c, b.y0 + y, b.x0);
+            let dst = out.idx(c, y, 0);
+            out.data[dst..dst + cols].copy_from_slice(&m.data[src..src + cols]);
+        }
+    }
+    out
+}
+
+/// The subcrop pixels of one direction: `[online crops, target crops]`, K maps each of
+/// (c, size, size). `online` and `target` are the two frames' global crops in that
+/// direction's roles; an unpaired target crop is cut from `online`.
+pub fn extract_subcrops(
+    online: &Map,
+    target: &Map,
+    pairs: &[SubcropPair],
+    size: usize,
+) -> [Vec<Map>; 2] {
+    let cut = |m: &Map, b: &CropBox| resize_bilinear(&crop_zero_padded(m, b), size, size);
+    [
+        pairs.iter().map(|p| cut(online, &p.boxes[0])).collect(),
         pairs
             .iter()
-            .map(|p| crop_resize(&crops[i], &p.boxes[i], size, size))
-            .collect()
-    })
+            .map(|p| cut(if p.paired { target } else { online }, &p.boxes[1]))
+            .collect(),
+    ]
 }
 
 #[cfg(test)]
@@ -276,50 +310,35 @@ mod tests {
     }
 
     #[test]
-    fn grid_matches_the_reference_numbers() {
-        let g = Grid::new(512, 1024, &SubcropConfig::default());
-        assert!((g.d - 214.2).abs() < 0.1, "{}", g.d);
-        assert_eq!((g.rows, g.cols, g.cells()), (3, 5, 15));
-        assert_eq!(g.cell_bounds(2, 4).1, 1023.0);
-        assert_eq!(g.cell_bounds(2, 4).3, 511.0);
+    fn grid_matches_the_authors_numbers() {
+        let cfg = SubcropConfig::default();
+        let g = Grid::new(512, 1024, &cfg);
+        // round(sqrt(0.175) * 512) = 214; (512 // 214 + 1) x (1024 // 214 + 1).
+        assert_eq!((g.r, g.rows, g.cols, g.cells()), (214, 3, 5, 15));
+        assert_eq!(g.cell_ranges(2, 4), ((428, 512), (856, 1024)));
+        let g = Grid::new(256, 512, &cfg);
+        assert_eq!((g.r, g.rows, g.cols), (107, 3, 5));
+        // r divides H: the last row is empty in the authors' arithmetic; here it is the last
+        // pixel row.
+        let g = Grid::new(214, 428, &cfg);
+        assert_eq!((g.r, g.rows, g.cols), (90, 3, 5));
+        let g = Grid {
+            r: 10,
+            rows: 3,
+            cols: 3,
+            h: 20,
+            w: 20,
+        };
+        assert_eq!(g.cell_ranges(2, 0), ((19, 20), (0, 10)));
     }
 
     #[test]
-    fn box_around_stays_inside_and_keeps_size() {
-        let b = box_around(2.0, 3.0, 400.0, 1.0, 50, 60);
-        assert_eq!(
-            b,
-            CropBox {
-                x0: 0,
-                y0: 0,
-                w: 20,
-                h: 20
-            }
-        );
-        let b = box_around(59.0, 49.0, 400.0, 1.0, 50, 60);
-        assert_eq!(
-            b,
-            CropBox {
-                x0: 40,
-                y0: 30,
-                w: 20,
-                h: 20
-            }
-        );
-        let b = box_around(30.0, 25.0, 400.0, 1.0, 50, 60);
-        // x0 = round(30 - 9.5) = 21 (half away from zero): centred within half a pixel.
-        assert_eq!(b.centre(), (30.5, 25.5));
-        let huge = box_around(30.0, 25.0, 1e6, 1.0, 50, 60);
-        assert!(huge.inside(60, 50));
-    }
-
-    #[test]
-    fn paired_centres_follow_the_backward_flow_within_jitter() {
+    fn target_centres_follow_the_online_to_target_flow_within_jitter() {
         let (h, w) = (64, 128);
         let cfg = SubcropConfig::default();
-        let flow = const_flow(h, w, 7.5, -3.25);
+        let flow = const_flow(h, w, 7.4, -3.25);
         let grid = Grid::new(h, w, &cfg);
-        let mut warped = 0;
+        let mut paired = 0;
         for seed in 0..200 {
             let pairs = sample_subcrops(h, w, &flow, &cfg, &mut Rng::new(seed));
             assert_eq!(pairs.len(), 6);
@@ -328,93 +347,136 @@ mod tests {
             cells.dedup();
             assert_eq!(cells.len(), 6, "cells drawn without replacement");
             for p in &pairs {
-                let (x0, x1, y0, y1) = grid.cell_bounds(p.cell.0, p.cell.1);
-                let t = p.centres[1];
-                assert!(t.0 >= x0 && t.0 <= x1 && t.1 >= y0 && t.1 <= y1);
-                assert!((p.flow_point.0 - (t.0 + 7.5)).abs() < 1e-5);
-                assert!((p.flow_point.1 - (t.1 - 3.25)).abs() < 1e-5);
-                let o = p.centres[0];
-                if p.warped {
-                    warped += 1;
-                    assert!((o.0 - p.flow_point.0).abs() <= 0.1 * w as f64);
-                    assert!((o.1 - p.flow_point.1).abs() <= 0.1 * h as f64);
-                    assert!(o.0 >= 0.0 && o.0 <= (w - 1) as f64);
-                    assert!(o.1 >= 0.0 && o.1 <= (h - 1) as f64);
+                let ((y0, y1), (x0, x1)) = grid.cell_ranges(p.cell.0, p.cell.1);
+                let [ob, tb] = p.boxes;
+                let (ox, oy) = p.online_centre;
+                // In the cell, or raised to half the box.
+                assert!((ox >= x0 && ox < x1) || ox == ob.w / 2, "{p:?}");
+                assert!((oy >= y0 && oy < y1) || oy == ob.h / 2, "{p:?}");
+                assert_eq!((ob.x0, ob.y0), (ox - ob.w / 2, oy - ob.h / 2));
+                let (tx, ty) = p.target_centre;
+                assert!(tx < w && ty < h);
+                if p.paired {
+                    paired += 1;
+                    assert!((tx as f64 - ox as f64 - 7.4).abs() <= 0.1 * w as f64 + 0.5);
+                    assert!((ty as f64 - oy as f64 + 3.25).abs() <= 0.1 * h as f64 + 0.5);
                 } else {
-                    assert_eq!(o, t);
+                    assert_eq!(p.online_centre, p.target_centre);
                 }
-                for (i, b) in p.boxes.iter().enumerate() {
-                    assert!(b.inside(w, h), "{b:?}");
-                    let frac = b.area() as f64 / (h * w) as f64;
-                    assert!((frac - p.area[i]).abs() < 0.02, "{frac} vs {}", p.area[i]);
-                }
+                // Online area as drawn (up to rounding); target drawn in [online, smax] and
+                // clipped into the frame.
+                let frac = ob.area() as f64 / (h * w) as f64;
+                assert!((frac - p.area[0]).abs() < 0.02, "{frac} vs {}", p.area[0]);
                 assert!(p.area[0] >= 0.05 && p.area[0] <= p.area[1] && p.area[1] <= 0.3);
+                assert!(tb.inside(w, h), "{tb:?}");
+                assert!(tb.area() as f64 <= p.area[1] * (h * w) as f64 * 1.05 + 50.0);
             }
         }
-        assert!(warped > 1000, "{warped} of 1200 warped");
+        assert!(paired > 1000, "{paired} of 1200 paired");
     }
 
     #[test]
-    fn out_of_bounds_flow_falls_back_to_the_same_position() {
+    fn jitter_zero_moves_the_centre_by_the_rounded_flow() {
+        let (h, w) = (48, 96);
+        let cfg = SubcropConfig {
+            jitter: 0.0,
+            ..SubcropConfig::default()
+        };
+        // Flow that differs per pixel: u = x / 10, v = -1.
+        let mut flow = Map::zeros(2, h, w);
+        for y in 0..h {
+            for x in 0..w {
+                flow.set(0, y, x, x as f32 / 10.0);
+                flow.set(1, y, x, -1.0);
+            }
+        }
+        for seed in 0..30 {
+            for p in sample_subcrops(h, w, &flow, &cfg, &mut Rng::new(seed)) {
+                let (ox, oy) = p.online_centre;
+                if p.paired {
+                    let want_x = (ox as f64 * 1.1).round() as usize;
+                    assert_eq!(p.target_centre, (want_x, oy - 1), "{p:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn flow_out_of_the_frame_falls_back_to_the_online_frame() {
         let (h, w) = (40, 80);
         let cfg = SubcropConfig::default();
-        // Everything in frame t+dt came from far to the left: no jitter can bring it back.
+        // Everything moves far to the left: no jitter can bring it back.
         let flow = const_flow(h, w, -1000.0, 0.0);
+        let mut online = Map::zeros(3, h, w);
+        online
+            .data
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = i as f32);
+        let target = Map::from_vec(3, h, w, vec![-5.0; 3 * h * w]);
         for seed in 0..50 {
-            for p in sample_subcrops(h, w, &flow, &cfg, &mut Rng::new(seed)) {
-                assert!(!p.warped);
-                assert_eq!(p.centres[0], p.centres[1]);
-                assert!(p.boxes[0].inside(w, h) && p.boxes[1].inside(w, h));
+            let pairs = sample_subcrops(h, w, &flow, &cfg, &mut Rng::new(seed));
+            let [_, t] = extract_subcrops(&online, &target, &pairs, 8);
+            for (p, m) in pairs.iter().zip(&t) {
+                assert!(!p.paired);
+                assert_eq!(p.online_centre, p.target_centre);
+                assert!(
+                    m.data.iter().all(|&v| v >= 0.0),
+                    "cut from the online frame"
+                );
             }
         }
     }
 
     #[test]
-    fn more_pairs_than_cells_reuse_cells_after_a_full_round() {
+    fn more_pairs_than_cells_draw_with_replacement() {
         let cfg = SubcropConfig {
-            k: 20,
+            k: 40,
             ..SubcropConfig::default()
         };
         let (h, w) = (64, 128);
-        let g = Grid::new(h, w, &cfg);
-        assert_eq!(g.cells(), 15);
+        assert_eq!(Grid::new(h, w, &cfg).cells(), 15);
         let pairs = sample_subcrops(h, w, &const_flow(h, w, 0.0, 0.0), &cfg, &mut Rng::new(1));
-        let mut first: Vec<_> = pairs[..15].iter().map(|p| p.cell).collect();
-        first.sort();
-        first.dedup();
-        assert_eq!(first.len(), 15);
+        let mut cells: Vec<_> = pairs.iter().map(|p| p.cell).collect();
+        cells.sort();
+        cells.dedup();
+        assert!(cells.len() < 40 && cells.len() > 5, "{}", cells.len());
     }
 
     #[test]
-    fn extracted_pixels_are_the_box_resized() {
+    fn boxes_past_the_edge_read_zeros_and_pixels_are_the_box_resized() {
+        let (h, w) = (4, 6);
+        let m = Map::from_vec(1, h, w, (1..=24).map(|v| v as f32).collect());
+        let b = CropBox {
+            x0: 4,
+            y0: 2,
+            w: 3,
+            h: 3,
+        };
+        let c = crop_zero_padded(&m, &b);
+        assert_eq!(
+            c.data,
+            vec![17.0, 18.0, 0.0, 23.0, 24.0, 0.0, 0.0, 0.0, 0.0]
+        );
         let (h, w) = (32, 64);
         let mut img = Map::zeros(3, h, w);
-        for c in 0..3 {
-            for y in 0..h {
-                for x in 0..w {
-                    img.set(c, y, x, (c * 1000 + y * w + x) as f32);
-                }
-            }
-        }
+        img.data
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = i as f32);
+        let later = Map::from_vec(3, h, w, img.data.iter().map(|v| v + 1e5).collect());
         let cfg = SubcropConfig {
             size: 8,
             ..SubcropConfig::default()
         };
         let pairs = sample_subcrops(h, w, &const_flow(h, w, 2.0, 1.0), &cfg, &mut Rng::new(3));
-        let mut later = img.clone();
-        later.data.iter_mut().for_each(|v| *v += 5000.0);
-        let crops = [img, later];
-        let sub = extract_subcrops(&crops, &pairs, 8);
-        for (i, frame_subcrops) in sub.iter().enumerate() {
-            assert_eq!(frame_subcrops.len(), 6);
-            for (m, p) in frame_subcrops.iter().zip(&pairs) {
-                let b = p.boxes[i];
-                assert_eq!((m.c, m.h, m.w), (3, 8, 8));
-                // Each frame's subcrop is its own box of its own crop, resized.
-                assert_eq!(*m, crop_resize(&crops[i], &b, 8, 8));
-                let lo = (b.y0 * w + b.x0) as f32 + 5000.0 * i as f32;
-                let hi = ((b.y0 + b.h - 1) * w + b.x0 + b.w - 1) as f32 + 5000.0 * i as f32;
-                assert!(m.get(0, 0, 0) >= lo - 1e-3 && m.get(0, 7, 7) <= hi + 1e-3);
+        let sub = extract_subcrops(&img, &later, &pairs, 8);
+        for (i, frame) in [&img, &later].into_iter().enumerate() {
+            for (got, p) in sub[i].iter().zip(&pairs) {
+                let src = if i == 1 && !p.paired { &img } else { frame };
+                let want = resize_bilinear(&crop_zero_padded(src, &p.boxes[i]), 8, 8);
+                assert_eq!(*got, want);
+                assert_eq!((got.c, got.h, got.w), (3, 8, 8));
             }
         }
     }
