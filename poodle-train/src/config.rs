@@ -4,6 +4,7 @@
 
 use crate::data::augment::AugmentConfig;
 use crate::data::sampling::PairSampling;
+use crate::loss::dense::TargetOrder;
 use crate::model::ModelConfig;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -80,6 +81,10 @@ pub struct MethodConfig {
     /// Loss weights (paper: 0.5 and 0.5).
     pub w_dense: f64,
     pub w_pooled: f64,
+    /// Dense target branch: `authors` (default; their code warps by the flow, then undoes the
+    /// affine) or `paper` (Eq. (1), `M o A_2^-1`); see `loss::dense`.
+    #[serde(default)]
+    pub dense_order: TargetOrder,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -128,6 +133,7 @@ impl TrainConfig {
                 pooled: true,
                 w_dense: 0.5,
                 w_pooled: 0.5,
+                dense_order: TargetOrder::Authors,
             },
             seed: 0,
             run: RunConfig {

@@ -5,7 +5,8 @@
 use crate::checkpoint::{self, Progress};
 use crate::config::TrainConfig;
 use crate::data::loader::{Batch, Loader, LoaderConfig};
-use crate::loss::{check_finite, dense::dense_loss, pooled::pooled_loss, total, LossTerms};
+use crate::loss::dense::{dense_loss, Correspondence};
+use crate::loss::{check_finite, pooled::pooled_loss, total, LossTerms};
 use crate::model::{copy_vars, trainable_vars, Encoder, Online};
 use crate::optim::{ema_update, is_no_decay, AdamW, AdamWConfig, GradAccumulator, Schedule};
 use anyhow::{bail, ensure, Context, Result};
@@ -132,28 +133,21 @@ impl Learner {
         // [frame t, frame t+dt]: BatchNorm sees 2N images (2NK subcrops).
         let halves = |x: Tensor| -> Result<Vec<Tensor>> { Ok(x.chunk(2, 0)?) };
         if m.dense {
-            let both = Tensor::cat(&[&b.views[0], &b.views[1]], 0)?;
-            let p = self.online.encoder.dense(&both, true)?;
+            let online_in = Tensor::cat(&[&b.views[0], &b.views[1]], 0)?;
+            let target_in = Tensor::cat(&[&b.target_views[0], &b.target_views[1]], 0)?;
+            let p = self.online.encoder.dense(&online_in, true)?;
             let q = halves(self.online.predictors.dense(&p, true)?)?;
-            let t = halves(self.target.dense(&both, true)?.detach())?;
-            let (l, s) = dense_loss(
-                &q[0],
-                &t[1],
-                &b.affines[0],
-                &b.affines[1],
-                &b.flow[0],
-                &b.occluded[0],
-                (h, w),
-            )?;
-            let (l2, s2) = dense_loss(
-                &q[1],
-                &t[0],
-                &b.affines[1],
-                &b.affines[0],
-                &b.flow[1],
-                &b.occluded[1],
-                (h, w),
-            )?;
+            let t = halves(self.target.dense(&target_in, true)?.detach())?;
+            let corr = |d: usize| Correspondence {
+                a_online: &b.affines[d],
+                a_target: &b.target_affines[1 - d],
+                flow: &b.flow[d],
+                occluded: &b.occluded[d],
+                crop: (h, w),
+                order: m.dense_order,
+            };
+            let (l, s) = dense_loss(&q[0], &t[1], &corr(0))?;
+            let (l2, s2) = dense_loss(&q[1], &t[0], &corr(1))?;
             d_ab = l;
             d_ba = l2;
             mask_fraction = (s.mask_fraction + s2.mask_fraction) / 2.0;

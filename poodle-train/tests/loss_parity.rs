@@ -7,13 +7,34 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use poodle_train::geom::Affine;
-use poodle_train::loss::dense::{dense_aligned, dense_loss, dense_loss_with_target_grad};
+use poodle_train::loss::dense::{
+    dense_aligned, dense_loss, dense_loss_with_target_grad, Correspondence, TargetOrder,
+};
+
 use poodle_train::loss::pooled::{pooled_loss, pooled_loss_with_target_grad};
 use poodle_train::loss::sample_bilinear;
 use poodle_train::optim::{ema_momentum, ema_update, AdamW, AdamWConfig, Grads};
 use std::collections::HashMap;
 
 const REL: f64 = 1e-4;
+
+/// The fixtures were made with the paper's order (undo the affine, then warp).
+fn paper<'a>(
+    a_online: &'a [Affine],
+    a_target: &'a [Affine],
+    flow: &'a Tensor,
+    occluded: &'a Tensor,
+    crop: (usize, usize),
+) -> Correspondence<'a> {
+    Correspondence {
+        a_online,
+        a_target,
+        flow,
+        occluded,
+        crop,
+        order: TargetOrder::Paper,
+    }
+}
 
 fn fixture(name: &str) -> HashMap<String, Tensor> {
     let path = format!(
@@ -96,11 +117,7 @@ fn dense_loss_value_and_gradients_match_pytorch() {
     let (loss, stats) = dense_loss(
         pred.as_tensor(),
         proj.as_tensor(),
-        &a_on,
-        &a_tg,
-        &flow,
-        &occ,
-        crop,
+        &paper(&a_on, &a_tg, &flow, &occ, crop),
     )
     .unwrap();
     let want = scalar64(get(&f, "loss"));
@@ -129,11 +146,7 @@ fn dense_loss_value_and_gradients_match_pytorch() {
     let (loss2, _) = dense_loss_with_target_grad(
         pred.as_tensor(),
         proj.as_tensor(),
-        &a_on,
-        &a_tg,
-        &flow,
-        &occ,
-        crop,
+        &paper(&a_on, &a_tg, &flow, &occ, crop),
     )
     .unwrap();
     let grads2 = loss2.backward().unwrap();
@@ -158,7 +171,8 @@ fn dense_masks_and_aligned_maps_match_pytorch() {
     let (a_on, a_tg) = (affines(&f, "online", crop), affines(&f, "target", crop));
     let (pred, proj) = (f32t(&f, "pred"), f32t(&f, "proj"));
     let (flow, occ) = (f32t(&f, "flow"), f32t(&f, "occluded"));
-    let (z_o, z_t, m, _) = dense_aligned(&pred, &proj, &a_on, &a_tg, &flow, &occ, crop).unwrap();
+    let (z_o, z_t, m, _) =
+        dense_aligned(&pred, &proj, &paper(&a_on, &a_tg, &flow, &occ, crop)).unwrap();
     // The mask is exact (0/1 decisions on the same f64 coordinates).
     assert_eq!(vec64(&m), vec64(get(&f, "mask")));
     let m_f = m.broadcast_as(z_o.shape()).unwrap();
@@ -185,7 +199,8 @@ fn upsampling_matches_f_interpolate() {
     let (h, w) = (want.dims()[2], want.dims()[3]);
     let zeros = |c| Tensor::zeros((1, c, h, w), DType::F32, &Device::Cpu).unwrap();
     let id = [Affine::IDENTITY];
-    let (z_o, z_t, m, _) = dense_aligned(&x, &x, &id, &id, &zeros(2), &zeros(1), (h, w)).unwrap();
+    let (z_o, z_t, m, _) =
+        dense_aligned(&x, &x, &paper(&id, &id, &zeros(2), &zeros(1), (h, w))).unwrap();
     assert_close("upsample (online path)", &z_o, want, REL);
     assert_close("upsample (target path)", &z_t, want, REL);
     assert!(vec64(&m).iter().all(|&v| v == 1.0));

@@ -26,7 +26,10 @@
 //! 4. **Subcrops** ([`super::subcrops`]): a fresh set of K pairs per direction of the
 //!    symmetric loss (t online with the forward flow, t+dt online with the backward flow),
 //!    cut from the normalised, colour-augmented global crops (before the affine).
-//! 5. **Dense affine** (dense branch only): per frame, scale `U(affine_scale)`, rotation
+//! 5. **Dense affine** (dense branch only): per frame *and role* (as the authors draw one
+//!    affine for each image of the online batch and another for each image of the target
+//!    batch, so frame t as online and frame t as target get different views), scale
+//!    `U(affine_scale)`, rotation
 //!    `U(-deg, deg)`, horizontal flip with `affine_flip_p`, as
 //!    [`Affine::about_centre`]; `view(x) = crop(A x)`, bilinear, zero outside `[0, W-1] x
 //!    [0, H-1]` (zero = mean colour after normalisation). `dense_affine = false` (ablation
@@ -183,9 +186,12 @@ pub struct AugmentedPair {
     pub crop: GlobalCrop,
     /// Normalised, colour-augmented global crops before the affine (3, H, W).
     pub crops: [Map; 2],
-    /// Dense-branch views `crops[i](affines[i] x)` (3, H, W).
+    /// Dense-branch online views `crops[i](affines[i] x)` (3, H, W): frame i as online.
     pub views: [Map; 2],
     pub affines: [Affine; 2],
+    /// Dense-branch target views `crops[i](target_affines[i] x)`: frame i as target.
+    pub target_views: [Map; 2],
+    pub target_affines: [Affine; 2],
     /// [0] t -> t+dt, [1] t+dt -> t, crop pixels (2, H, W).
     pub flow: [Map; 2],
     /// [0] pixels of frame t occluded in t+dt, [1] pixels of t+dt occluded in t (H*W).
@@ -205,6 +211,7 @@ const TAG_CROP: u64 = 1;
 const TAG_COLOUR: [u64; 2] = [2, 3];
 const TAG_SUBCROPS: [u64; 2] = [4, 7];
 const TAG_AFFINE: [u64; 2] = [5, 6];
+const TAG_TARGET_AFFINE: [u64; 2] = [8, 9];
 
 /// The whole recipe for one pair (module docs). Panics on inconsistent buffer sizes: call
 /// [`RawPair::check`] on data read from disk first.
@@ -248,19 +255,21 @@ pub fn augment_pair(raw: &RawPair, cfg: &AugmentConfig, rng: &mut Rng) -> Augmen
         subcrops::extract_subcrops(online, target, &subcrop_pairs[d], cfg.subcrops.size)
     });
 
-    let affines = [
-        sample_affine(ow, oh, &cfg.affine, &mut affine_rng[0]),
-        sample_affine(ow, oh, &cfg.affine, &mut affine_rng[1]),
-    ];
-    let views = [
-        warp_affine(&crops[0], &affines[0]),
-        warp_affine(&crops[1], &affines[1]),
-    ];
+    let affines: [Affine; 2] =
+        std::array::from_fn(|i| sample_affine(ow, oh, &cfg.affine, &mut affine_rng[i]));
+    let target_affines: [Affine; 2] = std::array::from_fn(|i| {
+        let mut r = rng.fork(TAG_TARGET_AFFINE[i]);
+        sample_affine(ow, oh, &cfg.affine, &mut r)
+    });
+    let views = std::array::from_fn(|i| warp_affine(&crops[i], &affines[i]));
+    let target_views = std::array::from_fn(|i| warp_affine(&crops[i], &target_affines[i]));
     AugmentedPair {
         crop: b,
         crops,
         views,
         affines,
+        target_views,
+        target_affines,
         flow,
         occluded,
         subcrop_pairs,
@@ -483,12 +492,25 @@ mod tests {
             }
         }
         assert!((1..20).contains(&flipped), "flip p=0.5: {flipped}/20");
+        // The target role draws its own affines and views of the same crops.
+        let a = augment_pair(&s.raw(), &cfg, &mut Rng::new(4));
+        for i in 0..2 {
+            assert_ne!(a.target_affines[i], a.affines[i]);
+            let aff = a.target_affines[i];
+            for (x, y) in [(5usize, 7usize), (47, 23), (60, 10)] {
+                let (px, py) = aff.apply(x as f64, y as f64);
+                let want = sample_bilinear(&a.crops[i], 0, px as f32, py as f32).unwrap_or(0.0);
+                assert!((want - a.target_views[i].get(0, y, x)).abs() < 1e-5);
+            }
+        }
         // Ablation: identity and an exact copy.
         let mut cfg = small_cfg();
         cfg.affine.enabled = false;
         let a = augment_pair(&s.raw(), &cfg, &mut Rng::new(0));
         assert_eq!(a.affines, [Affine::IDENTITY; 2]);
+        assert_eq!(a.target_affines, [Affine::IDENTITY; 2]);
         assert_eq!(a.views[0], a.crops[0]);
+        assert_eq!(a.target_views[1], a.crops[1]);
     }
 
     #[test]

@@ -128,6 +128,10 @@ pub struct Batch {
     pub views: [Tensor; 2],
     /// Per-sample dense affines (sampling maps, `crate::geom` convention).
     pub affines: [Vec<Affine>; 2],
+    /// Target-role views of frame i (N, 3, H, W) with their own affines: `target_views[i](x)
+    /// = crop_i(target_affines[i][n] x)`.
+    pub target_views: [Tensor; 2],
+    pub target_affines: [Vec<Affine>; 2],
     /// (N, 2, H, W) crop pixels, not affine-transformed: [0] t -> t+dt, [1] t+dt -> t.
     pub flow: [Tensor; 2],
     /// (N, 1, H, W), 1.0 = occluded: [0] pixels of frame t, [1] pixels of frame t+dt.
@@ -721,12 +725,17 @@ fn pack(
         v
     };
     let mut views = Vec::with_capacity(2);
+    let mut target_views = Vec::with_capacity(2);
     let mut flow = Vec::with_capacity(2);
     let mut occluded = Vec::with_capacity(2);
     let mut subcrops = Vec::with_capacity(4);
     for i in 0..2 {
         let v = stack(n * 3 * h * w, &|a, v| v.extend_from_slice(&a.views[i].data));
         views.push(Tensor::from_vec(v, (n, 3, h, w), device)?);
+        let v = stack(n * 3 * h * w, &|a, v| {
+            v.extend_from_slice(&a.target_views[i].data)
+        });
+        target_views.push(Tensor::from_vec(v, (n, 3, h, w), device)?);
         let v = stack(n * 2 * h * w, &|a, v| v.extend_from_slice(&a.flow[i].data));
         flow.push(Tensor::from_vec(v, (n, 2, h, w), device)?);
         let v = stack(n * h * w, &|a, v| {
@@ -744,11 +753,14 @@ fn pack(
     }
     let pair = |v: Vec<Tensor>| -> [Tensor; 2] { v.try_into().expect("two tensors") };
     let affines = [0, 1].map(|i| samples.iter().map(|(a, _)| a.affines[i]).collect());
+    let target_affines = [0, 1].map(|i| samples.iter().map(|(a, _)| a.target_affines[i]).collect());
     Ok(Batch {
         epoch,
         index,
         views: pair(views),
         affines,
+        target_views: pair(target_views),
+        target_affines,
         flow: pair(flow),
         occluded: pair(occluded),
         subcrops: {

@@ -14,10 +14,18 @@
 //! - per sample `sum_y m(y) |z_o(y) - z_t(y)|^2 / (sum_y m(y) + 1e-7)`, then the batch mean.
 //!
 //! `up` is bilinear upsampling to `H x W` (`align_corners=False`), sampling is bilinear with
-//! zeros outside (`grid_sample(align_corners=True)`). The target composition follows the
-//! paper's `M o A_2^-1` (undo the target's affine, then warp by the flow); it is applied as one
-//! composed coordinate map and one bilinear lookup (the exact composition of the two maps),
-//! not as two successive resamplings.
+//! zeros outside (`grid_sample(align_corners=True)`).
+//!
+//! # Target order ([`TargetOrder`])
+//! The formulas above are the paper's `M o A_2^-1` ([`TargetOrder::Paper`]): undo the
+//! target's affine, then warp by the flow, as one composed coordinate map and one bilinear
+//! lookup. The authors' code (`src/models/poodle.py`) does it the other way round, and that
+//! is the default ([`TargetOrder::Authors`]): the upsampled target map is first warped by the
+//! flow in its own (affine) view coordinates, `w(v) = up(proj_target)(v + flow(v))`, then the
+//! affine is undone, `z_t(y) = w(A_t^-1 y)` (two successive bilinear resamplings), with
+//! their mask `m(y) = [A_o^-1 y in view] * [A_t^-1 y in view] * [y + flow(y) in crop] *
+//! (1 - occluded(y))`. The two agree when the target affine is the identity (the ablation
+//! recipe) and differ by about `|(A_t^-1 - I) flow|` pixels otherwise.
 //!
 //! Implementation: `up` is never materialised; each branch is one [`SampleGrid`] plan that
 //! composes the upsampling with the sampling exactly (taps into the stride-8 map), and the
@@ -33,6 +41,32 @@ use candle_core::{DType, Result, Tensor};
 
 /// Denominator guard of the per-sample mean (REFERENCE.md).
 pub const DENSE_DEN_EPS: f64 = 1e-7;
+
+/// How the target branch combines the flow warp with undoing its affine (module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetOrder {
+    /// The authors' code: warp by the flow in view coordinates, then undo the affine.
+    #[default]
+    Authors,
+    /// The paper's Eq. (1) `M o A_2^-1`: undo the affine, then warp (one composed lookup).
+    Paper,
+}
+
+/// Everything that relates the two branches' maps: their affines, the flow and occlusion
+/// from the online frame to the target frame, the crop size and the target order.
+#[derive(Clone, Copy, Debug)]
+pub struct Correspondence<'a> {
+    pub a_online: &'a [Affine],
+    pub a_target: &'a [Affine],
+    /// `(N, 2, H, W)`, crop pixels, online frame -> target frame.
+    pub flow: &'a Tensor,
+    /// `(N, 1, H, W)`, 1 = occluded (fractional values act as weights).
+    pub occluded: &'a Tensor,
+    /// `(H, W)`.
+    pub crop: (usize, usize),
+    pub order: TargetOrder,
+}
 
 /// Mask statistics of one dense-loss call, averaged over samples and pixels.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
@@ -51,28 +85,13 @@ pub struct DenseStats {
 /// reach only `pred_online`. Returns the scalar loss (batch mean) and mask statistics.
 ///
 /// Shapes: `pred_online`, `proj_target` `(N, C, h, w)` (any stride; both are upsampled to the
-/// crop), `flow` `(N, 2, H, W)` (u, v in crop pixels, online frame -> target frame),
-/// `occluded` `(N, 1, H, W)` (1 = occluded; fractional values act as weights), `crop = (H, W)`,
-/// one affine per sample and branch.
+/// crop); the rest in [`Correspondence`], one affine per sample and branch.
 pub fn dense_loss(
     pred_online: &Tensor,
     proj_target: &Tensor,
-    a_online: &[Affine],
-    a_target: &[Affine],
-    flow: &Tensor,
-    occluded: &Tensor,
-    crop: (usize, usize),
+    c: &Correspondence,
 ) -> Result<(Tensor, DenseStats)> {
-    let target = proj_target.detach();
-    dense_loss_impl(
-        pred_online,
-        &target,
-        a_online,
-        a_target,
-        flow,
-        occluded,
-        crop,
-    )
+    dense_loss_impl(pred_online, &proj_target.detach(), c)
 }
 
 /// [`dense_loss`] without the stop-gradient: gradients also flow into `proj_target` (for
@@ -80,21 +99,9 @@ pub fn dense_loss(
 pub fn dense_loss_with_target_grad(
     pred_online: &Tensor,
     proj_target: &Tensor,
-    a_online: &[Affine],
-    a_target: &[Affine],
-    flow: &Tensor,
-    occluded: &Tensor,
-    crop: (usize, usize),
+    c: &Correspondence,
 ) -> Result<(Tensor, DenseStats)> {
-    dense_loss_impl(
-        pred_online,
-        proj_target,
-        a_online,
-        a_target,
-        flow,
-        occluded,
-        crop,
-    )
+    dense_loss_impl(pred_online, proj_target, c)
 }
 
 /// The aligned, *unnormalised* maps and the mask of the dense loss, for inspection and tests:
@@ -104,84 +111,88 @@ pub fn dense_loss_with_target_grad(
 pub fn dense_aligned(
     pred_online: &Tensor,
     proj_target: &Tensor,
-    a_online: &[Affine],
-    a_target: &[Affine],
-    flow: &Tensor,
-    occluded: &Tensor,
-    crop: (usize, usize),
+    c: &Correspondence,
 ) -> Result<(Tensor, Tensor, Tensor, DenseStats)> {
-    let (h, w) = crop;
+    let (h, w) = c.crop;
     let (n, _, _, _) = pred_online.dims4()?;
-    check_shapes(
-        pred_online,
-        proj_target,
-        a_online,
-        a_target,
-        flow,
-        occluded,
-        crop,
-    )?;
+    check_shapes(pred_online, proj_target, c)?;
     let dev = pred_online.device();
 
     // Online branch: crop pixel y samples the upsampled view at A_o^-1 y. The plan composes
     // the bilinear upsampling to the crop with the sampling (exact, see `sample`).
     let (h_o, w_o) = (pred_online.dim(2)?, pred_online.dim(3)?);
-    let inv_o: Vec<Affine> = a_online.iter().map(Affine::inverse).collect();
+    let inv_o: Vec<Affine> = c.a_online.iter().map(Affine::inverse).collect();
     let grid_o = SampleGrid::from_fn_upsampled(n, (h_o, w_o), (h, w), (h, w), |b, y, x| {
         Some(inv_o[b].apply(x as f64, y as f64))
     });
     let z_o = grid_o.sample(pred_online)?;
     let mask_o = grid_o.mask(dev)?;
 
-    // Target branch: crop pixel y samples the upsampled target view at A_t^-1 (y + flow(y)),
-    // valid only where y + flow(y) stays inside the crop.
-    let fl: Vec<f32> = flow.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let inv_t: Vec<Affine> = a_target.iter().map(Affine::inverse).collect();
-    let plane = h * w;
-    let (wf, hf) = (w as f64 - 1.0, h as f64 - 1.0);
-    let (h_t, w_t) = (proj_target.dim(2)?, proj_target.dim(3)?);
-    let grid_t = SampleGrid::from_fn_upsampled(n, (h_t, w_t), (h, w), (h, w), |b, y, x| {
-        let k = y * w + x;
-        let qx = x as f64 + fl[b * 2 * plane + k] as f64;
-        let qy = y as f64 + fl[b * 2 * plane + plane + k] as f64;
-        if !(qx >= 0.0 && qy >= 0.0 && qx <= wf && qy <= hf) {
-            return None;
-        }
-        Some(inv_t[b].apply(qx, qy))
-    });
-    let z_t = grid_t.sample(proj_target)?;
-    let mask_t = grid_t.mask(dev)?;
-
-    let visible = occluded.to_dtype(DType::F32)?.affine(-1.0, 1.0)?;
+    let (z_t, mask_t, target_valid) = target_branch(proj_target, c)?;
+    let visible = c.occluded.to_dtype(DType::F32)?.affine(-1.0, 1.0)?;
     let m = mask_o.mul(&mask_t)?.mul(&visible)?;
     let stats = DenseStats {
         mask_fraction: m.mean_all()?.to_scalar::<f32>()?,
         online_valid: grid_o.valid_fraction() as f32,
-        target_valid: grid_t.valid_fraction() as f32,
+        target_valid,
         non_occluded: visible.mean_all()?.to_scalar::<f32>()?,
     };
     let m = m.to_dtype(z_o.dtype())?;
     Ok((z_o, z_t, m, stats))
 }
 
+/// The target map aligned to the online frame, its validity mask `(N, 1, H, W)` and the
+/// valid fraction, in the configured order (module docs).
+fn target_branch(proj_target: &Tensor, c: &Correspondence) -> Result<(Tensor, Tensor, f32)> {
+    let (h, w) = c.crop;
+    let n = c.a_target.len();
+    let dev = proj_target.device();
+    let fl: Vec<f32> = c.flow.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let inv_t: Vec<Affine> = c.a_target.iter().map(Affine::inverse).collect();
+    let plane = h * w;
+    let (wf, hf) = (w as f64 - 1.0, h as f64 - 1.0);
+    let moved = |b: usize, y: usize, x: usize| {
+        let k = y * w + x;
+        let qx = x as f64 + fl[b * 2 * plane + k] as f64;
+        let qy = y as f64 + fl[b * 2 * plane + plane + k] as f64;
+        (qx, qy)
+    };
+    let inside = |(qx, qy): (f64, f64)| qx >= 0.0 && qy >= 0.0 && qx <= wf && qy <= hf;
+    let low = (proj_target.dim(2)?, proj_target.dim(3)?);
+    match c.order {
+        TargetOrder::Paper => {
+            // y samples the upsampled target view at A_t^-1 (y + flow(y)), valid only where
+            // y + flow(y) stays inside the crop.
+            let grid = SampleGrid::from_fn_upsampled(n, low, (h, w), (h, w), |b, y, x| {
+                let q = moved(b, y, x);
+                inside(q).then(|| inv_t[b].apply(q.0, q.1))
+            });
+            let valid = grid.valid_fraction() as f32;
+            Ok((grid.sample(proj_target)?, grid.mask(dev)?, valid))
+        }
+        TargetOrder::Authors => {
+            // Warp the upsampled view by the flow in its own coordinates (zeros outside)...
+            let warp = SampleGrid::from_fn_upsampled(n, low, (h, w), (h, w), |b, y, x| {
+                Some(moved(b, y, x))
+            });
+            let warped = warp.sample(proj_target)?;
+            // ... then undo the affine: y samples the warped map at A_t^-1 y.
+            let undo = SampleGrid::from_fn(n, (h, w), (h, w), |b, y, x| {
+                Some(inv_t[b].apply(x as f64, y as f64))
+            });
+            let mask = warp.mask(dev)?.mul(&undo.mask(dev)?)?;
+            let valid = mask.mean_all()?.to_scalar::<f32>()?;
+            Ok((undo.sample(&warped)?, mask, valid))
+        }
+    }
+}
+
 fn dense_loss_impl(
     pred_online: &Tensor,
     proj_target: &Tensor,
-    a_online: &[Affine],
-    a_target: &[Affine],
-    flow: &Tensor,
-    occluded: &Tensor,
-    crop: (usize, usize),
+    c: &Correspondence,
 ) -> Result<(Tensor, DenseStats)> {
-    let (z_o, z_t, m, stats) = dense_aligned(
-        pred_online,
-        proj_target,
-        a_online,
-        a_target,
-        flow,
-        occluded,
-        crop,
-    )?;
+    let (z_o, z_t, m, stats) = dense_aligned(pred_online, proj_target, c)?;
     let d = normalized_sq_diff(&z_o, &z_t)?; // (N, 1, H, W)
     let num = d.mul(&m)?.sum((1, 2, 3))?; // (N,)
     let den = m.sum((1, 2, 3))?.affine(1.0, DENSE_DEN_EPS)?;
@@ -189,15 +200,10 @@ fn dense_loss_impl(
     Ok((loss, stats))
 }
 
-fn check_shapes(
-    pred_online: &Tensor,
-    proj_target: &Tensor,
-    a_online: &[Affine],
-    a_target: &[Affine],
-    flow: &Tensor,
-    occluded: &Tensor,
-    (h, w): (usize, usize),
-) -> Result<()> {
+fn check_shapes(pred_online: &Tensor, proj_target: &Tensor, corr: &Correspondence) -> Result<()> {
+    let (h, w) = corr.crop;
+    let (flow, occluded) = (corr.flow, corr.occluded);
+    let (a_online, a_target) = (corr.a_online, corr.a_target);
     let (n, c, _, _) = pred_online.dims4()?;
     let (nt, ct, _, _) = proj_target.dims4()?;
     if (nt, ct) != (n, c) {
@@ -236,6 +242,77 @@ mod tests {
 
     const DEV: Device = Device::Cpu;
 
+    /// The paper's order (the tests below were written for it; the orders agree whenever
+    /// the target affine is the identity).
+    fn paper<'a>(
+        a_online: &'a [Affine],
+        a_target: &'a [Affine],
+        flow: &'a Tensor,
+        occluded: &'a Tensor,
+        crop: (usize, usize),
+    ) -> Correspondence<'a> {
+        Correspondence {
+            a_online,
+            a_target,
+            flow,
+            occluded,
+            crop,
+            order: TargetOrder::Paper,
+        }
+    }
+
+    #[test]
+    fn authors_order_warps_in_view_coordinates_then_undoes_the_affine() {
+        // Full-resolution maps, so the only resampling is the one under test. Target map
+        // T(u) = ramp; flow constant (3, -2); target affine a pure translation by (1.5, 0.5)
+        // (A x = x + t): authors z_t(y) = T(A^-1 y + f) = T(y - t + f), paper z_t(y) =
+        // T(A^-1 (y + f)) = T(y + f - t): equal for a translation. With a flip about the
+        // centre, A^-1 y = (W-1-x, y): authors T(W-1-x+3, y-2), paper T(W-1-x-3, y-2).
+        let (h, w) = (10, 16);
+        let ramp: Vec<f32> = (0..h * w)
+            .map(|k| (k % w) as f32 * 0.5 + (k / w) as f32)
+            .collect();
+        let target = Tensor::from_vec(ramp, (1, 1, h, w), &DEV).unwrap();
+        let mut fl = vec![0f32; 2 * h * w];
+        fl[..h * w].fill(3.0);
+        fl[h * w..].fill(-2.0);
+        let flow = Tensor::from_vec(fl, (1, 2, h, w), &DEV).unwrap();
+        let occ = zeros(1, 1, h, w);
+        let id = [Affine::IDENTITY];
+        let flip = [Affine::about_centre(w, h, 0.0, 1.0, true)];
+        let value = |order, a: &[Affine], x: usize, y: usize| {
+            let c = Correspondence {
+                order,
+                ..paper(&id, a, &flow, &occ, (h, w))
+            };
+            let (_, z_t, m, _) = dense_aligned(&target, &target, &c).unwrap();
+            let v: Vec<f32> = z_t.flatten_all().unwrap().to_vec1().unwrap();
+            let mv: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
+            (v[y * w + x], mv[y * w + x])
+        };
+        let t = |x: f32, y: f32| x * 0.5 + y;
+        // Identity affine: both orders give T(y + f).
+        for order in [TargetOrder::Authors, TargetOrder::Paper] {
+            assert_eq!(value(order, &id, 4, 5), (t(7.0, 3.0), 1.0));
+        }
+        // Flip: authors T(W-1-x+3, y-2), paper T(W-1-x-3, y-2).
+        let (x, y) = (6, 5);
+        let (va, ma) = value(TargetOrder::Authors, &flip, x, y);
+        let (vp, mp) = value(TargetOrder::Paper, &flip, x, y);
+        assert!((va - t((w - 1 - x) as f32 + 3.0, 3.0)).abs() < 1e-5, "{va}");
+        assert!((vp - t((w - 1 - x) as f32 - 3.0, 3.0)).abs() < 1e-5, "{vp}");
+        assert_eq!((ma, mp), (1.0, 1.0));
+        // Authors' mask looks at y + f(y) for the un-affined y: x = 1 moves to 4 (inside),
+        // so it counts, although the warped map there was read at W-1-1+3 = 17, outside the
+        // view, and is zero. The paper's order reads T(W-1-4) = T(11).
+        assert_eq!(value(TargetOrder::Authors, &flip, 1, 5), (0.0, 1.0));
+        let (vp, mp) = value(TargetOrder::Paper, &flip, 1, 5);
+        assert!((vp - t(11.0, 3.0)).abs() < 1e-5 && mp == 1.0, "{vp} {mp}");
+        // x = 13 moves to 16, outside the crop: masked in both.
+        assert_eq!(value(TargetOrder::Authors, &flip, 13, 5).1, 0.0);
+        assert_eq!(value(TargetOrder::Paper, &flip, 13, 5).1, 0.0);
+    }
+
     /// A smooth random-looking feature map (N, C, h, w).
     fn feats(n: usize, c: usize, h: usize, w: usize, seed: u32) -> Tensor {
         let v: Vec<f32> = (0..n * c * h * w)
@@ -263,11 +340,13 @@ mod tests {
         let (l, st) = dense_loss(
             &p,
             &p,
-            &id,
-            &id,
-            &zeros(n, 2, 16, 24),
-            &zeros(n, 1, 16, 24),
-            (16, 24),
+            &paper(
+                &id,
+                &id,
+                &zeros(n, 2, 16, 24),
+                &zeros(n, 1, 16, 24),
+                (16, 24),
+            ),
         )
         .unwrap();
         assert!(scalar(&l).abs() < 1e-6, "loss {}", scalar(&l));
@@ -277,11 +356,13 @@ mod tests {
         let (l2, _) = dense_loss(
             &p,
             &q,
-            &id,
-            &id,
-            &zeros(n, 2, 16, 24),
-            &zeros(n, 1, 16, 24),
-            (16, 24),
+            &paper(
+                &id,
+                &id,
+                &zeros(n, 2, 16, 24),
+                &zeros(n, 1, 16, 24),
+                (16, 24),
+            ),
         )
         .unwrap();
         assert!(scalar(&l2) > 0.05, "loss {}", scalar(&l2));
@@ -297,11 +378,7 @@ mod tests {
         let (l, st) = dense_loss(
             &p,
             &p,
-            &a,
-            &a,
-            &zeros(n, 2, 16, 24),
-            &zeros(n, 1, 16, 24),
-            (16, 24),
+            &paper(&a, &a, &zeros(n, 2, 16, 24), &zeros(n, 1, 16, 24), (16, 24)),
         )
         .unwrap();
         assert!(scalar(&l).abs() < 1e-6, "loss {}", scalar(&l));
@@ -324,11 +401,7 @@ mod tests {
         let (l, st) = dense_loss(
             &online,
             &target,
-            &id,
-            &id,
-            &flow,
-            &zeros(1, 1, h, w),
-            (h, w),
+            &paper(&id, &id, &flow, &zeros(1, 1, h, w), (h, w)),
         )
         .unwrap();
         assert!(scalar(&l).abs() < 1e-6, "loss {}", scalar(&l));
@@ -342,11 +415,7 @@ mod tests {
         let (l, _) = dense_loss(
             &online,
             &target,
-            &id,
-            &id,
-            &flow,
-            &zeros(1, 1, h, w),
-            (h, w),
+            &paper(&id, &id, &flow, &zeros(1, 1, h, w), (h, w)),
         )
         .unwrap();
         assert!(scalar(&l) > 0.05);
@@ -372,11 +441,13 @@ mod tests {
         let (l, st) = dense_loss(
             &online,
             &view,
-            &[Affine::IDENTITY],
-            &[flip],
-            &flow,
-            &zeros(1, 1, h, w),
-            (h, w),
+            &paper(
+                &[Affine::IDENTITY],
+                &[flip],
+                &flow,
+                &zeros(1, 1, h, w),
+                (h, w),
+            ),
         )
         .unwrap();
         assert!(scalar(&l).abs() < 1e-6, "loss {}", scalar(&l));
@@ -410,14 +481,14 @@ mod tests {
         let occ = Tensor::from_vec(occ, (n, 1, hh, ww), &DEV).unwrap();
         let f1 = Tensor::from_vec(fl1, (n, 2, hh, ww), &DEV).unwrap();
         let f2 = Tensor::from_vec(fl2, (n, 2, hh, ww), &DEV).unwrap();
-        let (l1, s1) = dense_loss(&p, &q, &id, &a, &f1, &occ, (hh, ww)).unwrap();
-        let (l2, s2) = dense_loss(&p, &q, &id, &a, &f2, &occ, (hh, ww)).unwrap();
+        let (l1, s1) = dense_loss(&p, &q, &paper(&id, &a, &f1, &occ, (hh, ww))).unwrap();
+        let (l2, s2) = dense_loss(&p, &q, &paper(&id, &a, &f2, &occ, (hh, ww))).unwrap();
         assert!((scalar(&l1) - scalar(&l2)).abs() < 1e-7);
         assert_eq!(s1.mask_fraction, s2.mask_fraction);
         // Without the occlusion mask the garbage would matter.
         let none = zeros(n, 1, hh, ww);
-        let (l3, _) = dense_loss(&p, &q, &id, &a, &f1, &none, (hh, ww)).unwrap();
-        let (l4, _) = dense_loss(&p, &q, &id, &a, &f2, &none, (hh, ww)).unwrap();
+        let (l3, _) = dense_loss(&p, &q, &paper(&id, &a, &f1, &none, (hh, ww))).unwrap();
+        let (l4, _) = dense_loss(&p, &q, &paper(&id, &a, &f2, &none, (hh, ww))).unwrap();
         assert!((scalar(&l3) - scalar(&l4)).abs() > 1e-4);
         assert!(s1.non_occluded < 1.0 && s1.mask_fraction < s1.non_occluded);
     }
@@ -440,8 +511,8 @@ mod tests {
         let q2 = Tensor::from_vec(qv, (n, c, h, w), &DEV).unwrap();
         let id = [Affine::IDENTITY];
         let fl = zeros(1, 2, h, w);
-        let (l1, _) = dense_loss(p.as_tensor(), &q, &id, &id, &fl, &occ, (h, w)).unwrap();
-        let (l2, _) = dense_loss(p.as_tensor(), &q2, &id, &id, &fl, &occ, (h, w)).unwrap();
+        let (l1, _) = dense_loss(p.as_tensor(), &q, &paper(&id, &id, &fl, &occ, (h, w))).unwrap();
+        let (l2, _) = dense_loss(p.as_tensor(), &q2, &paper(&id, &id, &fl, &occ, (h, w))).unwrap();
         assert!((scalar(&l1) - scalar(&l2)).abs() < 1e-7);
         let g = l1.backward().unwrap();
         let gp: Vec<f32> = g
@@ -468,14 +539,21 @@ mod tests {
         let q = Var::from_tensor(&feats(n, c, h, w, 11)).unwrap();
         let id = [Affine::IDENTITY];
         let (fl, occ) = (zeros(1, 2, 8, 12), zeros(1, 1, 8, 12));
-        let (l, _) =
-            dense_loss(p.as_tensor(), q.as_tensor(), &id, &id, &fl, &occ, (8, 12)).unwrap();
+        let (l, _) = dense_loss(
+            p.as_tensor(),
+            q.as_tensor(),
+            &paper(&id, &id, &fl, &occ, (8, 12)),
+        )
+        .unwrap();
         let g = l.backward().unwrap();
         assert!(g.get(p.as_tensor()).is_some());
         assert!(g.get(q.as_tensor()).is_none());
-        let (l, _) =
-            dense_loss_with_target_grad(p.as_tensor(), q.as_tensor(), &id, &id, &fl, &occ, (8, 12))
-                .unwrap();
+        let (l, _) = dense_loss_with_target_grad(
+            p.as_tensor(),
+            q.as_tensor(),
+            &paper(&id, &id, &fl, &occ, (8, 12)),
+        )
+        .unwrap();
         let g = l.backward().unwrap();
         assert!(g.get(q.as_tensor()).is_some());
     }
@@ -489,11 +567,7 @@ mod tests {
         let (l, st) = dense_loss(
             p.as_tensor(),
             p.as_tensor(),
-            &id,
-            &id,
-            &zeros(1, 2, 8, 12),
-            &occ,
-            (8, 12),
+            &paper(&id, &id, &zeros(1, 2, 8, 12), &occ, (8, 12)),
         )
         .unwrap();
         assert_eq!(scalar(&l), 0.0);
@@ -520,11 +594,7 @@ mod tests {
         let (l, st) = dense_loss(
             p.as_tensor(),
             &q,
-            &a,
-            &a,
-            &zeros(1, 2, 8, 12),
-            &zeros(1, 1, 8, 12),
-            (8, 12),
+            &paper(&a, &a, &zeros(1, 2, 8, 12), &zeros(1, 1, 8, 12), (8, 12)),
         )
         .unwrap();
         assert!(st.online_valid < 1.0);
@@ -547,21 +617,19 @@ mod tests {
         let r = dense_loss(
             &p,
             &p,
-            &id,
-            &id,
-            &zeros(2, 2, 8, 12),
-            &zeros(2, 1, 8, 12),
-            (16, 24),
+            &paper(&id, &id, &zeros(2, 2, 8, 12), &zeros(2, 1, 8, 12), (16, 24)),
         );
         assert!(r.is_err());
         let r = dense_loss(
             &p,
             &p,
-            &id[..1],
-            &id,
-            &zeros(2, 2, 8, 12),
-            &zeros(2, 1, 8, 12),
-            (8, 12),
+            &paper(
+                &id[..1],
+                &id,
+                &zeros(2, 2, 8, 12),
+                &zeros(2, 1, 8, 12),
+                (8, 12),
+            ),
         );
         assert!(r.is_err());
     }
