@@ -8,13 +8,8 @@
 //! in closed form.
 
 use candle_core::{Device, Tensor};
-use poodle_common::config::{DatasetConfig, Layout, Sampling};
-use poodle_common::flowmath::{
-    resize_bilinear, sample_bilinear, Map, FLOW_QUANT_SCALE, FLOW_STAT_NAMES,
-};
-use poodle_common::store::{
-    Codecs, FlowAttrs, Geometry, PoodleStore, StoreArrays, StoreAttrs, SCHEMA_VERSION,
-};
+use poodle_common::flowmath::{resize_bilinear, sample_bilinear, Map};
+use poodle_common::store::{PoodleStore, SCHEMA_VERSION};
 use poodle_train::data::subcrops::crop_zero_padded;
 use poodle_train::data::{AugmentConfig, Batch, Loader, LoaderConfig, PairSampling};
 use poodle_train::geom::Affine;
@@ -31,137 +26,8 @@ const DX: f32 = 4.0;
 const DY: f32 = -2.0;
 
 mod common;
+use common::synthetic::{write_store, StoreSpec};
 use common::{ort_library, prep_binary, repo, shared_data, tmpdir};
-
-fn ramp(c: usize, x: f32, y: f32, offset: f32) -> f32 {
-    // Steep in x (channel 0) and y (channel 1): a one-pixel misregistration exceeds the
-    // tolerances; no value clamps at 0 or 255 where frames are compared.
-    [
-        3.0 * x + 0.3 * y + 15.0,
-        0.4 * x + 5.5 * y,
-        0.5 * x + 0.5 * y + offset,
-    ][c]
-}
-
-struct StoreSpec<'a> {
-    pairs: usize,
-    per_shard: usize,
-    valid: &'a [bool],
-    backward: bool,
-    group: &'a str,
-    /// Added to the ramp, so pairs and stores differ.
-    offset: f32,
-}
-
-impl Default for StoreSpec<'_> {
-    fn default() -> Self {
-        StoreSpec {
-            pairs: 6,
-            per_shard: 2,
-            valid: &[],
-            backward: true,
-            group: "synthetic",
-            offset: 0.0,
-        }
-    }
-}
-
-/// Writes a finished store through `poodle_common::store` (the schema poodle-prep writes).
-fn write_store(path: &Path, spec: &StoreSpec) {
-    let g = Geometry {
-        num_pairs: spec.pairs,
-        height: H,
-        width: W,
-        pairs_per_shard: spec.per_shard,
-    };
-    let arrays = StoreArrays::new(path, g, Codecs::default()).unwrap();
-    let fa = arrays
-        .flow_arrays(spec.group, spec.backward, Codecs::default())
-        .unwrap();
-    let n = H * W;
-    let q = |v: f32| (v / FLOW_QUANT_SCALE).round() as i16;
-    for k in 0..g.num_shards() {
-        let range = g.shard_pairs(k);
-        let (mut frames, mut pairs, mut valid) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut fwd, mut bwd, mut occ, mut occ_b, mut stats) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for i in range {
-            let off = spec.offset + (10 * i % 150) as f32;
-            for f in 0..2 {
-                for c in 0..3 {
-                    for y in 0..H {
-                        for x in 0..W {
-                            let (sx, sy) = if f == 0 {
-                                (x as f32, y as f32)
-                            } else {
-                                (x as f32 - DX, y as f32 - DY)
-                            };
-                            frames.push(ramp(c, sx, sy, off).round().clamp(0.0, 255.0) as u8);
-                        }
-                    }
-                }
-            }
-            pairs.extend([(i % 2) as i64, 10 * i as i64, 15]);
-            valid.push(spec.valid.get(i).copied().unwrap_or(true));
-            fwd.extend(std::iter::repeat_n(q(DX), n).chain(std::iter::repeat_n(q(DY), n)));
-            bwd.extend(std::iter::repeat_n(q(-DX), n).chain(std::iter::repeat_n(q(-DY), n)));
-            // Frame t: the right DX columns leave the frame; frame t+dt: the left DX columns
-            // were not in frame t.
-            occ.extend((0..n).map(|p| p % W >= W - DX as usize));
-            occ_b.extend((0..n).map(|p| p % W < DX as usize));
-            stats.extend([0f32; 6]);
-        }
-        arrays.write_shard(k, &frames, &pairs, &valid).unwrap();
-        let b = spec.backward.then_some((&bwd[..], &occ_b[..]));
-        arrays
-            .write_flow_shard(&fa, k, &fwd, b, &occ, &stats)
-            .unwrap();
-    }
-    arrays
-        .finalize_flow(
-            &fa,
-            &FlowAttrs {
-                model_name: spec.group.into(),
-                model_sha256: "0".repeat(64),
-                card: serde_json::json!({}),
-                flow_scale: FLOW_QUANT_SCALE,
-                backward: spec.backward,
-                occlusion: "synthetic".into(),
-                stat_names: FLOW_STAT_NAMES.iter().map(|s| s.to_string()).collect(),
-            },
-        )
-        .unwrap();
-    arrays
-        .finalize(&StoreAttrs {
-            schema_version: SCHEMA_VERSION,
-            tool_version: "test".into(),
-            dataset: DatasetConfig {
-                name: "synthetic".into(),
-                layout: Layout::Folder {
-                    extensions: vec!["mp4".into()],
-                },
-                sampling: Sampling::PerVideo {
-                    pairs_per_video: 3,
-                    dt_min: 15,
-                    dt_max: 15,
-                },
-                height: H,
-                width: W,
-                pairs_per_shard: spec.per_shard,
-                seed: 0,
-                default_root: None,
-            },
-            manifest_sha256: "0".repeat(64),
-            part_index: 0,
-            num_parts: 1,
-            first_pair: 0,
-            geometry: g,
-            videos: vec!["a.mp4".into(), "b.mp4".into()],
-            root: "/nowhere".into(),
-            video_fps: vec![30.0, 30.0],
-        })
-        .unwrap();
-}
 
 fn small_augment() -> AugmentConfig {
     let mut a = AugmentConfig {

@@ -20,12 +20,15 @@
 //! The formulas above are the paper's `M o A_2^-1` ([`TargetOrder::Paper`]): undo the
 //! target's affine, then warp by the flow, as one composed coordinate map and one bilinear
 //! lookup. The authors' code (`src/models/poodle.py`) does it the other way round, and that
-//! is the default ([`TargetOrder::Authors`]): the upsampled target map is first warped by the
-//! flow in its own (affine) view coordinates, `w(v) = up(proj_target)(v + flow(v))`, then the
-//! affine is undone, `z_t(y) = w(A_t^-1 y)` (two successive bilinear resamplings), with
-//! their mask `m(y) = [A_o^-1 y in view] * [A_t^-1 y in view] * [y + flow(y) in crop] *
-//! (1 - occluded(y))`. The two agree when the target affine is the identity (the ablation
-//! recipe) and differ by about `|(A_t^-1 - I) flow|` pixels otherwise.
+//! is the default ([`TargetOrder::Authors`]). Write the target affine as `A_t = M F`, `F` its
+//! horizontal flip (if any) and `M` the rotation and scale. They undo the flip on the
+//! features, warp the upsampled map by the flow in the affine view's coordinates,
+//! `w(u) = up(proj_target)(F (u + flow(u)))`, and then undo `M`, `z_t(y) = w(M^-1 y)` (two
+//! successive bilinear resamplings), with their mask `m(y) = [A_o^-1 y in view] *
+//! [M^-1 y in view] * [y + flow(y) in crop] * (1 - occluded(y))`. Content at `y` is then
+//! compared with target content at `y + M flow(M^-1 y)` instead of `y + flow(y)`: the two
+//! orders agree when the target affine is a flip or the identity (the ablation recipe) and
+//! differ by about `|(M - I) flow|` pixels otherwise.
 //!
 //! Implementation: `up` is never materialised; each branch is one [`SampleGrid`] plan that
 //! composes the upsampling with the sampling exactly (taps into the stride-8 map), and the
@@ -149,6 +152,12 @@ fn target_branch(proj_target: &Tensor, c: &Correspondence) -> Result<(Tensor, Te
     let dev = proj_target.device();
     let fl: Vec<f32> = c.flow.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let inv_t: Vec<Affine> = c.a_target.iter().map(Affine::inverse).collect();
+    // A mirrored affine (negative determinant) holds a horizontal flip about the centre.
+    let flipped: Vec<bool> = c
+        .a_target
+        .iter()
+        .map(|a| a.0[0] * a.0[4] - a.0[1] * a.0[3] < 0.0)
+        .collect();
     let plane = h * w;
     let (wf, hf) = (w as f64 - 1.0, h as f64 - 1.0);
     let moved = |b: usize, y: usize, x: usize| {
@@ -171,14 +180,22 @@ fn target_branch(proj_target: &Tensor, c: &Correspondence) -> Result<(Tensor, Te
             Ok((grid.sample(proj_target)?, grid.mask(dev)?, valid))
         }
         TargetOrder::Authors => {
-            // Warp the upsampled view by the flow in its own coordinates (zeros outside)...
+            // The authors undo the flip on the features first, then warp by the flow, then
+            // undo the rest of the affine: with A = M F (F the flip, if any), the map is
+            // warped at F(u + flow(u)), then read at M^-1 y = F A^-1 y.
+            let mirror = |b: usize, (x, y): (f64, f64)| {
+                if flipped[b] {
+                    (wf - x, y)
+                } else {
+                    (x, y)
+                }
+            };
             let warp = SampleGrid::from_fn_upsampled(n, low, (h, w), (h, w), |b, y, x| {
-                Some(moved(b, y, x))
+                Some(mirror(b, moved(b, y, x)))
             });
             let warped = warp.sample(proj_target)?;
-            // ... then undo the affine: y samples the warped map at A_t^-1 y.
             let undo = SampleGrid::from_fn(n, (h, w), (h, w), |b, y, x| {
-                Some(inv_t[b].apply(x as f64, y as f64))
+                Some(mirror(b, inv_t[b].apply(x as f64, y as f64)))
             });
             let mask = warp.mask(dev)?.mul(&undo.mask(dev)?)?;
             let valid = mask.mean_all()?.to_scalar::<f32>()?;
@@ -263,11 +280,8 @@ mod tests {
 
     #[test]
     fn authors_order_warps_in_view_coordinates_then_undoes_the_affine() {
-        // Full-resolution maps, so the only resampling is the one under test. Target map
-        // T(u) = ramp; flow constant (3, -2); target affine a pure translation by (1.5, 0.5)
-        // (A x = x + t): authors z_t(y) = T(A^-1 y + f) = T(y - t + f), paper z_t(y) =
-        // T(A^-1 (y + f)) = T(y + f - t): equal for a translation. With a flip about the
-        // centre, A^-1 y = (W-1-x, y): authors T(W-1-x+3, y-2), paper T(W-1-x-3, y-2).
+        // Full-resolution ramp T(x, y) = x / 2 + y, so bilinear lookups are exact; flow
+        // constant f = (3, -2); centre c = (7.5, 4.5).
         let (h, w) = (10, 16);
         let ramp: Vec<f32> = (0..h * w)
             .map(|k| (k % w) as f32 * 0.5 + (k / w) as f32)
@@ -279,7 +293,6 @@ mod tests {
         let flow = Tensor::from_vec(fl, (1, 2, h, w), &DEV).unwrap();
         let occ = zeros(1, 1, h, w);
         let id = [Affine::IDENTITY];
-        let flip = [Affine::about_centre(w, h, 0.0, 1.0, true)];
         let value = |order, a: &[Affine], x: usize, y: usize| {
             let c = Correspondence {
                 order,
@@ -290,27 +303,39 @@ mod tests {
             let mv: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
             (v[y * w + x], mv[y * w + x])
         };
-        let t = |x: f32, y: f32| x * 0.5 + y;
-        // Identity affine: both orders give T(y + f).
-        for order in [TargetOrder::Authors, TargetOrder::Paper] {
-            assert_eq!(value(order, &id, 4, 5), (t(7.0, 3.0), 1.0));
+        let t = |x: f64, y: f64| (x * 0.5 + y) as f32;
+        let close = |a: (f32, f32), b: (f32, f32)| (a.0 - b.0).abs() < 1e-5 && a.1 == b.1;
+        // Identity, or a flip alone (undone before the warp): both orders agree.
+        let flip = [Affine::about_centre(w, h, 0.0, 1.0, true)];
+        for a in [&id, &flip] {
+            for (x, y) in [(4, 5), (6, 5), (1, 7)] {
+                let (va, vp) = (
+                    value(TargetOrder::Authors, a, x, y),
+                    value(TargetOrder::Paper, a, x, y),
+                );
+                assert!(close(va, vp), "{va:?} {vp:?}");
+            }
         }
-        // Flip: authors T(W-1-x+3, y-2), paper T(W-1-x-3, y-2).
-        let (x, y) = (6, 5);
-        let (va, ma) = value(TargetOrder::Authors, &flip, x, y);
-        let (vp, mp) = value(TargetOrder::Paper, &flip, x, y);
-        assert!((va - t((w - 1 - x) as f32 + 3.0, 3.0)).abs() < 1e-5, "{va}");
-        assert!((vp - t((w - 1 - x) as f32 - 3.0, 3.0)).abs() < 1e-5, "{vp}");
-        assert_eq!((ma, mp), (1.0, 1.0));
-        // Authors' mask looks at y + f(y) for the un-affined y: x = 1 moves to 4 (inside),
-        // so it counts, although the warped map there was read at W-1-1+3 = 17, outside the
-        // view, and is zero. The paper's order reads T(W-1-4) = T(11).
-        assert_eq!(value(TargetOrder::Authors, &flip, 1, 5), (0.0, 1.0));
-        let (vp, mp) = value(TargetOrder::Paper, &flip, 1, 5);
-        assert!((vp - t(11.0, 3.0)).abs() < 1e-5 && mp == 1.0, "{vp} {mp}");
+        assert_eq!(value(TargetOrder::Authors, &id, 4, 5), (t(7.0, 3.0), 1.0));
+        // Zoom by 1.1 (A^-1 y = c + 1.1 (y - c)) at y = (6, 5): the authors read
+        // T(A^-1 y + f) = T(8.85, 3.05), the paper T(A^-1 (y + f)) = T(9.15, 2.85).
+        let zoom = [Affine::about_centre(w, h, 0.0, 1.1, false)];
+        assert!(close(
+            value(TargetOrder::Authors, &zoom, 6, 5),
+            (t(8.85, 3.05), 1.0)
+        ));
+        assert!(close(
+            value(TargetOrder::Paper, &zoom, 6, 5),
+            (t(9.15, 2.85), 1.0)
+        ));
+        // With the flip too (A = M F): the authors read the map at F(M^-1 y + f) with
+        // M^-1 y = (5.85, 5.05), i.e. at (15 - 8.85, 3.05), the mirror of the zoom case.
+        let both = [Affine::about_centre(w, h, 0.0, 1.1, true)];
+        let (va, _) = value(TargetOrder::Authors, &both, 6, 5);
+        assert!((va - t(15.0 - 8.85, 3.05)).abs() < 1e-4, "{va}");
         // x = 13 moves to 16, outside the crop: masked in both.
-        assert_eq!(value(TargetOrder::Authors, &flip, 13, 5).1, 0.0);
-        assert_eq!(value(TargetOrder::Paper, &flip, 13, 5).1, 0.0);
+        assert_eq!(value(TargetOrder::Authors, &zoom, 13, 5).1, 0.0);
+        assert_eq!(value(TargetOrder::Paper, &zoom, 13, 5).1, 0.0);
     }
 
     /// A smooth random-looking feature map (N, C, h, w).

@@ -2,6 +2,8 @@
 //! ONNX Runtime library that `make setup` installs, and the workspace's poodle-prep binary.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod synthetic;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
