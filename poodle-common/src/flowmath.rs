@@ -13,7 +13,7 @@
 //!
 //! Functions panic on shape mismatches (a programming error, not a data error).
 
-use std::io::{self, Write};
+use std::io;
 use std::path::Path;
 
 /// DDFlow forward-backward occlusion constant on `|f|^2 + |b'|^2`.
@@ -408,11 +408,6 @@ pub fn write_png_rgb(path: &Path, w: u32, h: u32, rgb: &[u8]) -> io::Result<()> 
     if rgb.len() as u64 != w as u64 * h as u64 * 3 {
         return Err(invalid("rgb length != w*h*3"));
     }
-    let name = path.file_name().ok_or_else(|| invalid("no file name"))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp{}", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
     let mut encoded = Vec::with_capacity(rgb.len() / 2 + 1024);
     {
         let mut enc = png::Encoder::new(&mut encoded, w, h);
@@ -422,17 +417,7 @@ pub fn write_png_rgb(path: &Path, w: u32, h: u32, rgb: &[u8]) -> io::Result<()> 
         writer.write_image_data(rgb).map_err(io::Error::other)?;
         writer.finish().map_err(io::Error::other)?;
     }
-    let res = (|| -> io::Result<()> {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(&encoded)?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&tmp, path)
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
+    crate::atomic::write_atomic(path, &encoded).map_err(io::Error::other)
 }
 
 /// Quantises flow (or any map): `round(value / scale)` saturated to the `i16` range (NaN -> 0).

@@ -24,6 +24,9 @@ pub struct Plan {
     pub videos: Vec<String>,
     pub flow_group: String,
     pub model_sha256: String,
+    /// The model card as read: its value range, layout and size multiple change the flow as
+    /// much as the ONNX file does, so a changed card is a changed plan.
+    pub model_card: serde_json::Value,
     pub store_backward: bool,
 }
 
@@ -57,6 +60,7 @@ fn plan_field_name(key: &str) -> &str {
         "dataset" => "dataset config",
         "pairs" | "videos" | "manifest_sha256" | "root" => "pair manifest",
         "model_sha256" | "flow_group" => "flow model",
+        "model_card" => "flow model card",
         _ => "part split or options",
     }
 }

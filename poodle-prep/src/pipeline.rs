@@ -343,6 +343,7 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
         videos: videos.iter().map(|v| v.path.clone()).collect(),
         flow_group: flow_group.clone(),
         model_sha256: model.model_sha256.clone(),
+        model_card: model.card_json.clone(),
         store_backward: opts.store_backward,
     };
     job.check_plan(&plan)?;

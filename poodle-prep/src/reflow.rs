@@ -37,6 +37,8 @@ struct ReflowPlan {
     num_pairs: usize,
     flow_group: String,
     model_sha256: String,
+    /// The card as read (see `job::Plan::model_card`).
+    model_card: serde_json::Value,
     store_backward: bool,
 }
 
@@ -71,7 +73,7 @@ pub fn run_reflow(opts: &ReflowOptions) -> Result<ReflowSummary> {
         .unwrap_or_else(|| model.card.name.clone());
     poodle_common::store::validate_group_name(&group).map_err(PrepError::Usage)?;
     if let Some((_, fa)) = store.flow_groups.iter().find(|(g, _)| g == &group) {
-        if fa.model_sha256 == model.model_sha256 {
+        if fa.model_sha256 == model.model_sha256 && fa.card == model.card_json {
             return Ok(ReflowSummary {
                 store: opts.store.display().to_string(),
                 flow_group: group,
@@ -83,7 +85,7 @@ pub fn run_reflow(opts: &ReflowOptions) -> Result<ReflowSummary> {
         return Err(PrepError::Job {
             path: opts.store.clone(),
             reason: format!(
-                "flow group {group:?} already holds flow of another model ({}); choose another --flow-group",
+                "flow group {group:?} already holds flow of another model or model card ({}); choose another --flow-group",
                 fa.model_name
             ),
         });
@@ -98,6 +100,7 @@ pub fn run_reflow(opts: &ReflowOptions) -> Result<ReflowSummary> {
         num_pairs: geometry.num_pairs,
         flow_group: group.clone(),
         model_sha256: model.model_sha256.clone(),
+        model_card: model.card_json.clone(),
         store_backward: opts.store_backward,
     })?;
     let codecs = Codecs::default();

@@ -334,6 +334,24 @@ fn second_writer_and_changed_plan_are_refused() {
         err.contains("was started with another dataset config"),
         "{err}"
     );
+    // Same ONNX file, a card that reads it differently (another size multiple): refused too,
+    // so shards computed two ways never mix.
+    let card_path = repo().join("models/tvl1_flow.json");
+    let mut card: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&card_path).unwrap()).unwrap();
+    card["size_multiple"] = serde_json::json!(16);
+    card["onnx"] = serde_json::json!(repo().join("models/tvl1_flow.onnx"));
+    let card2 = d.join("tvl1_card16.json");
+    std::fs::write(&card2, serde_json::to_vec(&card).unwrap()).unwrap();
+    let o = prep_cmd(&cfg, &root, &out, &["--model", card2.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("was started with another flow model card"),
+        "{err}"
+    );
     std::fs::remove_dir_all(d).unwrap();
 }
 

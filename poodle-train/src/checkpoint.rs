@@ -5,6 +5,7 @@
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
+use poodle_common::atomic::{write_json_atomic, write_with};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -90,12 +91,9 @@ pub fn save(
     put(target, "target", &mut all)?;
     let name = format!("checkpoint-{:08}.safetensors", progress.step);
     let path = dir.join(&name);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    candle_core::safetensors::save(&all, &tmp).with_context(|| format!("{}", tmp.display()))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
+    write_with(&path, |tmp| candle_core::safetensors::save(&all, tmp))?;
     progress.file = name;
-    poodle_common::atomic::write_json_atomic(&dir.join("latest.json"), &progress)?;
+    write_json_atomic(&dir.join("latest.json"), &progress)?;
     prune(dir, KEEP_CHECKPOINTS, &progress.file)?;
     Ok(path)
 }

@@ -221,34 +221,17 @@ fn save_atomic(tensors: &HashMap<String, Tensor>, out: &Path) -> Result<()> {
             out.display()
         );
     }
-    let name = out
-        .file_name()
-        .and_then(|n| n.to_str())
-        .with_context(|| format!("{}: not a file name", out.display()))?;
-    let dir = match out.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let written = candle_core::safetensors::save(tensors, &tmp)
-        .map_err(anyhow::Error::from)
-        .and_then(|()| Ok(std::fs::File::open(&tmp)?.sync_all()?))
-        .and_then(|()| {
-            // An export is meant to be shared: rw-r--r-- (the writer creates it rw-------).
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
-            }
-            Ok(())
-        })
-        .and_then(|()| Ok(std::fs::rename(&tmp, out)?));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.context(format!("writing {}", out.display())));
-    }
-    Ok(())
+    poodle_common::atomic::write_with(out, |tmp| -> Result<()> {
+        candle_core::safetensors::save(tensors, tmp)?;
+        // An export is meant to be shared: rw-r--r-- (the writer creates it rw-------).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o644))?;
+        }
+        Ok(())
+    })
+    .with_context(|| format!("writing {}", out.display()))
 }
 
 /// Exports the `which` backbone of a checkpoint (a run folder with `latest.json`, or a

@@ -878,7 +878,9 @@ pub fn run(cfg: &LinearEvalConfig) -> Result<LinearReport> {
             "feature_inv_std".to_string(),
             Tensor::from_vec(std.inv_std.clone(), c, &Device::Cpu)?,
         );
-        candle_core::safetensors::save(&t, o.join("readout.safetensors"))?;
+        poodle_common::atomic::write_with(&o.join("readout.safetensors"), |tmp| {
+            candle_core::safetensors::save(&t, tmp)
+        })?;
     }
     log(
         cfg.quiet,
