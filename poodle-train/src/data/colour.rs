@@ -13,27 +13,35 @@ pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// Colour augmentation parameters (per frame, independent draws).
+///
+/// The default is the authors' code (`src/datasets/bdd100k.py`, colour distortion strength
+/// 1.0): `RandomApply([ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8)`, `RandomGrayscale(0.2)`,
+/// `RandomApply([GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5)` on both frames, no
+/// solarize, ImageNet normalisation; kernel as [`BlurKernel::CropFraction`]. The paper only
+/// says "following BYOL"; BYOL's own values are [`ColourConfig::byol`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ColourConfig {
-    /// Probability of applying colour jitter (BYOL 0.8).
+    /// Probability of applying colour jitter (authors' code and BYOL: 0.8).
     pub jitter_p: f64,
-    /// Jitter strengths: factors U[max(0, 1-b), 1+b] etc. (0.4, 0.4, 0.2); hue U[-h, h] (0.1).
+    /// Jitter strengths as `ColorJitter`: brightness, contrast and saturation factors
+    /// U[max(0, 1-b), 1+b], hue U[-h, h] in turns (`h <= 0.5`); 0 leaves the op out.
+    /// Authors' code 0.8, 0.8, 0.8, 0.2 (BYOL 0.4, 0.4, 0.2, 0.1).
     pub brightness: f64,
     pub contrast: f64,
     pub saturation: f64,
     pub hue: f64,
     /// Probability of grayscale (0.2).
     pub grayscale_p: f64,
-    /// Gaussian blur probability for [frame t, frame t+dt] (BYOL [1.0, 0.1]).
+    /// Gaussian blur probability for [frame t, frame t+dt] (authors' code [0.5, 0.5];
+    /// BYOL [1.0, 0.1]).
     pub blur_p: [f64; 2],
-    /// Blur sigma range in pixels at `blur_ref_size` ([0.1, 2.0]).
+    /// Blur sigma range `U(lo, hi)`, one sigma for both axes as `GaussianBlur` draws it
+    /// ([0.1, 2.0]): in crop pixels, or at the reference size for [`BlurKernel::Scaled`].
     pub blur_sigma: [f64; 2],
-    /// Blur kernel size at `blur_ref_size` (23).
-    pub blur_kernel: usize,
-    /// Image side the blur parameters refer to (224); 0 = use them as given in pixels.
-    pub blur_ref_size: usize,
-    /// Solarize probability for [frame t, frame t+dt] (BYOL [0.0, 0.2]).
+    /// How the kernel size follows from the crop (and whether sigma scales with it).
+    pub blur_kernel: BlurKernel,
+    /// Solarize probability for [frame t, frame t+dt] (authors' code [0, 0]; BYOL [0, 0.2]).
     pub solarize_p: [f64; 2],
     /// Solarize threshold on [0, 1] values (0.5).
     pub solarize_threshold: f32,
@@ -42,20 +50,91 @@ pub struct ColourConfig {
     pub std: [f32; 3],
 }
 
+/// The Gaussian blur kernel for an `h x w` crop, as torchvision's `kernel_size = (kx, ky)`:
+/// `kx` taps along the width (x), `ky` along the height (y).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum BlurKernel {
+    /// Authors' code: `kernel_size = (round_up_odd(fraction h), round_up_odd(fraction w))`
+    /// with `round_up_odd(x) = ceil(x / 2) 2 + 1`, handed to torchvision as given, so the
+    /// size from the *height* is `kx` (along x) and the one from the width is `ky` (along y):
+    /// 512x1024 and fraction 0.1 give 53 taps along x, 105 along y. Sigma is in crop pixels
+    /// (not scaled).
+    CropFraction { fraction: f64 },
+    /// BYOL (paper Appendix A "following BYOL"): a square `size`-tap kernel on
+    /// `ref_size`-pixel images; kernel and sigma scale with `s = min(h, w) / ref_size`, the
+    /// kernel rounded and made odd (23 at 224 -> 53 at 512x1024, sigma up to 4.6 px);
+    /// `ref_size = 0` takes `size` and sigma as given in pixels.
+    Scaled { size: usize, ref_size: usize },
+}
+
+/// The authors' `round_up_odd`: `ceil(x / 2) * 2 + 1` (an odd number above `x`; 5.12 -> 7,
+/// 51.2 -> 53, 102.4 -> 105).
+pub fn round_up_odd(x: f64) -> usize {
+    ((x / 2.0).ceil() * 2.0 + 1.0) as usize
+}
+
+impl BlurKernel {
+    /// The authors' kernel (fraction 0.1 of the crop's height and width).
+    pub const AUTHORS: BlurKernel = BlurKernel::CropFraction { fraction: 0.1 };
+    /// BYOL's 23-tap kernel at 224 px, scaled with the crop.
+    pub const BYOL: BlurKernel = BlurKernel::Scaled {
+        size: 23,
+        ref_size: 224,
+    };
+
+    /// Kernel sizes `(kx, ky)` (torchvision order: along x, along y) for an `out_h x out_w`
+    /// crop; both odd.
+    pub fn sizes(&self, out_h: usize, out_w: usize) -> (usize, usize) {
+        match *self {
+            BlurKernel::CropFraction { fraction } => (
+                round_up_odd(fraction * out_h as f64),
+                round_up_odd(fraction * out_w as f64),
+            ),
+            BlurKernel::Scaled { size, .. } => {
+                let k = ((size as f64 * self.sigma_scale(out_h, out_w)).round() as usize).max(3);
+                (k | 1, k | 1)
+            }
+        }
+    }
+
+    /// Factor from `blur_sigma` to crop pixels.
+    pub fn sigma_scale(&self, out_h: usize, out_w: usize) -> f64 {
+        match *self {
+            BlurKernel::CropFraction { .. } | BlurKernel::Scaled { ref_size: 0, .. } => 1.0,
+            BlurKernel::Scaled { ref_size, .. } => out_h.min(out_w) as f64 / ref_size as f64,
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        match *self {
+            BlurKernel::CropFraction { fraction } if !(fraction.is_finite() && fraction >= 0.0) => {
+                Err(format!(
+                    "colour.blur_kernel.crop_fraction.fraction must be finite and >= 0, got {fraction}"
+                ))
+            }
+            BlurKernel::Scaled { size, .. } if size == 0 || size % 2 == 0 => Err(format!(
+                "colour.blur_kernel.scaled.size must be odd and positive (torchvision), got {size}"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Default for ColourConfig {
+    /// The authors' code (see the type's doc).
     fn default() -> Self {
         ColourConfig {
             jitter_p: 0.8,
-            brightness: 0.4,
-            contrast: 0.4,
-            saturation: 0.2,
-            hue: 0.1,
+            brightness: 0.8,
+            contrast: 0.8,
+            saturation: 0.8,
+            hue: 0.2,
             grayscale_p: 0.2,
-            blur_p: [1.0, 0.1],
+            blur_p: [0.5, 0.5],
             blur_sigma: [0.1, 2.0],
-            blur_kernel: 23,
-            blur_ref_size: 224,
-            solarize_p: [0.0, 0.2],
+            blur_kernel: BlurKernel::AUTHORS,
+            solarize_p: [0.0, 0.0],
             solarize_threshold: 0.5,
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
@@ -64,6 +143,22 @@ impl Default for ColourConfig {
 }
 
 impl ColourConfig {
+    /// BYOL's recipe, as the paper's Appendix A words it ("following BYOL"): jitter 0.4, 0.4,
+    /// 0.2, 0.1 with p 0.8, grayscale 0.2, blur 1.0 / 0.1 and solarize 0 / 0.2 for frame t /
+    /// t+dt, the 23 px kernel and sigma scaled from 224 px to the crop.
+    pub fn byol() -> Self {
+        ColourConfig {
+            brightness: 0.4,
+            contrast: 0.4,
+            saturation: 0.2,
+            hue: 0.1,
+            blur_p: [1.0, 0.1],
+            blur_kernel: BlurKernel::BYOL,
+            solarize_p: [0.0, 0.2],
+            ..Self::default()
+        }
+    }
+
     /// No photometric augmentation (still normalised).
     pub fn none() -> Self {
         ColourConfig {
@@ -94,25 +189,31 @@ impl ColourConfig {
                 return Err(format!("colour.{n} must be a probability, got {p}"));
             }
         }
+        for (n, v) in [
+            ("brightness", self.brightness),
+            ("contrast", self.contrast),
+            ("saturation", self.saturation),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!("colour.{n} must be finite and >= 0, got {v}"));
+            }
+        }
+        if !(0.0..=0.5).contains(&self.hue) {
+            return Err(format!("colour.hue must be in [0, 0.5], got {}", self.hue));
+        }
         if self.std.iter().any(|&s| s <= 0.0) {
             return Err(format!("colour.std must be positive, got {:?}", self.std));
         }
-        if self.blur_kernel == 0 {
-            return Err("colour.blur_kernel must be positive".into());
-        }
-        Ok(())
+        self.blur_kernel.validate()
     }
 
-    /// Blur kernel size and sigma scale for an `out_h` x `out_w` crop: both scale with
-    /// `min(out_h, out_w) / blur_ref_size`, the kernel made odd.
-    pub fn blur_scaling(&self, out_h: usize, out_w: usize) -> (usize, f64) {
-        let s = if self.blur_ref_size == 0 {
-            1.0
-        } else {
-            out_h.min(out_w) as f64 / self.blur_ref_size as f64
-        };
-        let k = ((self.blur_kernel as f64 * s).round() as usize).max(3);
-        (k | 1, s)
+    /// Blur kernel sizes `(kx, ky)` (torchvision order) and the factor from `blur_sigma` to
+    /// pixels for an `out_h x out_w` crop.
+    pub fn blur_scaling(&self, out_h: usize, out_w: usize) -> ((usize, usize), f64) {
+        (
+            self.blur_kernel.sizes(out_h, out_w),
+            self.blur_kernel.sigma_scale(out_h, out_w),
+        )
     }
 }
 
@@ -122,9 +223,18 @@ pub struct ColourParams {
     /// Colour jitter: op order (0 brightness, 1 contrast, 2 saturation, 3 hue) and factors.
     pub jitter: Option<Jitter>,
     pub grayscale: bool,
-    /// Blur sigma in output pixels (already scaled) and kernel size.
-    pub blur: Option<(f64, usize)>,
+    pub blur: Option<Blur>,
     pub solarize: bool,
+}
+
+/// One Gaussian blur: sigma in crop pixels (both axes) and torchvision's `(kx, ky)`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Blur {
+    pub sigma: f64,
+    /// Taps along x (the width).
+    pub kx: usize,
+    /// Taps along y (the height).
+    pub ky: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -137,7 +247,8 @@ pub struct Jitter {
 }
 
 /// Draws the photometric augmentation of frame `frame` (0 = t, 1 = t+dt).
-/// `out_hw`: the crop size the blur scales with.
+/// `out_hw`: the crop size the blur kernel follows. Every draw is made whether or not its op
+/// applies, so one config change does not shift the other draws.
 pub fn sample_colour(
     cfg: &ColourConfig,
     out_hw: (usize, usize),
@@ -162,7 +273,7 @@ pub fn sample_colour(
     let blur_on = rng.bernoulli(cfg.blur_p[frame]);
     let sigma = rng.uniform_in(cfg.blur_sigma[0], cfg.blur_sigma[1]);
     let solarize = rng.bernoulli(cfg.solarize_p[frame]);
-    let (k, s) = cfg.blur_scaling(out_hw.0, out_hw.1);
+    let ((kx, ky), s) = cfg.blur_scaling(out_hw.0, out_hw.1);
     ColourParams {
         jitter: apply_jitter.then_some(Jitter {
             order,
@@ -172,12 +283,17 @@ pub fn sample_colour(
             hue,
         }),
         grayscale,
-        blur: (blur_on && sigma > 0.0).then_some((sigma * s, k)),
+        blur: (blur_on && sigma > 0.0).then_some(Blur {
+            sigma: sigma * s,
+            kx,
+            ky,
+        }),
         solarize,
     }
 }
 
-/// Applies [`ColourParams`] in BYOL order: jitter, grayscale, blur, solarize.
+/// Applies [`ColourParams`] in the order of torchvision's `Compose` in the authors' and
+/// BYOL's recipes: jitter, grayscale, blur, solarize.
 pub fn apply_colour(img: &mut Map, p: &ColourParams, solarize_threshold: f32) {
     if let Some(j) = &p.jitter {
         for op in j.order {
@@ -208,8 +324,8 @@ pub fn apply_colour(img: &mut Map, p: &ColourParams, solarize_threshold: f32) {
     if p.grayscale {
         to_grayscale(img);
     }
-    if let Some((sigma, k)) = p.blur {
-        gaussian_blur(img, sigma, k);
+    if let Some(b) = p.blur {
+        gaussian_blur(img, b.sigma, b.kx, b.ky);
     }
     if p.solarize {
         solarize(img, solarize_threshold);
@@ -224,9 +340,11 @@ fn planes(img: &mut Map) -> (&mut [f32], &mut [f32], &mut [f32]) {
     (r, g, b)
 }
 
+/// torchvision's tensor `rgb_to_grayscale` weights (TensorFlow's, 0.2989 rather than PIL's
+/// 0.299: the authors convert to tensors before augmenting).
 #[inline]
 fn gray(r: f32, g: f32, b: f32) -> f32 {
-    0.299 * r + 0.587 * g + 0.114 * b
+    0.2989 * r + 0.587 * g + 0.114 * b
 }
 
 /// torchvision `adjust_brightness`: `clamp(f x)`.
@@ -328,7 +446,11 @@ pub fn solarize(img: &mut Map, threshold: f32) {
 }
 
 /// Normalised 1-D Gaussian of `k` taps (torchvision `_get_gaussian_kernel1d`), truncated to
-/// radius `ceil(4 sigma)` when that is shorter, then renormalised.
+/// radius `ceil(4 sigma)` when that is shorter, then renormalised. The truncation saves most
+/// of the work for the long kernels of large crops (105 taps along y at 512x1024, 17 kept
+/// at sigma 2); it drops at most 4e-5 of the mass per axis for sigma <= 5 px (the authors'
+/// sigma is <= 2, BYOL's scaled one <= 4.6 at 512x1024), so a blurred [0, 1] image moves by
+/// under 1e-4; `tests/augment_parity.rs` checks that against torchvision's full kernel.
 pub fn gaussian_kernel(k: usize, sigma: f64) -> Vec<f32> {
     let half = (k.max(1) - 1) / 2;
     let r = half.min((4.0 * sigma).ceil().max(1.0) as usize);
@@ -342,7 +464,8 @@ pub fn gaussian_kernel(k: usize, sigma: f64) -> Vec<f32> {
     w.iter().map(|v| (v / s) as f32).collect()
 }
 
-/// Reflect-padding index (`numpy.pad(mode='reflect')`: the edge is not repeated).
+/// Reflect-padding index (`numpy.pad(mode='reflect')`: the edge is not repeated). Unlike
+/// torch's reflect padding it also folds pads wider than the image (torch refuses them).
 #[inline]
 fn reflect(i: isize, n: usize) -> usize {
     if n == 1 {
@@ -353,28 +476,32 @@ fn reflect(i: isize, n: usize) -> usize {
     (if m >= n as isize { period - m } else { m }) as usize
 }
 
-/// Separable Gaussian blur of every channel, reflect padding.
-pub fn gaussian_blur(img: &mut Map, sigma: f64, k: usize) {
-    let kern = gaussian_kernel(k, sigma);
-    let r = kern.len() / 2;
+/// torchvision `gaussian_blur(img, kernel_size=[kx, ky], sigma=[sigma, sigma])` on every
+/// channel: `kx` taps along x (the width), `ky` along y (the height), reflect padding. The
+/// 2-D kernel is the outer product of the two 1-D ones, so two 1-D passes give the same
+/// result (each truncated as [`gaussian_kernel`]).
+pub fn gaussian_blur(img: &mut Map, sigma: f64, kx: usize, ky: usize) {
+    let kern_x = gaussian_kernel(kx, sigma);
+    let kern_y = gaussian_kernel(ky, sigma);
+    let (rx, ry) = (kern_x.len() / 2, kern_y.len() / 2);
     let (h, w) = (img.h, img.w);
     if h == 0 || w == 0 {
         return;
     }
     // Horizontal pass on a reflect-padded copy of each row; vertical pass as whole-row
     // multiply-adds (cache friendly, vectorisable).
-    let mut padded = vec![0f32; w + 2 * r];
+    let mut padded = vec![0f32; w + 2 * rx];
     let mut tmp = vec![0f32; h * w];
     for c in 0..img.c {
         let plane = &mut img.data[c * h * w..(c + 1) * h * w];
         for y in 0..h {
             let src = &plane[y * w..(y + 1) * w];
             for (i, p) in padded.iter_mut().enumerate() {
-                *p = src[reflect(i as isize - r as isize, w)];
+                *p = src[reflect(i as isize - rx as isize, w)];
             }
             let out = &mut tmp[y * w..(y + 1) * w];
             out.fill(0.0);
-            for (j, &kv) in kern.iter().enumerate() {
+            for (j, &kv) in kern_x.iter().enumerate() {
                 for (o, &v) in out.iter_mut().zip(&padded[j..j + w]) {
                     *o += kv * v;
                 }
@@ -383,8 +510,8 @@ pub fn gaussian_blur(img: &mut Map, sigma: f64, k: usize) {
         for y in 0..h {
             let out = &mut plane[y * w..(y + 1) * w];
             out.fill(0.0);
-            for (j, &kv) in kern.iter().enumerate() {
-                let sy = reflect(y as isize + j as isize - r as isize, h);
+            for (j, &kv) in kern_y.iter().enumerate() {
+                let sy = reflect(y as isize + j as isize - ry as isize, h);
                 for (o, &v) in out.iter_mut().zip(&tmp[sy * w..(sy + 1) * w]) {
                     *o += kv * v;
                 }
@@ -434,7 +561,8 @@ mod tests {
         }
         let mut c = b.clone();
         adjust_contrast(&mut c, 0.0);
-        let mean = (b.data[0] + b.data[1]) / 2.0;
+        // torchvision's weights sum to 0.9999, so the gray of a gray pixel is 0.9999 of it.
+        let mean = 0.9999 * (b.data[0] + b.data[1]) / 2.0;
         assert!(c.data.iter().all(|v| (v - mean).abs() < 1e-6));
         let mut s = Map::from_vec(3, 1, 1, vec![0.2, 0.5, 0.9]);
         solarize(&mut s, 0.5);
@@ -443,25 +571,87 @@ mod tests {
     }
 
     #[test]
-    fn blur_keeps_constants_and_mass_and_scales_with_size() {
+    fn blur_keeps_constants_and_mass() {
         let k = gaussian_kernel(23, 2.0);
         assert_eq!(k.len(), 17); // truncated at 4 sigma = 8
         assert!((k.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         assert_eq!(gaussian_kernel(23, 10.0).len(), 23);
         let mut m = Map::from_vec(3, 5, 7, vec![0.25; 105]);
-        gaussian_blur(&mut m, 1.5, 9);
+        gaussian_blur(&mut m, 1.5, 9, 5);
         assert!(m.data.iter().all(|v| (v - 0.25).abs() < 1e-6));
-        // An impulse spreads symmetrically.
+        // An impulse spreads symmetrically; a square kernel treats both axes alike.
         let mut m = Map::zeros(1, 9, 9);
         m.set(0, 4, 4, 1.0);
-        gaussian_blur(&mut m, 1.0, 5);
+        gaussian_blur(&mut m, 1.0, 5, 5);
         assert!((m.get(0, 4, 3) - m.get(0, 4, 5)).abs() < 1e-7);
         assert!((m.get(0, 3, 4) - m.get(0, 4, 3)).abs() < 1e-7);
         assert!((m.data.iter().sum::<f32>() - 1.0).abs() < 1e-5);
-        assert_eq!(ColourConfig::default().blur_scaling(512, 1024).0, 53);
-        let ab = ColourConfig::default().blur_scaling(256, 512);
-        assert_eq!(ab.0, 27);
-        assert!((ab.1 - 256.0 / 224.0).abs() < 1e-12);
+        // kx is along x: a 1-tap x kernel leaves each row's impulse in its column.
+        let mut m = Map::zeros(1, 9, 9);
+        m.set(0, 4, 4, 1.0);
+        gaussian_blur(&mut m, 1.0, 1, 5);
+        assert_eq!((m.get(0, 4, 3), m.get(0, 2, 5)), (0.0, 0.0));
+        assert!(m.get(0, 3, 4) > 0.1 && m.get(0, 2, 4) > 0.01);
+    }
+
+    #[test]
+    fn kernel_sizes_follow_the_authors_and_byol() {
+        assert_eq!(
+            [5.12, 51.2, 102.4, 4.8, 9.6, 6.0].map(round_up_odd),
+            [7, 53, 105, 7, 11, 7]
+        );
+        // Authors' code: (round_up_odd(0.1 h), round_up_odd(0.1 w)) as (kx, ky), sigma as is.
+        let a = ColourConfig::default();
+        assert_eq!(a.blur_scaling(512, 1024), ((53, 105), 1.0));
+        assert_eq!(a.blur_scaling(256, 512), ((27, 53), 1.0));
+        // BYOL: 23 px at 224 scaled with min(h, w), square.
+        let b = ColourConfig::byol();
+        let ((kx, ky), s) = b.blur_scaling(512, 1024);
+        assert_eq!((kx, ky), (53, 53));
+        assert!((s - 512.0 / 224.0).abs() < 1e-12);
+        assert_eq!(b.blur_scaling(256, 512).0, (27, 27));
+        let fixed = BlurKernel::Scaled {
+            size: 9,
+            ref_size: 0,
+        };
+        assert_eq!(
+            (fixed.sizes(64, 128), fixed.sigma_scale(64, 128)),
+            ((9, 9), 1.0)
+        );
+        assert!(a.validate().is_ok() && b.validate().is_ok());
+        let bad = |k| ColourConfig {
+            blur_kernel: k,
+            ..ColourConfig::default()
+        };
+        assert!(bad(BlurKernel::CropFraction { fraction: -0.1 })
+            .validate()
+            .is_err());
+        assert!(bad(BlurKernel::CropFraction { fraction: f64::NAN })
+            .validate()
+            .is_err());
+        assert!(bad(BlurKernel::Scaled {
+            size: 22,
+            ref_size: 224
+        })
+        .validate()
+        .is_err());
+        let hue = ColourConfig {
+            hue: 0.6,
+            ..ColourConfig::default()
+        };
+        assert!(hue.validate().unwrap_err().contains("hue"));
+        // The recipe round-trips through JSON with the kernel kind named.
+        let j = serde_json::to_string(&b).unwrap();
+        assert!(
+            j.contains(r#""blur_kernel":{"scaled":{"size":23,"ref_size":224}}"#),
+            "{j}"
+        );
+        assert_eq!(serde_json::from_str::<ColourConfig>(&j).unwrap(), b);
+        let j = serde_json::to_string(&a).unwrap();
+        assert!(
+            j.contains(r#""blur_kernel":{"crop_fraction":{"fraction":0.1}}"#),
+            "{j}"
+        );
     }
 
     #[test]
@@ -472,17 +662,18 @@ mod tests {
             .collect();
         let src = Map::from_vec(2, h, w, data);
         let mut got = src.clone();
-        gaussian_blur(&mut got, 1.3, 9); // radius 4: reaches past the 7-row border
-        let k = gaussian_kernel(9, 1.3);
-        let r = (k.len() / 2) as isize;
+        // kx = 5 along x, ky = 9 along y: radius 4 reaches past the 7-row border.
+        gaussian_blur(&mut got, 1.3, 5, 9);
+        let (kx, ky) = (gaussian_kernel(5, 1.3), gaussian_kernel(9, 1.3));
+        let (rx, ry) = ((kx.len() / 2) as isize, (ky.len() / 2) as isize);
         for c in 0..2 {
             for y in 0..h {
                 for x in 0..w {
                     let mut want = 0.0f32;
-                    for (i, ki) in k.iter().enumerate() {
-                        for (j, kj) in k.iter().enumerate() {
-                            let sy = reflect(y as isize + i as isize - r, h);
-                            let sx = reflect(x as isize + j as isize - r, w);
+                    for (i, ki) in ky.iter().enumerate() {
+                        for (j, kj) in kx.iter().enumerate() {
+                            let sy = reflect(y as isize + i as isize - ry, h);
+                            let sx = reflect(x as isize + j as isize - rx, w);
                             want += ki * kj * src.get(c, sy, sx);
                         }
                     }
@@ -495,8 +686,8 @@ mod tests {
     }
 
     #[test]
-    fn colour_draws_follow_probabilities_per_frame() {
-        let cfg = ColourConfig::default();
+    fn byol_draws_follow_its_view_probabilities() {
+        let cfg = ColourConfig::byol();
         let mut rng = Rng::new(5);
         let n = 4000;
         let mut counts = [[0usize; 4]; 2];
@@ -507,9 +698,10 @@ mod tests {
                 cnt[1] += usize::from(p.grayscale);
                 cnt[2] += usize::from(p.blur.is_some());
                 cnt[3] += usize::from(p.solarize);
-                if let Some((s, k)) = p.blur {
-                    assert_eq!(k, 53);
-                    assert!((0.1 * 512.0 / 224.0..=2.0 * 512.0 / 224.0).contains(&s));
+                if let Some(b) = p.blur {
+                    assert_eq!((b.kx, b.ky), (53, 53));
+                    let s = 512.0 / 224.0;
+                    assert!((0.1 * s..=2.0 * s).contains(&b.sigma));
                 }
             }
         }
