@@ -60,6 +60,11 @@ edges erode it by about a pixel. (a) and (b) use the one-way form (`RandomAffine
 ones map, `|m - 1| < 1e-3`), which is `[A^-1 y in view]` (checked against that inequality
 below); the variant `literal_mask` keeps the round trip.
 
+`zero_outside` (not one of the authors' quirks but poodle's sampler rule): the flow-warped
+map is 0 wherever y + flow(y) leaves the crop, where `grid_sample(padding_mode='zeros')`
+still blends the in-crop taps of a point less than a pixel outside. It matters in the
+authors' order only (the affine undo mixes those values into pixels whose mask is 1).
+
 All reference arithmetic is float64 (inputs are stored float32 and cast up); gradients are
 w.r.t. `pred` (the target is under stop-gradient, as in the authors' `torch.no_grad()`).
 """
