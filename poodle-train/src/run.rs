@@ -120,21 +120,6 @@ impl Learner {
         })
     }
 
-    /// One optimiser step on one batch (no accumulation) at learning rate `lr`, then the EMA
-    /// update with `momentum`; returns the loss terms. The training loop does the same with
-    /// gradient accumulation, clipping and logging around it.
-    pub fn step(&mut self, b: &Batch, lr: f64, momentum: f64) -> Result<LossTerms> {
-        let (tot, terms, _, _) = self.losses(b)?;
-        check_finite(1, &terms).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let mut acc = GradAccumulator::new();
-        acc.add(&tot.backward()?, &self.online_params)?;
-        let grads = acc.finish(1.0)?;
-        self.opt
-            .step_with(&grads, lr, self.cfg.optim.weight_decay)?;
-        ema_update(&self.target_params, &self.online_params, momentum)?;
-        Ok(terms)
-    }
-
     /// Forward both frame orders and return the differentiable total with its terms.
     pub fn losses(&self, b: &Batch) -> Result<(Tensor, LossTerms, f32, f32)> {
         let m = &self.cfg.method;

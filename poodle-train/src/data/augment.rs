@@ -11,17 +11,15 @@
 //!    a displacement scales exactly by `sx`. Occlusion masks are resized bilinearly as 0/1
 //!    and thresholded: occluded iff the interpolated value `>= occlusion_threshold`
 //!    (default 0.5, ties count as occluded: conservative).
-//! 2. **Colour** (per frame, independent draws; all in `[0, 1]`, torchvision semantics):
-//!    colour jitter with probability `jitter_p` (brightness, contrast, saturation, hue factors
-//!    drawn as in `ColorJitter`, applied in a random order), grayscale with `grayscale_p`,
-//!    Gaussian blur with `blur_p[frame]`, solarize with `solarize_p[frame]`. BYOL's "view 1"
-//!    and "view 2" probabilities (blur 1.0 / 0.1, solarize 0.0 / 0.2) go to frame t and frame
-//!    t+dt; the loss is symmetrised, so each frame plays both roles.
-//!    Blur: BYOL uses a 23 px kernel and sigma `U(0.1, 2.0)` px on 224 px images. Both scale
-//!    with the crop: `s = min(out_h, out_w) / blur_ref_size` (512x1024: s = 2.29, kernel 53,
-//!    sigma up to 4.6 px), kernel made odd; `blur_ref_size = 0` disables the scaling. The
-//!    kernel is truncated at 4 sigma when that is narrower (the dropped mass is < 1e-4) and
-//!    padded by reflection as torchvision does.
+//! 2. **Colour** ([`super::colour`]; per frame, independent draws; all in `[0, 1]`,
+//!    torchvision semantics). Default, the authors' code: `ColorJitter(0.8, 0.8, 0.8, 0.2)`
+//!    with p = 0.8 (factors as `ColorJitter` draws them, ops in a random order), grayscale
+//!    p = 0.2, Gaussian blur p = 0.5 on both frames with kernel `(round_up_odd(0.1 H),
+//!    round_up_odd(0.1 W))` as torchvision's `(kx, ky)` ((53, 105) at 512x1024) and sigma
+//!    `U(0.1, 2.0)` px, no solarize. `ColourConfig::byol()` is BYOL's recipe as the paper's
+//!    Appendix A words it (blur 1.0 / 0.1 and solarize 0.0 / 0.2 for frame t / t+dt, 23 px
+//!    kernel at 224 px scaled with the crop). The blur kernel is truncated at 4 sigma where
+//!    that is narrower (within 1e-5 of torchvision's) and padded by reflection.
 //! 3. **Normalisation**: ImageNet mean/std.
 //! 4. **Subcrops** ([`super::subcrops`]): a fresh set of K pairs per direction of the
 //!    symmetric loss (t online with the forward flow, t+dt online with the backward flow),

@@ -1,11 +1,13 @@
 //! The data pipeline: stream `poodle-prep` stores, augment frame pairs, cut flow-informed
 //! subcrops, and hand the training loop [`Batch`]es of candle tensors.
 //!
-//! - [`augment`]: one global crop box at the same coordinates in both frames (flow and
-//!   occlusion cropped and rescaled with it), BYOL colour augmentation per frame, ImageNet
-//!   normalisation, and the dense branch's reversible affine ([`crate::geom::Affine`]).
-//! - [`subcrops`]: K flow-informed subcrop pairs per frame pair (grid-sampled centres in frame
-//!   t+dt, warped into frame t with the backward flow plus jitter).
+//! - [`augment`]: one global crop with the same geometry in both frames ([`crop`]; flow and
+//!   occlusion resized and rescaled with it), the authors' colour augmentation per frame
+//!   ([`colour`]), ImageNet normalisation, and the dense branch's reversible affine per frame
+//!   and role ([`crate::geom::Affine`]).
+//! - [`subcrops`]: K flow-informed subcrop pairs per direction of the symmetric loss (centres
+//!   drawn on a grid in the online frame, moved into the target frame by the flow plus
+//!   jitter).
 //! - [`loader`]: stores -> shuffled, seeded epochs -> background workers -> bounded prefetch
 //!   -> [`Batch`].
 //!
