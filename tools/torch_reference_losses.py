@@ -13,7 +13,7 @@ Reference forms (the candle code must agree with these, see its module docs):
 - sampling: F.grid_sample(mode='bilinear', padding_mode='zeros', align_corners=True) at
   grid = 2 * p / (size - 1) - 1 for pixel coordinates p; masks are computed from p
   (inside [0, W-1] x [0, H-1]);
-- dense loss (paper Eq. (1), REFERENCE.md): z_o(y) = up(pred)(A_o^-1 y),
+- dense loss (paper Eq. (1), docs/method.md): z_o(y) = up(pred)(A_o^-1 y),
   z_t(y) = up(proj)(A_t^-1 (y + flow(y))), m = valid_o * valid_t * (1 - occluded),
   per sample sum(m |n(z_o) - n(z_t)|^2) / (sum(m) + 1e-7), batch mean, n = F.normalize;
 - pooled loss: mean over pairs of |n(q) - n(z)|^2;

@@ -1,6 +1,6 @@
 //! poodle-train: the PooDLe learner on candle, reading `poodle-prep` stores.
 //!
-//! Module map (DESIGN.md): `geom` (affine convention shared by augmentation and loss),
+//! Module map (conventions: docs/conventions.md): `geom` (affine convention shared by augmentation and loss),
 //! `model` (ResNet with torchvision names, spatial decoder, heads), `loss` (dense and pooled
 //! objectives as pure functions), `data` (streaming loader, augmentations, subcrops),
 //! `optim` (AdamW, schedules, EMA).

@@ -22,7 +22,7 @@ pub struct AdamWConfig {
 }
 
 impl Default for AdamWConfig {
-    /// The paper's settings: betas (0.9, 0.999), eps 1e-6 (REFERENCE.md), weight decay 0.01.
+    /// The paper's settings: betas (0.9, 0.999), eps 1e-6 (docs/method.md), weight decay 0.01.
     fn default() -> Self {
         AdamWConfig {
             beta1: 0.9,

@@ -1,5 +1,5 @@
-//! Pair augmentation (paper Section 3 and Appendix A; REFERENCE.md "Augmentation"), the BYOL
-//! recipe adapted to frame pairs with flow:
+//! Pair augmentation (paper Section 3 and Appendix A; docs/method.md "Augmentation"), as the
+//! authors apply it to frame pairs with flow:
 //!
 //! 1. **Global crop** ([`super::crop`]): the *same* geometry in both frames. Default (the
 //!    authors' code): both frames resized to `(1080 s, 1920 s)`, `s ~ U(0.75, 1.25)`, then
@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 pub use super::colour::{IMAGENET_MEAN, IMAGENET_STD};
 
 /// Every augmentation parameter, one sub-config per job. Defaults: the paper's BDD100K
-/// recipe (REFERENCE.md).
+/// recipe (docs/method.md).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AugmentConfig {

@@ -1,4 +1,4 @@
-//! The dense flow-equivariant loss (paper Eq. (1); REFERENCE.md "Losses and optimisation").
+//! The dense flow-equivariant loss (paper Eq. (1); docs/method.md "Losses").
 //!
 //! Frames: the online branch sees frame `t`, the target branch frame `t+dt`, both as the same
 //! global crop of size `H x W` ("crop coordinates"); each branch then draws its own affine
@@ -42,7 +42,7 @@ use super::sample::SampleGrid;
 use crate::geom::Affine;
 use candle_core::{DType, Result, Tensor};
 
-/// Denominator guard of the per-sample mean (REFERENCE.md).
+/// Denominator guard of the per-sample mean (paper Eq. (1)).
 pub const DENSE_DEN_EPS: f64 = 1e-7;
 
 /// How the target branch combines the flow warp with undoing its affine (module docs).

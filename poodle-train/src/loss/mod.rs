@@ -24,7 +24,7 @@ use candle_core::{Result, Tensor};
 
 /// `F.normalize` epsilon: `x / max(|x|, 1e-12)`.
 pub const NORM_EPS: f64 = 1e-12;
-/// Paper weights: 0.5 dense + 0.5 pooled (REFERENCE.md).
+/// Paper weights: 0.5 dense + 0.5 pooled (docs/method.md).
 pub const W_DENSE: f64 = 0.5;
 pub const W_POOLED: f64 = 0.5;
 
