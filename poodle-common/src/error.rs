@@ -20,8 +20,12 @@ pub enum Error {
     Config { path: PathBuf, msg: String },
     #[error("store {path}: {msg}")]
     Store { path: PathBuf, msg: String },
-    #[error("zarr {path}: {msg}")]
-    Zarr { path: String, msg: String },
+    #[error("zarr {path}: {source}")]
+    Zarr {
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -39,10 +43,13 @@ impl Error {
             msg: msg.into(),
         }
     }
-    pub fn zarr(path: impl Into<String>, err: impl std::fmt::Display) -> Self {
+    pub fn zarr(
+        path: impl Into<String>,
+        err: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
         Error::Zarr {
             path: path.into(),
-            msg: err.to_string(),
+            source: Box::new(err),
         }
     }
 }

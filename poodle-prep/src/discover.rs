@@ -12,15 +12,16 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Lists the dataset's videos (paths relative to `root`), sorted.
-pub fn list_videos(cfg: &DatasetConfig, root: &Path) -> Result<Vec<String>> {
+/// Lists the dataset's videos (paths relative to `root`), sorted, and the folders that could
+/// not be read (unreadable, or a symlink loop), each with the reason.
+pub fn list_videos(cfg: &DatasetConfig, root: &Path) -> Result<(Vec<String>, Vec<Skipped>)> {
     if !root.is_dir() {
         return Err(PrepError::Usage(format!(
             "dataset root {} is not a directory",
             root.display()
         )));
     }
-    let mut out = Vec::new();
+    let (mut out, mut problems) = (Vec::new(), Vec::new());
     match &cfg.layout {
         Layout::Bdd { splits } => {
             for split in splits {
@@ -31,11 +32,11 @@ pub fn list_videos(cfg: &DatasetConfig, root: &Path) -> Result<Vec<String>> {
                         dir.display()
                     )));
                 }
-                walk(&dir, &["mov".to_string()], &mut out);
+                walk(&dir, &["mov".to_string()], &mut out, &mut problems);
             }
         }
         Layout::Folder { extensions } | Layout::Frames { extensions } => {
-            walk(root, extensions, &mut out)
+            walk(root, extensions, &mut out, &mut problems)
         }
     }
     let mut rel: Vec<String> = out
@@ -48,24 +49,33 @@ pub fn list_videos(cfg: &DatasetConfig, root: &Path) -> Result<Vec<String>> {
         })
         .collect();
     rel.sort();
-    Ok(rel)
+    Ok((rel, problems))
 }
 
-fn walk(dir: &Path, exts: &[String], out: &mut Vec<PathBuf>) {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut entries: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
-            walk(&p, exts, out);
-        } else if p
-            .extension()
+/// Every file under `dir` with one of `exts` (case-insensitive), following symlinks; a
+/// folder that cannot be read or a symlink loop is recorded in `problems`, not fatal.
+fn walk(dir: &Path, exts: &[String], out: &mut Vec<PathBuf>, problems: &mut Vec<Skipped>) {
+    let wanted = |p: &Path| {
+        p.extension()
             .and_then(|e| e.to_str())
             .is_some_and(|e| exts.iter().any(|x| x.eq_ignore_ascii_case(e)))
-        {
-            out.push(p);
+    };
+    for entry in walkdir::WalkDir::new(dir)
+        .follow_links(true)
+        .sort_by_file_name()
+    {
+        match entry {
+            Ok(e) if e.file_type().is_file() && wanted(e.path()) => out.push(e.into_path()),
+            Ok(_) => {}
+            Err(e) => problems.push(Skipped {
+                path: e
+                    .path()
+                    .map_or_else(|| dir.display().to_string(), |p| p.display().to_string()),
+                reason: match e.loop_ancestor() {
+                    Some(a) => format!("symlink loop back to {}", a.display()),
+                    None => format!("cannot read: {e}"),
+                },
+            }),
         }
     }
 }
@@ -76,9 +86,11 @@ pub fn probe_all(
     root: &Path,
     progress: &indicatif::ProgressBar,
 ) -> Result<VideoManifest> {
-    let files = list_videos(cfg, root)?;
+    let (files, problems) = list_videos(cfg, root)?;
     if let Layout::Frames { .. } = cfg.layout {
-        return Ok(group_sequences(&files));
+        let mut m = group_sequences(&files);
+        m.skipped.extend(problems);
+        return Ok(m);
     }
     progress.set_length(files.len() as u64);
     let results: Vec<std::result::Result<VideoInfo, Skipped>> = files
@@ -95,7 +107,10 @@ pub fn probe_all(
             r
         })
         .collect();
-    let mut m = VideoManifest::default();
+    let mut m = VideoManifest {
+        skipped: problems,
+        ..VideoManifest::default()
+    };
     for r in results {
         match r {
             Ok(v) => m.videos.push(v),
@@ -271,6 +286,28 @@ pub fn group_sequences(files: &[String]) -> VideoManifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_symlink_loop_is_reported_and_the_walk_goes_on() {
+        let d = std::env::temp_dir().join(format!("poodle-walk-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("a/b")).unwrap();
+        std::fs::write(d.join("a/x.MP4"), b"").unwrap();
+        std::fs::write(d.join("a/b/y.mp4"), b"").unwrap();
+        std::fs::write(d.join("a/b/notes.txt"), b"").unwrap();
+        std::os::unix::fs::symlink(d.join("a"), d.join("a/b/back")).unwrap();
+        let cfg: DatasetConfig = serde_json::from_value(serde_json::json!({
+            "name": "walk", "layout": {"kind": "folder", "extensions": ["mp4"]},
+            "sampling": {"kind": "consecutive"}, "height": 8, "width": 8
+        }))
+        .unwrap();
+        let (files, problems) = list_videos(&cfg, &d).unwrap();
+        assert_eq!(files, ["a/b/y.mp4", "a/x.MP4"]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].path.ends_with("a/b/back"), "{problems:?}");
+        assert!(problems[0].reason.contains("symlink loop"), "{problems:?}");
+        std::fs::remove_dir_all(d).unwrap();
+    }
 
     #[test]
     fn frame_numbers_from_common_naming_schemes() {

@@ -12,8 +12,17 @@ pub enum PrepError {
     Video { path: String, reason: String },
     #[error("flow model {path}: {reason}")]
     Model { path: PathBuf, reason: String },
+    #[error("ONNX Runtime{context}: {source}")]
+    Ort {
+        /// What was being done, e.g. " (CUDA execution provider)"; empty when plain.
+        context: String,
+        #[source]
+        source: ort::Error,
+    },
+    /// The shared library could not be loaded (kept as text: the first failure is cached
+    /// for the process and reported to every later caller).
     #[error("ONNX Runtime: {0}")]
-    Ort(String),
+    OrtLibrary(String),
     #[error("store {path}: {reason}")]
     Job { path: PathBuf, reason: String },
     #[error("{0}")]
@@ -23,7 +32,10 @@ pub enum PrepError {
 pub type Result<T> = std::result::Result<T, PrepError>;
 
 impl From<ort::Error> for PrepError {
-    fn from(e: ort::Error) -> Self {
-        PrepError::Ort(e.to_string())
+    fn from(source: ort::Error) -> Self {
+        PrepError::Ort {
+            context: String::new(),
+            source,
+        }
     }
 }

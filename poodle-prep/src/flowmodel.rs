@@ -118,18 +118,19 @@ impl FlowModel {
         let env = ort_environment(ort_lib)?;
         let mut builder = Session::builder(&env)?
             .with_intra_threads(threads.max(1))
-            .map_err(|e| PrepError::Ort(e.to_string()))?;
+            .map_err(|e| PrepError::from(ort::Error::from(e)))?;
         if let Device::Cuda(id) = device {
             builder = builder
                 .with_execution_providers([ort::ep::CUDA::default()
                     .with_device_id(id)
                     .build()
                     .error_on_failure()])
-                .map_err(|e| {
-                    PrepError::Ort(format!(
-                        "CUDA execution provider unavailable for device cuda:{id}: {e} \
-                         (use an onnxruntime-gpu library with --ort-lib, or --device cpu)"
-                    ))
+                .map_err(|source| PrepError::Ort {
+                    context: format!(
+                        " (CUDA execution provider for cuda:{id} unavailable: use an \
+                         onnxruntime-gpu library with --ort-lib, or --device cpu)"
+                    ),
+                    source: source.into(),
                 })?;
         }
         let session = builder

@@ -82,6 +82,6 @@ pub fn ort_environment(path: &Path) -> Result<ort::environment::Environment> {
                 .map_err(|e| format!("cannot load {}: {e}", path.display()))
         })
         .clone()
-        .map_err(PrepError::Ort)?;
+        .map_err(PrepError::OrtLibrary)?;
     Ok(ort::init().with_name("poodle-prep").build()?)
 }
