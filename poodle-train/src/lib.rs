@@ -15,4 +15,5 @@ pub mod loaderbench;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod progress;
 pub mod run;

@@ -31,7 +31,9 @@ enum Cmd {
         /// Continue RUN_DIR's run (the default; kept for older scripts).
         #[arg(long, hide = true)]
         resume: bool,
-        /// Print only the summary.
+        /// Print only the JSON metric lines (also in RUN_DIR/metrics.jsonl) and the summary;
+        /// otherwise a progress bar on a terminal, a plain line every run.log_every steps
+        /// without one.
         #[arg(long)]
         quiet: bool,
     },

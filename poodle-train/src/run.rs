@@ -9,6 +9,7 @@ use crate::loss::dense::{dense_loss, Correspondence};
 use crate::loss::{check_finite, pooled::pooled_loss, total, LossTerms};
 use crate::model::{copy_vars, trainable_vars, Encoder, Online};
 use crate::optim::{ema_update, is_no_decay, AdamW, AdamWConfig, GradAccumulator, Schedule};
+use crate::progress::StepReporter;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -355,6 +356,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary>
         .max_steps
         .unwrap_or(sched.total_steps)
         .min(sched.total_steps);
+    let reporter = StepReporter::new(max_steps, step, quiet);
     'passes: while pass < sched.passes && step < max_steps {
         let mut acc = GradAccumulator::new();
         let mut sums = StepSums::default();
@@ -406,9 +408,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary>
                 };
                 let line = serde_json::to_string(&m)?;
                 writeln!(log, "{line}")?;
-                if !quiet {
-                    eprintln!("{line}");
-                }
+                reporter.report(&m, &line);
             }
             sums = StepSums::default();
             if step % cfg.run.checkpoint_every == 0 || step == max_steps {
@@ -435,6 +435,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary>
         pass += 1;
         start_batch = 0;
     }
+    reporter.finish();
     Ok(RunSummary {
         steps: step,
         resumed_from,

@@ -15,11 +15,11 @@
 //! is ignored (CamVid's 11, the 255 of the others). Images whose label file is missing are
 //! skipped and counted.
 //!
-//! PNGs are decoded with the `png` crate; other formats (BDD's JPEGs) through the `ffmpeg`
-//! binary (`ffmpeg -i f.jpg -f image2pipe -vcodec ppm -`).
+//! Images (PNG, BDD's JPEGs) are decoded with the `image` crate; label PNGs with the `png`
+//! crate, which keeps palette indices.
 
 use crate::data::colour::{IMAGENET_MEAN, IMAGENET_STD};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -281,97 +281,25 @@ pub struct LabelMap {
     pub data: Vec<u8>,
 }
 
-/// Decodes an image to 8-bit RGB: PNG (any colour type, 16-bit reduced to 8) with the `png`
-/// crate, anything else through ffmpeg.
+/// Decodes an image (PNG of any colour type or depth, JPEG; the format from the file's
+/// content) to 8-bit RGB with the `image` crate.
 pub fn read_rgb(path: &Path) -> Result<RgbImage> {
-    let is_png = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
-    if !is_png {
-        return read_rgb_ffmpeg(path);
-    }
-    let f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
-    let mut dec = png::Decoder::new(std::io::BufReader::new(f));
-    dec.set_transformations(png::Transformations::normalize_to_color8());
-    let mut reader = dec
-        .read_info()
-        .with_context(|| format!("{}", path.display()))?;
-    let mut buf = vec![0u8; reader.output_buffer_size()];
-    let info = reader
-        .next_frame(&mut buf)
-        .with_context(|| format!("{}", path.display()))?;
-    let (w, h) = (info.width as usize, info.height as usize);
-    let px = &buf[..info.buffer_size()];
-    let data = match info.color_type {
-        png::ColorType::Rgb => px.to_vec(),
-        png::ColorType::Rgba => px
-            .chunks_exact(4)
-            .flat_map(|c| [c[0], c[1], c[2]])
-            .collect(),
-        png::ColorType::Grayscale => px.iter().flat_map(|&g| [g, g, g]).collect(),
-        png::ColorType::GrayscaleAlpha => px.chunks_exact(2).flat_map(|c| [c[0]; 3]).collect(),
-        png::ColorType::Indexed => bail!("{}: palette PNG was not expanded", path.display()),
-    };
-    ensure!(data.len() == w * h * 3, "{}: bad PNG size", path.display());
+    let img = image::ImageReader::open(path)
+        .with_context(|| format!("{}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("{}", path.display()))?
+        .decode()
+        .with_context(|| format!("{}: cannot decode the image", path.display()))?
+        .into_rgb8();
     Ok(RgbImage {
-        width: w,
-        height: h,
-        data,
+        width: img.width() as usize,
+        height: img.height() as usize,
+        data: img.into_raw(),
     })
 }
 
-fn read_rgb_ffmpeg(path: &Path) -> Result<RgbImage> {
-    let out = std::process::Command::new("ffmpeg")
-        .args(["-v", "error", "-nostdin", "-i"])
-        .arg(path)
-        .args(["-frames:v", "1", "-f", "image2pipe", "-vcodec", "ppm", "-"])
-        .output()
-        .with_context(|| format!("{}: cannot run ffmpeg (is it installed?)", path.display()))?;
-    ensure!(
-        out.status.success(),
-        "ffmpeg could not decode {}: {}",
-        path.display(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    parse_ppm(&out.stdout).with_context(|| format!("{}: ffmpeg output", path.display()))
-}
-
-/// Parses a binary PPM (`P6`, maxval 255), as ffmpeg's ppm encoder writes it.
-pub fn parse_ppm(b: &[u8]) -> Result<RgbImage> {
-    let mut fields = Vec::new();
-    let mut i = 0;
-    while fields.len() < 4 {
-        while i < b.len() && b[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        if i < b.len() && b[i] == b'#' {
-            while i < b.len() && b[i] != b'\n' {
-                i += 1;
-            }
-            continue;
-        }
-        let s = i;
-        while i < b.len() && !b[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        ensure!(i > s, "truncated PPM header");
-        fields.push(std::str::from_utf8(&b[s..i])?.to_string());
-    }
-    i += 1; // the single whitespace byte after maxval
-    ensure!(fields[0] == "P6", "not a binary PPM ({})", fields[0]);
-    let w: usize = fields[1].parse()?;
-    let h: usize = fields[2].parse()?;
-    ensure!(fields[3] == "255", "PPM maxval {} (want 255)", fields[3]);
-    ensure!(b.len() >= i + w * h * 3, "truncated PPM data");
-    Ok(RgbImage {
-        width: w,
-        height: h,
-        data: b[i..i + w * h * 3].to_vec(),
-    })
-}
-
-/// Reads a label PNG: 8-bit greyscale or palette, raw values taken as class ids.
+/// Reads a label PNG: 8-bit greyscale or palette, raw values taken as class ids (with the
+/// `png` crate: a general image decoder expands palettes to colours and loses the ids).
 pub fn read_label(path: &Path) -> Result<LabelMap> {
     let f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
     let mut dec = png::Decoder::new(std::io::BufReader::new(f));
@@ -522,14 +450,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ppm_header_with_comment_parses() {
-        let mut b = b"P6\n# made by hand\n2 1\n255\n".to_vec();
-        b.extend_from_slice(&[1, 2, 3, 4, 5, 6]);
-        let img = parse_ppm(&b).unwrap();
-        assert_eq!((img.width, img.height), (2, 1));
-        assert_eq!(img.data, vec![1, 2, 3, 4, 5, 6]);
-        assert!(parse_ppm(b"P5\n1 1\n255\n\0").is_err());
-        assert!(parse_ppm(b"P6\n2 2\n255\n\0\0\0").is_err());
+    fn png_and_jpeg_decode_to_rgb_whatever_the_extension() {
+        let d = std::env::temp_dir().join(format!("poodle-img-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let rgb = image::RgbImage::from_raw(2, 1, vec![1, 2, 3, 250, 128, 7]).unwrap();
+        rgb.save(d.join("a.png")).unwrap();
+        let got = read_rgb(&d.join("a.png")).unwrap();
+        assert_eq!(
+            (got.width, got.height, got.data),
+            (2, 1, vec![1, 2, 3, 250, 128, 7])
+        );
+        // Greyscale is replicated to three channels.
+        image::GrayImage::from_raw(1, 1, vec![9])
+            .unwrap()
+            .save(d.join("g.png"))
+            .unwrap();
+        assert_eq!(read_rgb(&d.join("g.png")).unwrap().data, vec![9, 9, 9]);
+        // A JPEG (lossy: a flat colour comes back within a few levels), even named .png.
+        let flat = image::RgbImage::from_pixel(16, 8, image::Rgb([200, 40, 90]));
+        flat.save_with_format(d.join("j.png"), image::ImageFormat::Jpeg)
+            .unwrap();
+        let j = read_rgb(&d.join("j.png")).unwrap();
+        assert_eq!((j.width, j.height), (16, 8));
+        for (i, &v) in j.data.iter().enumerate() {
+            assert!((i32::from(v) - [200, 40, 90][i % 3]).abs() <= 4, "{i}: {v}");
+        }
+        let e = read_rgb(&d.join("missing.jpg")).unwrap_err();
+        assert!(format!("{e:#}").contains("missing.jpg"), "{e:#}");
+        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
