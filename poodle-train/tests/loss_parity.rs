@@ -20,20 +20,13 @@ const REL: f64 = 1e-4;
 
 /// The fixtures were made with the paper's order (undo the affine, then warp).
 fn paper<'a>(
-    a_online: &'a [Affine],
-    a_target: &'a [Affine],
-    flow: &'a Tensor,
-    occluded: &'a Tensor,
+    a: &'a [Affine],
+    b: &'a [Affine],
+    f: &'a Tensor,
+    o: &'a Tensor,
     crop: (usize, usize),
 ) -> Correspondence<'a> {
-    Correspondence {
-        a_online,
-        a_target,
-        flow,
-        occluded,
-        crop,
-        order: TargetOrder::Paper,
-    }
+    Correspondence::new(a, b, f, o, crop, TargetOrder::Paper)
 }
 
 fn fixture(name: &str) -> HashMap<String, Tensor> {

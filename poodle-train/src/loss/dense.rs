@@ -84,6 +84,26 @@ pub struct DenseStats {
     pub non_occluded: f32,
 }
 
+impl<'a> Correspondence<'a> {
+    pub fn new(
+        a_online: &'a [Affine],
+        a_target: &'a [Affine],
+        flow: &'a Tensor,
+        occluded: &'a Tensor,
+        crop: (usize, usize),
+        order: TargetOrder,
+    ) -> Self {
+        Correspondence {
+            a_online,
+            a_target,
+            flow,
+            occluded,
+            crop,
+            order,
+        }
+    }
+}
+
 /// Dense loss with stop-gradient on the target: `proj_target` is detached inside, so gradients
 /// reach only `pred_online`. Returns the scalar loss (batch mean) and mask statistics.
 ///
@@ -262,20 +282,13 @@ mod tests {
     /// The paper's order (the tests below were written for it; the orders agree whenever
     /// the target affine is the identity).
     fn paper<'a>(
-        a_online: &'a [Affine],
-        a_target: &'a [Affine],
-        flow: &'a Tensor,
-        occluded: &'a Tensor,
+        a: &'a [Affine],
+        b: &'a [Affine],
+        f: &'a Tensor,
+        o: &'a Tensor,
         crop: (usize, usize),
     ) -> Correspondence<'a> {
-        Correspondence {
-            a_online,
-            a_target,
-            flow,
-            occluded,
-            crop,
-            order: TargetOrder::Paper,
-        }
+        Correspondence::new(a, b, f, o, crop, TargetOrder::Paper)
     }
 
     #[test]
