@@ -1,7 +1,8 @@
 //! The backbone in and out of poodle-train: [`export_torchvision`] writes a checkpoint's
 //! ResNet as a torchvision `state_dict` (safetensors) for downstream evaluation, and
 //! [`load_init`] starts a run from pretrained backbone weights (a torchvision `.pth`, such an
-//! export, or a poodle-train checkpoint), e.g. ImageNet-supervised for the paper's BDD* rows.
+//! export, or a poodle-train checkpoint), e.g. ImageNet-supervised for the paper's BDD* rows,
+//! or from the authors' own PooDLe checkpoint (whole encoder and predictors; see below).
 //!
 //! # What is exported
 //! The **online** backbone by default ([`Which::Online`]). The PooDLe and FlowE papers, like
@@ -137,7 +138,8 @@ pub struct InitReport {
     pub format: &'static str,
     /// The `.pth` key the state_dict sat under (`state_dict`, `model`, `module`), if any.
     pub nested_key: Option<String>,
-    /// The prefix stripped from the file's names (empty for torchvision names).
+    /// The prefix stripped from the file's names (empty for torchvision names; for the
+    /// authors' PooDLe layout empty or `teacher_`).
     pub prefix: String,
     /// Backbone variables set: every parameter and BN running statistic of the backbone.
     pub set: usize,
