@@ -24,11 +24,15 @@ statistics non-trivial. Writes to poodle-train/tests/fixtures/model/:
   authors_poodle_tiny.pth             {'model', 'optimizer', 'epoch': 3, 'args', 'scaler'}
   authors_poodle_tiny_bad_shape.pth   {'model', 'epoch'}; decoder_laterals.1.weight is
                                       (64, 8, 1, 1) instead of (64, 16, 1, 1)
-  authors_poodle_tiny_ref.safetensors input x (1, 3, 64, 128) and eval-mode outputs:
+  authors_flowe_tiny.pth              {'model', 'epoch'} of a tiny module with the attributes
+                                      of their Flowe (src/models/flowe.py): encoder (dilated,
+                                      C5 at stride 8), projector, predictor, target_encoder,
+                                      target_projector, flownet
+  authors_poodle_tiny_ref.safetensors input x (1, 3, 32, 64) and eval-mode outputs:
       online.{c3,c4,c5,dense_features,p_dense,p_pooled,q_dense,q_pooled},
       teacher.{c5,dense_features,p_dense,p_pooled}
   (dense_features: the decoder output in the authors' order; p_pooled, q_pooled flattened
-  to (N, C)).
+  to (N, C)); flowe.{online,target}.c5 of the FlowE module on the same x.
 
     /work/torchenv/bin/python tools/authors_checkpoint_fixture.py [--out DIR]
 """
@@ -105,6 +109,34 @@ class TinyPoodle(nn.Module):
         return out
 
 
+class TinyFlowe(nn.Module):
+    """The authors' Flowe attributes (src/models/flowe.py): a timm ResNet with output_stride 8
+    as `encoder` (timm's names are torchvision's; here the dilated torchvision layout), a
+    projector whose first conv has no bias, predictor, EMA copies, RAFT as `flownet`."""
+
+    def __init__(self, hidden=16, proj=8):
+        super().__init__()
+        self.encoder = TinyResNet(Bottleneck, [1, 1, 1, 1], 4, [2, 4, 8, 16], dilated=True)
+        self.projector = nn.Sequential(
+            nn.Conv2d(64, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, proj, 1),
+        )
+        self.predictor = mlp(proj, hidden, proj)
+        self.target_encoder = copy.deepcopy(self.encoder)
+        self.target_projector = copy.deepcopy(self.projector)
+        self.flownet = FlowStandIn()
+
+
+def perturb_teacher(m, prefix):
+    with torch.no_grad():
+        for name, t in m.state_dict().items():
+            if name.startswith(prefix) and t.is_floating_point():
+                if name.endswith("running_var"):
+                    t.mul_(1 + 0.2 * torch.rand_like(t))
+                else:
+                    t.add_(0.05 * torch.randn_like(t))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,15 +145,9 @@ def main():
     torch.manual_seed(11)
     m = TinyPoodle()
     randomize_bn(m)
-    with torch.no_grad():
-        for name, t in m.state_dict().items():
-            if name.startswith("teacher_") and t.is_floating_point():
-                if name.endswith("running_var"):
-                    t.mul_(1 + 0.2 * torch.rand_like(t))
-                else:
-                    t.add_(0.05 * torch.randn_like(t))
+    perturb_teacher(m, "teacher_")
     m.eval()
-    x = torch.randn(1, 3, 64, 128)
+    x = torch.randn(1, 3, 32, 64)
     ref = {"x": x}
     with torch.no_grad():
         for teacher, keep in [(False, None), (True, {"c5", "dense_features", "p_dense", "p_pooled"})]:
@@ -141,10 +167,21 @@ def main():
     bad["decoder_laterals.1.weight"] = torch.randn(64, 8, 1, 1)
     bad_path = args.out / "authors_poodle_tiny_bad_shape.pth"
     torch.save({"model": bad, "epoch": 3}, bad_path)
+    torch.manual_seed(12)
+    f = TinyFlowe()
+    randomize_bn(f)
+    perturb_teacher(f, "target_")
+    f.eval()
+    xf = x
+    with torch.no_grad():
+        ref["flowe.online.c5"] = f.encoder(xf)[2].contiguous()
+        ref["flowe.target.c5"] = f.target_encoder(xf)[2].contiguous()
+    flowe_path = args.out / "authors_flowe_tiny.pth"
+    torch.save({"model": f.state_dict(), "epoch": 2}, flowe_path)
     ref_path = args.out / "authors_poodle_tiny_ref.safetensors"
     save_file(ref, str(ref_path),
               metadata={"generator": f"tools/authors_checkpoint_fixture.py, torch {torch.__version__}"})
-    for p in [path, bad_path, ref_path]:
+    for p in [path, bad_path, flowe_path, ref_path]:
         print(f"{p.name}: {p.stat().st_size} bytes")
     print(f"{len(state)} state_dict keys, e.g. {list(state)[:3]} ... {list(state)[-2:]}")
 

@@ -7,7 +7,8 @@
 //! changes): a tiny module with the authors' attribute names and building blocks
 //! (torchvision ResNet layout with Bottleneck [1, 1, 1, 1], stem 4, planes [2, 4, 8, 16];
 //! torchvision Bottleneck decoder blocks; 1x1 conv heads; a stand-in `flow_model`), its
-//! eval-mode outputs for a fixed input, and a copy with one tensor of a wrong shape.
+//! eval-mode outputs for a fixed input, and a copy with one tensor of a wrong shape; and a
+//! tiny module with the attributes of their FlowE (`encoder`, `target_encoder`, ...).
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -226,4 +227,47 @@ fn a_model_without_the_checkpoints_decoder_is_refused() {
     let msg = format!("{e:#}");
     assert!(msg.contains("decoder_blocks.0."), "{msg}");
     assert!(msg.contains("the model has no variable for it"), "{msg}");
+}
+
+/// The authors' FlowE checkpoint (`encoder.*`, `target_encoder.*`, `projector.*`, ...):
+/// the backbone alone, online or target, for `--init` and for a readout of a model without
+/// decoder; a model with a decoder is refused by the readout.
+#[test]
+fn flowe_checkpoints_give_their_backbone() {
+    let refs = reference();
+    let x = &refs["x"];
+    let pth = fixture("authors_flowe_tiny.pth");
+    let flowe = ModelConfig {
+        decoder: DecoderConfig::disabled(),
+        dilated: true,
+        ..tiny()
+    };
+    for (which, prefix, net) in [
+        (Which::Online, "encoder.", "online"),
+        (Which::Target, "target_encoder.", "target"),
+    ] {
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let online = Online::new(&flowe, vb).unwrap();
+        let rep = load_init_with(&map, &pth, which).unwrap();
+        assert_eq!((rep.layout, rep.prefix.as_str()), ("flowe", prefix));
+        let backbone = named_vars(&map)
+            .iter()
+            .filter(|(n, _)| n.starts_with("backbone."))
+            .count();
+        assert_eq!(rep.set, backbone);
+        let c5 = online.encoder.stages(x, false).unwrap().c5;
+        assert_close(net, &c5, &refs[&format!("flowe.{net}.c5")]);
+
+        let use_target = which == Which::Target;
+        let (enc, _) = linear::load_encoder(&flowe, Some(&pth), use_target, 1, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{net}: {e:#}"));
+        let feats = enc.dense_features(x, false).unwrap();
+        assert_close(net, &feats, &refs[&format!("flowe.{net}.c5")]);
+    }
+    assert!(rel_err(&refs["flowe.online.c5"], &refs["flowe.target.c5"]) > 1e-2);
+    match linear::load_encoder(&tiny(), Some(&pth), false, 1, &Device::Cpu) {
+        Ok(_) => panic!("a FlowE checkpoint filled a model with a decoder"),
+        Err(e) => assert!(format!("{e:#}").contains("holds a backbone only"), "{e:#}"),
+    }
 }
