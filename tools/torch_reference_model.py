@@ -20,11 +20,18 @@ Modules run in training mode (batch statistics, running statistics updated). Key
   grad.<name>      gradient of the loss w.r.t. parameter <name>
   after.<name>     BN running statistics after the training forward(s)
   eval.<name>      evaluation-mode outputs computed after the update (where present)
+  paper.<name>     decoder_authors only: the paper-order output (training mode) of the same
+                   starting weights
+
+decoder.safetensors is poodle's decoder in the paper's order on uneven sizes (poodle names);
+decoder_authors.safetensors is the authors' decoder module (their names, their order, their
+torchvision Bottleneck); encoder_tiny's decoder runs in the authors' order (poodle default).
 
 The module configurations are fixed here and mirrored in model_parity.rs.
 """
 
 import argparse
+import copy
 import json
 import pathlib
 
@@ -145,25 +152,37 @@ class DecoderBottleneck(Bottleneck):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, ch, skip_ch, top_down=True, lateral=True):
+    """poodle's decoder block (poodle names). order "paper": upsample, bottleneck, + lateral
+    (Eq. 3); "authors": bottleneck, upsample, + lateral (their Poodle.forward). The upsampling
+    goes to the lateral's size, which is their scale_factor=2 when the sizes are exact."""
+
+    def __init__(self, ch, skip_ch, top_down=True, lateral=True, order="paper"):
         super().__init__()
+        self.order = order
         self.bottleneck = DecoderBottleneck(ch, ch // 8) if top_down else None
         self.lateral = nn.Conv2d(skip_ch, ch, kernel_size=1, bias=True) if lateral else None
 
     def forward(self, z, skip):
-        y = F.interpolate(z, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        if self.bottleneck is not None:
-            y = self.bottleneck(y)
+        def g(t):
+            return t if self.bottleneck is None else self.bottleneck(t)
+
+        def up(t):
+            return F.interpolate(t, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+
+        y = up(g(z)) if self.order == "authors" else g(up(z))
         if self.lateral is not None:
             y = y + self.lateral(skip)
         return y
 
 
 class Decoder(nn.Module):
-    def __init__(self, c3, c4, c5, top_down=True, lateral=True):
+    def __init__(self, c3, c4, c5, top_down=True, lateral=True, order="paper"):
         super().__init__()
         self.blocks = nn.ModuleList(
-            [DecoderBlock(c5, c4, top_down, lateral), DecoderBlock(c5, c3, top_down, lateral)]
+            [
+                DecoderBlock(c5, c4, top_down, lateral, order),
+                DecoderBlock(c5, c3, top_down, lateral, order),
+            ]
         )
 
     def forward(self, c3, c4, c5):
@@ -184,14 +203,15 @@ class Mlp(nn.Module):
 
 
 class Online(nn.Module):
-    """poodle-train's Online: backbone, decoder, projectors, predictors (same names)."""
+    """poodle-train's Online: backbone, decoder (authors' order, poodle's default),
+    projectors, predictors (same names)."""
 
     def __init__(self, block, layers, stem, widths, hidden, out):
         super().__init__()
         self.backbone = TinyResNet(block, layers, stem, widths, dilated=False)
         e = block.expansion
         c3, c4, c5 = widths[1] * e, widths[2] * e, widths[3] * e
-        self.decoder = Decoder(c3, c4, c5)
+        self.decoder = Decoder(c3, c4, c5, order="authors")
         self.dense_projector = Mlp(True, c5, hidden, out)
         self.pooled_projector = Mlp(False, c5, hidden, out)
         self.dense_predictor = Mlp(True, out, hidden, out)
@@ -230,6 +250,54 @@ def case_decoder():
     parent = nn.Module()
     parent.decoder = m
     return run_case(parent, inputs, lambda p, i: fwd(p.decoder, i))
+
+
+class AuthorsDecoder(nn.Module):
+    """The decoder exactly as the authors build and run it (src/models/poodle.py): torchvision's
+    own Bottleneck(C5, planes=C5 // 4, base_width=64 * 0.5) per block, nn.Conv2d 1x1 laterals
+    with bias, attribute names decoder_blocks / decoder_laterals; forward: block, upsample
+    scale_factor=2, + lateral."""
+
+    def __init__(self, c3, c4, c5, hidden_factor=0.5):
+        super().__init__()
+        self.decoder_blocks = nn.ModuleList(
+            [Bottleneck(c5, c5 // 4, base_width=int(64 * hidden_factor)) for _ in range(2)]
+        )
+        self.decoder_laterals = nn.ModuleList(
+            [nn.Conv2d(c4, c5, kernel_size=1), nn.Conv2d(c3, c5, kernel_size=1)]
+        )
+
+    def forward(self, c3, c4, c5):
+        z, feats = c5, [c4, c3]
+        for block, lateral, f in zip(self.decoder_blocks, self.decoder_laterals, feats):
+            z = block(z)
+            z = F.interpolate(z, scale_factor=2, mode="bilinear", align_corners=False)
+            z = z + lateral(f)
+        return z
+
+    def forward_paper(self, c3, c4, c5):
+        """The paper's Eq. (3) with the same modules: upsample, block, + lateral."""
+        z, feats = c5, [c4, c3]
+        for block, lateral, f in zip(self.decoder_blocks, self.decoder_laterals, feats):
+            z = F.interpolate(z, scale_factor=2, mode="bilinear", align_corners=False)
+            z = block(z) + lateral(f)
+        return z
+
+
+def case_decoder_authors():
+    """Authors' names and order; `paper.y` is the paper order's training output from the same
+    starting weights and running statistics (a copy of the module)."""
+    torch.manual_seed(7)
+    # C5 = 32: planes 8, base_width 32 -> inner width 4 (C5 / 8, as 2048 -> 256).
+    m = prepare(AuthorsDecoder(8, 16, 32))
+    assert m.decoder_blocks[0].conv2.weight.shape == (4, 4, 3, 3)
+    inputs = {"c3": randn(1, 8, 8, 16), "c4": randn(1, 16, 4, 8), "c5": randn(1, 32, 2, 4)}
+    paper = copy.deepcopy(m)
+    with torch.no_grad():
+        y_paper = paper.forward_paper(inputs["c3"], inputs["c4"], inputs["c5"])
+    out = run_case(m, inputs, lambda m, i: {"y": m(i["c3"], i["c4"], i["c5"])})
+    out["paper.y"] = y_paper.float().contiguous()
+    return out
 
 
 def case_maxpool():
@@ -308,6 +376,7 @@ def main():
     cases = {
         "bottleneck": case_bottleneck,
         "decoder": case_decoder,
+        "decoder_authors": case_decoder_authors,
         "maxpool": case_maxpool,
         "upsample": case_upsample,
         "encoder_tiny": case_encoder,

@@ -1,7 +1,8 @@
 //! The backbone in and out of poodle-train: [`export_torchvision`] writes a checkpoint's
 //! ResNet as a torchvision `state_dict` (safetensors) for downstream evaluation, and
 //! [`load_init`] starts a run from pretrained backbone weights (a torchvision `.pth`, such an
-//! export, or a poodle-train checkpoint), e.g. ImageNet-supervised for the paper's BDD* rows.
+//! export, or a poodle-train checkpoint), e.g. ImageNet-supervised for the paper's BDD* rows,
+//! or from the authors' own PooDLe checkpoint (whole encoder and predictors; see below).
 //!
 //! # What is exported
 //! The **online** backbone by default ([`Which::Online`]). The PooDLe and FlowE papers, like
@@ -37,6 +38,42 @@
 //! (parameters and BN running statistics) must be present with its exact shape, and no other
 //! key may sit under the prefix (a ResNet-34 file does not silently fill a ResNet-18). On any
 //! error the map is left unchanged.
+//!
+//! # The authors' checkpoints
+//! The PooDLe and FlowE checkpoints the authors publish (github.com/agentic-learning-ai-lab/
+//! poodle) are zip `.pth` files written by their `save_model` (`src/utils/misc.py`):
+//! `{'model': state_dict, 'optimizer': ..., 'epoch': ..., 'args': ..., 'scaler': ...}`. Only
+//! `'model'` is read. [`load_init_with`] (and `load_init`, which takes the online network)
+//! recognises two layouts of that state_dict:
+//!
+//! * **PooDLe** (their `Poodle` module; found by `decoder_blocks.*` or `teacher_backbone.*`
+//!   beside `backbone.*`). The whole encoder is mapped by name, and the predictors too where
+//!   the map has them. With `t` empty for the online network ([`Which::Online`], default) or
+//!   `teacher_` for the EMA teacher ([`Which::Target`]):
+//!
+//!   | authors' key | poodle name |
+//!   | --- | --- |
+//!   | `{t}backbone.X` (torchvision ResNet names, no `fc`) | `backbone.X` |
+//!   | `{t}decoder_blocks.{i}.X` (torchvision Bottleneck) | `decoder.blocks.{i}.bottleneck.X` |
+//!   | `{t}decoder_laterals.{i}.{weight,bias}` | `decoder.blocks.{i}.lateral.*` |
+//!   | `{t}dense_projector.{0,1,3}.*` (1x1 conv, BN2d, 1x1 conv) | `dense_projector.net.*` |
+//!   | `{t}pooled_projector.{0,1,3}.*` (1x1 convs on `(N, C, 1, 1)`) | `pooled_projector.net.*` |
+//!   | `dense_predictor.*`, `pooled_predictor.*` (online only) | `*_predictor.net.*` |
+//!
+//!   The pooled heads' 1x1 conv weights `(out, in, 1, 1)` become poodle's linear `(out, in)`
+//!   (the same function: BatchNorm2d on `(N, C, 1, 1)` is BatchNorm1d on `(N, C)`). Ignored:
+//!   `flow_model.*` (RAFT), the other network's keys, `num_batches_tracked`, and the
+//!   predictors when the map has none (an `Encoder` for evaluation). The teacher has no
+//!   predictors of its own: with [`Which::Target`] a map's predictors keep their values.
+//!   Every other variable of the map must come from the file with its shape (or the 1x1
+//!   reshape), and every key of the chosen network must find its variable (a checkpoint
+//!   with a decoder does not load into a model without one); the error names the first key
+//!   that does not fit, with both shapes for a mismatch. Their decoder runs in the authors'
+//!   order, poodle's default `model.decoder.order`.
+//! * **FlowE** (their `Flowe` module; `encoder.*` beside `target_encoder.*`): the backbone
+//!   alone (timm's ResNet has torchvision's names), under `encoder.` or `target_encoder.`,
+//!   with the rules of the plain backbone load above. Their projector's first conv has no
+//!   bias and its BatchNorm follows, so it is not mapped.
 
 use crate::checkpoint::Progress;
 use crate::model::{named_vars, BlockKind, ResNetConfig};
@@ -101,7 +138,8 @@ pub struct InitReport {
     pub format: &'static str,
     /// The `.pth` key the state_dict sat under (`state_dict`, `model`, `module`), if any.
     pub nested_key: Option<String>,
-    /// The prefix stripped from the file's names (empty for torchvision names).
+    /// The prefix stripped from the file's names (empty for torchvision names; for the
+    /// authors' PooDLe layout empty or `teacher_`).
     pub prefix: String,
     /// Backbone variables set: every parameter and BN running statistic of the backbone.
     pub set: usize,
@@ -109,6 +147,12 @@ pub struct InitReport {
     pub elements: usize,
     /// File keys not used: `fc.*`, `num_batches_tracked`, and keys outside the prefix.
     pub ignored: usize,
+    /// `backbone` (a ResNet state_dict or a poodle-train checkpoint's backbone), `poodle`
+    /// (the authors' PooDLe checkpoint: backbone, decoder, projectors, predictors) or `flowe`
+    /// (the authors' FlowE checkpoint: backbone).
+    pub layout: &'static str,
+    /// The network read: `online` or `target` (the authors' `teacher_`).
+    pub which: Which,
 }
 
 /// Where a checkpoint path leads: the tensors file, and the run's `latest.json` if found.
@@ -311,6 +355,16 @@ pub fn export_torchvision(
     })
 }
 
+/// True for a zip `.pth` (`torch.save` since PyTorch 1.6), by its magic bytes.
+pub fn is_pth(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"PK\x03\x04"
+}
+
 /// A weights file opened for reading: names and shapes first, tensors on demand.
 enum WeightFile {
     Safetensors(candle_core::safetensors::MmapedSafetensors),
@@ -479,12 +533,40 @@ fn list(v: &[String]) -> String {
     s
 }
 
-/// Sets every backbone variable (`backbone.*`: parameters and BN running statistics) of
-/// `map` from a weights file: safetensors or a zip `.pth` (see the module documentation).
-/// Errors, leaving the map unchanged, when no backbone key matches, a shape differs (naming
-/// the key and both shapes), a backbone variable is missing from the file, or the file has
-/// other keys under its backbone prefix (apart from `fc.*` and `num_batches_tracked`).
+/// [`load_init_with`] for the online network: what `--init` does.
 pub fn load_init(map: &VarMap, path: &Path) -> Result<InitReport> {
+    load_init_with(map, path, Which::Online)
+}
+
+/// Sets the variables of `map` from a weights file: safetensors or a zip `.pth` (see the
+/// module documentation). The authors' PooDLe checkpoint fills the whole encoder (and the
+/// predictors); every other file fills every backbone variable (`backbone.*`: parameters
+/// and BN running statistics). `which` picks the online network or the EMA target / teacher
+/// of a file that holds both (a plain ResNet file has only one: `Target` is an error).
+/// Errors, leaving the map unchanged, when no backbone key matches, a shape differs (naming
+/// the key and both shapes), a variable is missing from the file, or the file has other
+/// keys under its backbone prefix (apart from `fc.*` and `num_batches_tracked`).
+pub fn load_init_with(map: &VarMap, path: &Path, which: Which) -> Result<InitReport> {
+    let (file, format, nested_key) = WeightFile::open(path)?;
+    let shapes = file.shapes();
+    let has = |k: &str| shapes.contains_key(k);
+    let any = |p: &str| shapes.keys().any(|k| k.starts_with(p));
+    if has("backbone.conv1.weight") && (any("decoder_blocks.") || any("teacher_backbone.")) {
+        return load_authors_poodle(map, path, &file, &shapes, format, nested_key, which);
+    }
+    let forced = if has("encoder.conv1.weight") && has("target_encoder.conv1.weight") {
+        Some(match which {
+            Which::Online => "encoder.",
+            Which::Target => "target_encoder.",
+        })
+    } else {
+        None
+    };
+    let layout = if forced.is_some() {
+        "flowe"
+    } else {
+        "backbone"
+    };
     let vars: Vec<(String, candle_core::Var)> = named_vars(map)
         .into_iter()
         .filter_map(|(n, v)| n.strip_prefix("backbone.").map(|r| (r.to_string(), v)))
@@ -492,11 +574,24 @@ pub fn load_init(map: &VarMap, path: &Path) -> Result<InitReport> {
     if vars.is_empty() {
         bail!("load_init: the model map has no backbone.* variables");
     }
-    let (file, format, nested_key) = WeightFile::open(path)?;
-    let shapes = file.shapes();
     let keys: BTreeSet<&str> = shapes.keys().map(String::as_str).collect();
     let names: Vec<String> = vars.iter().map(|(n, _)| n.clone()).collect();
-    let prefix = find_prefix(&keys, &names, path)?;
+    let prefix = match (forced, which) {
+        (Some(p), _) => p.to_string(),
+        (None, Which::Online) => find_prefix(&keys, &names, path)?,
+        (None, Which::Target) => {
+            let p = "target.backbone.";
+            if !keys.iter().any(|k| k.starts_with(p)) {
+                bail!(
+                    "{}: no {p}* (target / teacher) weights in this file; only a \
+                     poodle-train checkpoint or the authors' PooDLe / FlowE checkpoints \
+                     hold a second network",
+                    path.display()
+                );
+            }
+            p.to_string()
+        }
+    };
     let at = |what: String| format!("{}: {what}", path.display());
 
     let mut mismatched = Vec::new();
@@ -586,5 +681,141 @@ pub fn load_init(map: &VarMap, path: &Path) -> Result<InitReport> {
         set: vars.len(),
         elements,
         ignored,
+        layout,
+        which,
+    })
+}
+
+/// The authors' key of a poodle variable in their PooDLe state_dict (`t`: `""` or
+/// `"teacher_"`); `None` for the predictors when reading the teacher (it has none).
+fn authors_poodle_key(name: &str, t: &str) -> Result<Option<String>> {
+    if let Some(r) = name.strip_prefix("backbone.") {
+        return Ok(Some(format!("{t}backbone.{r}")));
+    }
+    if let Some(r) = name.strip_prefix("decoder.") {
+        let k = crate::model::decoder::authors_name(r)
+            .with_context(|| format!("{name}: no counterpart in the authors' decoder"))?;
+        return Ok(Some(format!("{t}{k}")));
+    }
+    for head in ["dense_projector", "pooled_projector"] {
+        if let Some(r) = name.strip_prefix(&format!("{head}.net.")) {
+            return Ok(Some(format!("{t}{head}.{r}")));
+        }
+    }
+    for head in ["dense_predictor", "pooled_predictor"] {
+        if let Some(r) = name.strip_prefix(&format!("{head}.net.")) {
+            return Ok((t.is_empty()).then(|| format!("{head}.{r}")));
+        }
+    }
+    bail!("{name}: no counterpart in the authors' PooDLe checkpoint")
+}
+
+/// True for an authors' key that no poodle variable need take: their flow network, BN's
+/// step counters, the network not chosen, and the predictors (absent from an `Encoder`).
+fn authors_key_optional(key: &str, t: &str) -> bool {
+    let other = if t.is_empty() {
+        key.starts_with("teacher_")
+    } else {
+        !key.starts_with(t)
+    };
+    key.starts_with("flow_model.")
+        || key == "num_batches_tracked"
+        || key.ends_with(".num_batches_tracked")
+        || other
+        || key.starts_with("dense_predictor.")
+        || key.starts_with("pooled_predictor.")
+}
+
+/// [`load_init_with`] for the authors' PooDLe layout (see the module documentation).
+#[allow(clippy::too_many_arguments)]
+fn load_authors_poodle(
+    map: &VarMap,
+    path: &Path,
+    file: &WeightFile,
+    shapes: &BTreeMap<String, Vec<usize>>,
+    format: &'static str,
+    nested_key: Option<String>,
+    which: Which,
+) -> Result<InitReport> {
+    let t = match which {
+        Which::Online => "",
+        Which::Target => "teacher_",
+    };
+    let at = |what: String| {
+        format!(
+            "{} (the authors' PooDLe checkpoint): {what}",
+            path.display()
+        )
+    };
+    let mut plan = Vec::new();
+    let mut problems = Vec::new();
+    let mut used = BTreeSet::new();
+    for (name, var) in named_vars(map) {
+        let Some(key) = authors_poodle_key(&name, t)? else {
+            continue;
+        };
+        used.insert(key.clone());
+        let want = var.dims().to_vec();
+        match shapes.get(&key) {
+            None => problems.push(format!("{key} missing (for the model's {name} {want:?})")),
+            // A pooled head's 1x1 conv (out, in, 1, 1) is poodle's linear (out, in).
+            Some(s) if *s == want || (want.len() == 2 && *s == [want[0], want[1], 1, 1]) => {
+                plan.push((key, var))
+            }
+            Some(s) => problems.push(format!("{key}: file {s:?}, model {name} {want:?}")),
+        }
+    }
+    let mut ignored = 0;
+    for key in shapes.keys() {
+        if used.contains(key) {
+            continue;
+        }
+        if authors_key_optional(key, t) {
+            ignored += 1;
+        } else {
+            problems.push(format!(
+                "{key}: the model has no variable for it (a decoder, projector or backbone \
+                 the model lacks? check model.backbone and model.decoder)"
+            ));
+        }
+    }
+    if let Some(first) = problems.first() {
+        let more = match problems.len() {
+            1 => String::new(),
+            n => format!(" ({} more: {})", n - 1, list(&problems[1..])),
+        };
+        bail!(at(format!("{first}{more}")));
+    }
+    // Read and convert everything first: the map changes only once all tensors are good.
+    let mut values = Vec::with_capacity(plan.len());
+    for (key, var) in &plan {
+        let value = file.load(key).with_context(|| at(key.clone()))?;
+        if !matches!(
+            value.dtype(),
+            DType::F16 | DType::BF16 | DType::F32 | DType::F64
+        ) {
+            bail!(at(format!(
+                "{key}: dtype {:?} is not a float type",
+                value.dtype()
+            )));
+        }
+        let value = value.reshape(var.shape())?;
+        values.push(value.to_dtype(var.dtype())?.to_device(var.device())?);
+    }
+    let mut elements = 0;
+    for ((key, var), t) in plan.iter().zip(values) {
+        elements += t.elem_count();
+        var.set(&t).with_context(|| at(key.clone()))?;
+    }
+    Ok(InitReport {
+        path: path.to_path_buf(),
+        format,
+        nested_key,
+        prefix: t.to_string(),
+        set: plan.len(),
+        elements,
+        ignored,
+        layout: "poodle",
+        which,
     })
 }

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, ModuleT, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use poodle_train::model::{
     self, max_pool_3x3_s2, resnet::Bottleneck, upsample_bilinear, Backbone, BlockKind,
-    DecoderConfig, ModelConfig, Online, ResNet, ResNetConfig, Stages,
+    DecoderConfig, DecoderOrder, ModelConfig, Online, ResNet, ResNetConfig, Stages,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -171,11 +171,14 @@ fn torchvision_bottleneck_train_step() {
     });
 }
 
+/// The paper's order (Eq. 3: upsample, bottleneck, + lateral) on sizes that are not exact
+/// 2x steps (the upsampling goes to the lateral's size).
 #[test]
-fn decoder_train_step() {
+fn decoder_paper_order_train_step() {
     let fx = fixture("decoder");
     let (mut map, vb) = new_map();
-    let dec = model::Decoder::new(&DecoderConfig::full(), [4, 8, 16], vb.pp("decoder")).unwrap();
+    let cfg = DecoderConfig::full().with_order(DecoderOrder::Paper);
+    let dec = model::Decoder::new(&cfg, [4, 8, 16], vb.pp("decoder")).unwrap();
     load_params(&mut map, &fx);
     check_case("decoder", &fx, &map, |i, train| {
         let stages = Stages {
@@ -185,6 +188,73 @@ fn decoder_train_step() {
         };
         Ok(vec![("y".into(), dec.forward_t(&stages, train)?)])
     });
+}
+
+/// poodle's name for an authors' decoder name (`decoder_blocks.{i}.X` is block i's
+/// bottleneck, `decoder_laterals.{i}.X` its lateral conv), written out here independently of
+/// the library's own mapping.
+fn authors_to_poodle(name: &str) -> String {
+    for (theirs, ours) in [
+        ("decoder_blocks.", "bottleneck"),
+        ("decoder_laterals.", "lateral"),
+    ] {
+        if let Some(rest) = name.strip_prefix(theirs) {
+            let (i, tail) = rest.split_once('.').unwrap();
+            return format!("decoder.blocks.{i}.{ours}.{tail}");
+        }
+    }
+    panic!("not an authors' decoder name: {name}")
+}
+
+/// The fixture with every `param.` / `grad.` / `after.` key renamed to poodle's names.
+fn rename_authors_fixture(fx: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    fx.into_iter()
+        .map(|(k, v)| {
+            for p in ["param.", "grad.", "after."] {
+                if let Some(n) = k.strip_prefix(p) {
+                    if !n.starts_with("in.") {
+                        return (format!("{p}{}", authors_to_poodle(n)), v);
+                    }
+                }
+            }
+            (k, v)
+        })
+        .collect()
+}
+
+/// The decoder as the authors build and run it (torchvision `Bottleneck(32, 8,
+/// base_width=32)`, nn.Conv2d laterals, bottleneck -> upsample x2 -> + lateral), loaded by
+/// name into poodle's default decoder; and the paper's order from the same weights, which
+/// poodle's `order: paper` must reproduce and which is visibly another function.
+#[test]
+fn decoder_as_the_authors_train_step_and_paper_order_switch() {
+    let fx = rename_authors_fixture(fixture("decoder_authors"));
+    let stages = |i: &HashMap<String, Tensor>| Stages {
+        c3: i["c3"].clone(),
+        c4: i["c4"].clone(),
+        c5: i["c5"].clone(),
+    };
+    let (mut map, vb) = new_map();
+    let cfg = DecoderConfig::full();
+    assert_eq!(cfg.order, DecoderOrder::Authors, "the default order");
+    let dec = model::Decoder::new(&cfg, [8, 16, 32], vb.pp("decoder")).unwrap();
+    load_params(&mut map, &fx);
+    check_case("decoder_authors", &fx, &map, |i, train| {
+        Ok(vec![("y".into(), dec.forward_t(&stages(i), train)?)])
+    });
+
+    let (mut map_p, vb_p) = new_map();
+    let cfg_p = cfg.with_order(DecoderOrder::Paper);
+    let dec_p = model::Decoder::new(&cfg_p, [8, 16, 32], vb_p.pp("decoder")).unwrap();
+    load_params(&mut map_p, &fx);
+    let inputs: HashMap<String, Tensor> = with_prefix(&fx, "in.")
+        .map(|(n, t)| (n.to_string(), t.clone()))
+        .collect();
+    let y_paper = dec_p.forward_t(&stages(&inputs), true).unwrap();
+    let e = assert_close("decoder_authors: paper.y", &y_paper, &fx["paper.y"]);
+    let apart = rel_err(&fx["out.y"], &fx["paper.y"]);
+    eprintln!("decoder_authors: paper order within {e:.2e}; orders differ by {apart:.3} relative");
+    assert!(apart > 1e-2, "the two orders differ by only {apart:.2e}");
 }
 
 #[test]

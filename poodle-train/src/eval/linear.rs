@@ -369,7 +369,22 @@ pub fn load_encoder(
     let map = VarMap::new();
     let enc = Encoder::new(model, VarBuilder::from_varmap(&map, DType::F32, dev))?;
     crate::model::init::reseed(&map, seed)?;
-    if let Some(file) = checkpoint {
+    if let Some(file) = checkpoint.filter(|f| crate::export::is_pth(f)) {
+        // A .pth: the authors' PooDLe / FlowE checkpoint (or a torchvision ResNet).
+        let which = if use_target {
+            crate::export::Which::Target
+        } else {
+            crate::export::Which::Online
+        };
+        let rep = crate::export::load_init_with(&map, file, which)?;
+        ensure!(
+            rep.layout == "poodle" || !model.decoder.enabled,
+            "{}: holds a backbone only (layout {}), but the model has a decoder; pass a \
+             model without one (e.g. --model flowe)",
+            file.display(),
+            rep.layout
+        );
+    } else if let Some(file) = checkpoint {
         let all = candle_core::safetensors::load(file, dev)
             .with_context(|| format!("checkpoint {}", file.display()))?;
         let prefix = if use_target { "target" } else { "online" };

@@ -11,7 +11,7 @@
 //! | prefix | module |
 //! | --- | --- |
 //! | `backbone.` | ResNet, torchvision names below it (`backbone.layer1.0.conv1.weight`) |
-//! | `decoder.blocks.{0,1}.{bottleneck,lateral}.` | spatial decoder (if enabled) |
+//! | `decoder.blocks.{0,1}.{bottleneck,lateral}.` | spatial decoder (if enabled; [`decoder`] maps the authors' names) |
 //! | `dense_projector.net.{0,1,3}.` | 1x1 conv, BN2d, 1x1 conv |
 //! | `pooled_projector.net.{0,1,3}.` | linear, BN1d, linear |
 //! | `dense_predictor.net.{0,1,3}.` | online only |
@@ -44,7 +44,7 @@ pub mod init;
 pub mod layers;
 pub mod resnet;
 
-pub use decoder::{Decoder, DecoderConfig};
+pub use decoder::{Decoder, DecoderConfig, DecoderOrder};
 pub use heads::{HeadKind, Mlp};
 pub use layers::{global_avg_pool, max_pool_3x3_s2, BatchNorm};
 pub use resnet::{BlockKind, ResNet, ResNetConfig, Stages};
@@ -400,6 +400,10 @@ mod tests {
             (DecoderConfig::lateral_only(), false, false, true),
             (DecoderConfig::disabled(), true, false, false),
         ];
+        let orders = [DecoderOrder::Authors, DecoderOrder::Paper];
+        let cases = cases
+            .into_iter()
+            .flat_map(|c| orders.map(|o| (c.0.with_order(o), c.1, c.2, c.3)));
         for (dec, dilated, has_bottleneck, has_lateral) in cases {
             let cfg = small(dec, dilated);
             let (map, online) = build(&cfg);
@@ -419,6 +423,39 @@ mod tests {
             assert_eq!(has("decoder.blocks.0.lateral.bias"), has_lateral);
             assert!(has("backbone.layer4.0.downsample.1.running_var"));
             assert!(has("pooled_predictor.net.3.weight"));
+        }
+    }
+
+    /// The two orders compute different functions of the same weights when the decoder has
+    /// a bottleneck, the same one without (upsample + lateral only).
+    #[test]
+    fn decoder_orders_differ_only_with_a_bottleneck() {
+        let x = Tensor::randn(0f32, 1., (2, 3, 64, 96), &Device::Cpu).unwrap();
+        for (dec, differ) in [
+            (DecoderConfig::full(), true),
+            (DecoderConfig::top_down_only(), true),
+            (DecoderConfig::lateral_only(), false),
+        ] {
+            let (map, online) = build(&small(dec, false));
+            let paper = small(dec.with_order(DecoderOrder::Paper), false);
+            let (map_p, online_p) = build(&paper);
+            copy_vars(&map, &map_p).unwrap();
+            let a = online.encoder.dense_features(&x, false).unwrap();
+            let b = online_p.encoder.dense_features(&x, false).unwrap();
+            let d = (&a - &b).unwrap().abs().unwrap().max_all().unwrap();
+            let d = d.to_scalar::<f32>().unwrap();
+            let scale = a
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            if differ {
+                assert!(d > 1e-2 * scale, "{dec:?}: {d} vs {scale}");
+            } else {
+                assert_eq!(d, 0.0, "{dec:?}");
+            }
         }
     }
 

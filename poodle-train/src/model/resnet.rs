@@ -13,7 +13,9 @@
 //! so C4 and C5 stay at stride 8. torchvision refuses dilation in BasicBlock; here a dilated
 //! BasicBlock dilates both 3x3 convs.
 
-use super::layers::{kaiming_normal_fan_out, max_pool_3x3_s2, BatchNorm, Conv2d};
+use super::layers::{
+    kaiming_normal_fan_out, max_pool_3x3_s2, torch_default_uniform, BatchNorm, Conv2d,
+};
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
@@ -93,6 +95,17 @@ impl ResNetConfig {
     }
 }
 
+/// How a block's convolutions are initialised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvInit {
+    /// torchvision's ResNet re-initialisation: Kaiming-normal, fan_out, relu.
+    ResNet,
+    /// PyTorch's `nn.Conv2d` default (uniform in `+-1/sqrt(fan_in)`): a torchvision block
+    /// built outside a ResNet, which never runs the ResNet's re-initialisation loop (the
+    /// authors' decoder blocks).
+    TorchDefault,
+}
+
 /// A bias-free conv ("same" padding for its dilation) and the BN after it.
 #[allow(clippy::too_many_arguments)]
 fn conv_bn(
@@ -104,9 +117,13 @@ fn conv_bn(
     conv_name: &str,
     bn_name: &str,
     vb: &VarBuilder,
+    conv_init: ConvInit,
 ) -> Result<(Conv2d, BatchNorm)> {
     let padding = dilation * (k - 1) / 2;
-    let init = kaiming_normal_fan_out(out_ch, k);
+    let init = match conv_init {
+        ConvInit::ResNet => kaiming_normal_fan_out(out_ch, k),
+        ConvInit::TorchDefault => torch_default_uniform(in_ch * k * k),
+    };
     let conv = Conv2d::new(
         in_ch,
         out_ch,
@@ -140,7 +157,8 @@ impl Downsample {
         if stride == 1 && in_ch == out_ch {
             return Ok(None);
         }
-        let (conv, bn) = conv_bn(in_ch, out_ch, 1, stride, 1, "0", "1", &vb.pp("downsample"))?;
+        let vb = vb.pp("downsample");
+        let (conv, bn) = conv_bn(in_ch, out_ch, 1, stride, 1, "0", "1", &vb, ConvInit::ResNet)?;
         Ok(Some(Self { conv, bn }))
     }
 }
@@ -178,8 +196,11 @@ impl BasicBlock {
         dilation: usize,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let (conv1, bn1) = conv_bn(in_ch, planes, 3, stride, dilation, "conv1", "bn1", &vb)?;
-        let (conv2, bn2) = conv_bn(planes, planes, 3, 1, dilation, "conv2", "bn2", &vb)?;
+        let init = ConvInit::ResNet;
+        let (conv1, bn1) = conv_bn(
+            in_ch, planes, 3, stride, dilation, "conv1", "bn1", &vb, init,
+        )?;
+        let (conv2, bn2) = conv_bn(planes, planes, 3, 1, dilation, "conv2", "bn2", &vb, init)?;
         let downsample = Downsample::if_needed(in_ch, planes, stride, &vb)?;
         Ok(Self {
             conv1,
@@ -215,6 +236,7 @@ pub struct Bottleneck {
 }
 
 impl Bottleneck {
+    /// A ResNet stage block (torchvision's ResNet initialisation).
     pub fn new(
         in_ch: usize,
         width: usize,
@@ -223,9 +245,23 @@ impl Bottleneck {
         dilation: usize,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let (conv1, bn1) = conv_bn(in_ch, width, 1, 1, 1, "conv1", "bn1", &vb)?;
-        let (conv2, bn2) = conv_bn(width, width, 3, stride, dilation, "conv2", "bn2", &vb)?;
-        let (conv3, bn3) = conv_bn(width, out_ch, 1, 1, 1, "conv3", "bn3", &vb)?;
+        Self::with_init(in_ch, width, out_ch, stride, dilation, ConvInit::ResNet, vb)
+    }
+
+    /// As [`Bottleneck::new`] with the 1x1/3x3/1x1 convs initialised per `init` (a
+    /// `downsample` branch, which the decoder never has, keeps the ResNet init).
+    pub fn with_init(
+        in_ch: usize,
+        width: usize,
+        out_ch: usize,
+        stride: usize,
+        dilation: usize,
+        init: ConvInit,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let (conv1, bn1) = conv_bn(in_ch, width, 1, 1, 1, "conv1", "bn1", &vb, init)?;
+        let (conv2, bn2) = conv_bn(width, width, 3, stride, dilation, "conv2", "bn2", &vb, init)?;
+        let (conv3, bn3) = conv_bn(width, out_ch, 1, 1, 1, "conv3", "bn3", &vb, init)?;
         let downsample = Downsample::if_needed(in_ch, out_ch, stride, &vb)?;
         Ok(Self {
             conv1,
