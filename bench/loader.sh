@@ -35,6 +35,7 @@ JSON
 fi
 python3 -c "import sys; sys.path.insert(0, 'bench'); import machine; print('machine:', machine.machine())"; date -u
 for t in $THREADS; do
-  ./target/release/poodle-train bench-loader --config paper --stores "$OUT" \
+  ./target/release/poodle-train bench-loader --config paper \
+    --stores "$OUT/bench720-part-00000-of-00001.zarr" \
     --threads "$t" --batches "$BATCHES"
 done

@@ -7,10 +7,11 @@ use serde::Serialize;
 use std::path::Path;
 
 /// Bytes per stored pair per frame pixel, measured on the real 720p dashcam clips with the
-/// default flow model (2026-11-27, zstd 3: frames, both flows, both occlusion masks;
-/// 3.47 MB per 1280x720 pair). Flow compresses worse on busier scenes: treat it as a
-/// guide, and prefer the figure measured from a store of the same job (`measured_from`).
-pub const REFERENCE_BYTES_PER_PIXEL: f64 = 3.47e6 / (1280.0 * 720.0);
+/// default flow model (2026-12-03, `bench/loader.sh`'s store, 8 pairs, zstd 3: frames, both
+/// flows, both occlusion masks; 5.60 MB per 1280x720 pair, 27.6% of raw). Flow compresses
+/// worse on busier scenes: treat it as a guide, and prefer the figure measured from a store
+/// of the same job (`measured_from`).
+pub const REFERENCE_BYTES_PER_PIXEL: f64 = 5.60e6 / (1280.0 * 720.0);
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct DiskPlan {

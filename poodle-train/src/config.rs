@@ -25,12 +25,16 @@ pub struct TrainConfig {
     pub run: RunConfig,
     /// `cpu` or `cuda:N` (a build with the `cuda` feature).
     pub device: String,
-    /// Start from these backbone weights (safetensors or torchvision .pth), e.g.
-    /// ImageNet-supervised (the paper's BDD* rows); `null`: random initialisation. Loaded by
-    /// [`crate::export::load_init`] into the online backbone before the target is copied from
-    /// it; the decoder and heads stay randomly initialised.
+    /// Start from these weights, e.g. ImageNet-supervised (the paper's BDD* rows) or the
+    /// authors' released PooDLe checkpoint; `null`: random initialisation. Loaded by
+    /// [`crate::export::load_init_with`] into the online network before the target is copied
+    /// from it: a backbone file fills the backbone, an authors' checkpoint the whole encoder.
     #[serde(default)]
     pub init: Option<PathBuf>,
+    /// Which network of an authors' checkpoint `init` reads: `online` or `target` (their
+    /// `teacher_*`).
+    #[serde(default)]
+    pub init_network: crate::export::Which,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -144,6 +148,7 @@ impl TrainConfig {
             },
             device: "cpu".into(),
             init: None,
+            init_network: crate::export::Which::Online,
         }
     }
 

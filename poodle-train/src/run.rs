@@ -92,7 +92,7 @@ impl Learner {
         )?;
         crate::model::init::reseed(&online_map, cfg.seed)?;
         if let Some(path) = &cfg.init {
-            crate::export::load_init(&online_map, path)
+            crate::export::load_init_with(&online_map, path, cfg.init_network)
                 .with_context(|| format!("init {}", path.display()))?;
         }
         copy_vars(&online_map, &target_map)?;

@@ -271,3 +271,25 @@ fn flowe_checkpoints_give_their_backbone() {
         Err(e) => assert!(format!("{e:#}").contains("holds a backbone only"), "{e:#}"),
     }
 }
+
+#[test]
+fn a_run_starts_from_the_teacher_when_init_network_says_so() {
+    // `init` + `init_network` in the training config reach the learner: its online and
+    // target encoders both start as the checkpoint's teacher.
+    let refs = reference();
+    let x = &refs["x"];
+    for (which, key) in [(Which::Online, "online.c5"), (Which::Target, "teacher.c5")] {
+        let mut cfg = poodle_train::config::TrainConfig::tiny();
+        cfg.model = tiny();
+        cfg.init = Some(fixture("authors_poodle_tiny.pth"));
+        cfg.init_network = which;
+        let l = poodle_train::run::Learner::new(&cfg, &Device::Cpu).unwrap();
+        for (name, c5) in [
+            ("online", l.online.encoder.stages(x, false).unwrap().c5),
+            ("target", l.target.stages(x, false).unwrap().c5),
+        ] {
+            let e = rel_err(&c5, &refs[key]);
+            assert!(e < TOL, "{which:?}: the learner's {name} c5 vs {key}: {e}");
+        }
+    }
+}

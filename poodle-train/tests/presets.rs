@@ -80,6 +80,7 @@ const PAPER: &[(&str, &str)] = &[
     ("run.max_steps", r#"null"#),
     ("device", r#""cpu""#),
     ("init", r#"null"#),
+    ("init_network", r#""online""#),
 ];
 
 const ABLATION: &[(&str, &str)] = &[
