@@ -34,7 +34,7 @@ statistics non-trivial. Writes to poodle-train/tests/fixtures/model/:
   (dense_features: the decoder output in the authors' order; p_pooled, q_pooled flattened
   to (N, C)); flowe.{online,target}.c5 of the FlowE module on the same x.
 
-    /work/torchenv/bin/python tools/authors_checkpoint_fixture.py [--out DIR]
+    .venv-ref/bin/python tools/authors_checkpoint_fixture.py [--out DIR]
 """
 
 import argparse

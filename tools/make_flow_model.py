@@ -52,7 +52,7 @@ and writes the card with the measured errors. It writes nothing when a bar
     python tools/make_flow_model.py --no-eval       # build without data (card lacks errors)
 
 Needs numpy, onnx and onnxruntime (versions used: onnx 1.23.2, onnxruntime 1.31.1, numpy
-2.4.6); the evaluation reads the PNGs with opencv-python-headless.
+2.4.6); the evaluation reads the PNGs with opencv-python-headless (tools/requirements-flow.txt).
 """
 
 from __future__ import annotations

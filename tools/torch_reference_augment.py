@@ -5,7 +5,7 @@ Writes small safetensors fixtures that `poodle-train/tests/augment_parity.rs` ch
 `poodle_train::data::colour` and `poodle_common::flowmath::resize_window{,_flow}` against
 (CI has no PyTorch; rerun this only to regenerate them):
 
-    /work/torchenv/bin/python tools/torch_reference_augment.py [OUT_DIR]
+    .venv-ref/bin/python tools/torch_reference_augment.py [OUT_DIR]
 
 OUT_DIR defaults to poodle-train/tests/fixtures/augment. Needs torch, torchvision, safetensors.
 

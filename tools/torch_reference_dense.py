@@ -8,7 +8,7 @@ src/models/poodle.py `Poodle.forward`, src/utils/flow.py `warp`/`flow_to_warp`/
 paper's Eq. (1) order as a second form. It writes one small safetensors fixture that
 poodle-train/tests/dense_reference.rs checks candle against (CI has no PyTorch):
 
-    /work/torchenv/bin/python tools/torch_reference_dense.py [OUT_DIR]
+    .venv-ref/bin/python tools/torch_reference_dense.py [OUT_DIR]
 
 OUT_DIR defaults to poodle-train/tests/fixtures/dense. Needs torch, kornia, safetensors.
 
@@ -32,7 +32,7 @@ output and `proj` for the target projector's output, each on its own (affine, fl
     the flowed point (the kornia forward matrix applied to y + flow(y)); mask
     [y + flow(y) in crop] * [A_t^-1 (y + flow(y)) in view] * (1 - occluded) * online mask.
 
-Conventions, read from kornia 0.9.0's source and docs (installed in /work/torchenv):
+Conventions, read from kornia 0.9.0's source and docs (tools/requirements-reference.txt):
 - `RandomAffine` draws `center = ((W-1)/2, (H-1)/2)` and builds its input->output matrix with
   `get_affine_matrix2d`, which rotates by `-angle` in `get_rotation_matrix2d`: the forward
   map is `c + s R(angle) (x - c)` with `R = [[cos, -sin], [sin, cos]]` in y-down pixels (a

@@ -4,7 +4,7 @@
 Writes small safetensors fixtures that `poodle-train/tests/loss_parity.rs` checks the candle
 implementation against (CI has no PyTorch; rerun this only to regenerate them):
 
-    /tmp/torchenv/bin/python tools/torch_reference_losses.py [OUT_DIR]
+    .venv-ref/bin/python tools/torch_reference_losses.py [OUT_DIR]
 
 OUT_DIR defaults to poodle-train/tests/fixtures/loss. Needs torch and safetensors.
 

@@ -5,7 +5,7 @@ Writes small safetensors files (and two JSON key lists) to
 poodle-train/tests/fixtures/model/, read by poodle-train/tests/model_parity.rs. CI has no
 PyTorch: rerun this only when the reference changes, and commit the output.
 
-    /tmp/torchenv/bin/python tools/torch_reference_model.py [--out DIR]
+    .venv-ref/bin/python tools/torch_reference_model.py [--out DIR]
 
 Every case runs in float64 from float32-representable weights and inputs, then stores
 float32, so the fixture is the exact answer and the Rust f32 result is compared against it.

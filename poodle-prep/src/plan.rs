@@ -102,16 +102,16 @@ mod tests {
     fn reference_figure_scales_with_pixels_and_counts_pools() {
         let none = Path::new("/nonexistent-poodle-out");
         let (b, from) = bytes_per_pair(&cfg(720, 1280), none);
-        assert!((b - 3.47e6).abs() < 1.0 && from.is_none());
+        assert!((b - 5.60e6).abs() < 1.0 && from.is_none());
         let p = plan(&cfg(360, 640), 3, &[0, 0, 0, 2, 2], none);
         assert_eq!(
             (p.pairs, p.pairs_per_video_min, p.pairs_per_video_max),
             (5, 2, 3)
         );
-        assert!((p.total_bytes - 5.0 * 3.47e6 / 4.0).abs() < 1.0);
+        assert!((p.total_bytes - 5.0 * 5.60e6 / 4.0).abs() < 1.0);
         // BDD100K train: 70,000 videos x 10 pairs at 720p.
-        let bdd = 70_000.0 * 10.0 * 3.47e6;
-        assert_eq!(human_bytes(bdd), "2.43 TB");
+        let bdd = 70_000.0 * 10.0 * 5.60e6;
+        assert_eq!(human_bytes(bdd), "3.92 TB");
         assert_eq!(human_bytes(999.0), "999.00 B");
     }
 }

@@ -3,7 +3,7 @@
 //! parameters, their `warp`, mask and masked mean), and the paper's Eq. (1) order.
 //!
 //! Fixture: `tests/fixtures/dense/dense_reference.safetensors`, written by
-//! `/work/torchenv/bin/python tools/torch_reference_dense.py` (its docstring has the
+//! `.venv-ref/bin/python tools/torch_reference_dense.py` (its docstring has the
 //! conventions). (a) = the authors' order, (b) = the paper's order, both with exact pixel
 //! coordinates; `authors_zero_outside` is (a) with poodle's sampler rule at the crop edge;
 //! `loss_literal_*` / `loss_kornia072*` are (a) with the authors' literal quirks.

@@ -1,7 +1,7 @@
 //! Parity of the candle losses, sampler, AdamW and EMA with their PyTorch reference forms.
 //!
 //! Fixtures: `tests/fixtures/loss/*.safetensors`, written by
-//! `/tmp/torchenv/bin/python tools/torch_reference_losses.py` (loss references in float64 from
+//! `.venv-ref/bin/python tools/torch_reference_losses.py` (loss references in float64 from
 //! float32 inputs; AdamW and EMA in float32). Tolerance: every compared tensor satisfies
 //! `max |got - want| <= 1e-4 * max |want|` (relative to the tensor's magnitude), in f32.
 
