@@ -335,13 +335,15 @@ fn second_writer_and_changed_plan_are_refused() {
         "{err}"
     );
     // Same ONNX file, a card that reads it differently (another size multiple): refused too,
-    // so shards computed two ways never mix.
-    let card_path = repo().join("models/tvl1_flow.json");
+    // so shards computed two ways never mix. (The config again as the store was made.)
+    let cfg = write_config(&d, "locktest", 1, 1, 0);
+    let card_path = repo().join("models/raft_small_random.json"); // prep_bin's model
     let mut card: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&card_path).unwrap()).unwrap();
     card["size_multiple"] = serde_json::json!(16);
-    card["onnx"] = serde_json::json!(repo().join("models/tvl1_flow.onnx"));
-    let card2 = d.join("tvl1_card16.json");
+    let onnx = card["onnx"].as_str().unwrap().to_string();
+    card["onnx"] = serde_json::json!(repo().join("models").join(onnx));
+    let card2 = d.join("card16.json");
     std::fs::write(&card2, serde_json::to_vec(&card).unwrap()).unwrap();
     let o = prep_cmd(&cfg, &root, &out, &["--model", card2.to_str().unwrap()])
         .output()
