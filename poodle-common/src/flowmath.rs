@@ -100,23 +100,38 @@ impl Map {
     }
 }
 
-/// PyTorch's `align_corners=False` index/weight table for outputs `offset .. offset + n_out`
-/// of a linear resize of `n_in` samples to `n_scaled`: a crop of the resize, without the rest.
+/// PyTorch's `align_corners=False` linear-resize rule for one axis, the one table every
+/// resize and sampler in poodle builds on: for outputs `offset .. offset + n_out` of a resize
+/// of `n_in` samples to `n_scaled`, `(i0, i1, w0, w1)` with `src = max((o + 0.5) * n_in /
+/// n_scaled - 0.5, 0)`, `i0 = floor(src)`, `i1 = min(i0 + 1, n_in - 1)`, `w1 = src - i0`,
+/// `w0 = 1 - w1` (at the last index `i1 = i0`, so the weights still sum to 1).
+pub fn linear_axis(
+    n_in: usize,
+    n_scaled: usize,
+    offset: usize,
+    n_out: usize,
+) -> Vec<(usize, usize, f64, f64)> {
+    let scale = n_in as f64 / n_scaled as f64;
+    (offset..offset + n_out)
+        .map(|o| {
+            let src = ((o as f64 + 0.5) * scale - 0.5).max(0.0);
+            let i0 = (src as usize).min(n_in - 1);
+            let i1 = (i0 + 1).min(n_in - 1);
+            let l1 = (src - i0 as f64).clamp(0.0, 1.0);
+            (i0, i1, 1.0 - l1, l1)
+        })
+        .collect()
+}
+
 fn window_table(
     n_in: usize,
     n_scaled: usize,
     offset: usize,
     n_out: usize,
 ) -> Vec<(usize, usize, f32, f32)> {
-    let scale = n_in as f32 / n_scaled as f32;
-    (offset..offset + n_out)
-        .map(|o| {
-            let src = ((o as f32 + 0.5) * scale - 0.5).max(0.0);
-            let i0 = (src as usize).min(n_in - 1);
-            let i1 = if i0 < n_in - 1 { i0 + 1 } else { i0 };
-            let l1 = (src - i0 as f32).clamp(0.0, 1.0);
-            (i0, i1, 1.0 - l1, l1)
-        })
+    linear_axis(n_in, n_scaled, offset, n_out)
+        .into_iter()
+        .map(|(i0, i1, w0, w1)| (i0, i1, w0 as f32, w1 as f32))
         .collect()
 }
 
@@ -189,9 +204,10 @@ pub fn resize_window_flow(
 
 /// Corner indices (into one plane) and weights for an in-bounds point, else `None`.
 /// Order nw, ne, sw, se as in `grid_sample`; a corner past the last row/column is clamped to it
-/// but then always has weight exactly 0, which equals zero padding.
+/// but then always has weight exactly 0, which equals zero padding. The one bilinear-corner
+/// rule of the CPU samplers ([`sample_bilinear`], [`warp_backward`], the affine views).
 #[inline]
-fn corners(h: usize, w: usize, x: f32, y: f32) -> Option<([usize; 4], [f32; 4])> {
+pub fn corners(h: usize, w: usize, x: f32, y: f32) -> Option<([usize; 4], [f32; 4])> {
     if !(x >= 0.0 && y >= 0.0 && x <= (w as f32 - 1.0) && y <= (h as f32 - 1.0)) {
         return None; // also rejects NaN and empty maps
     }
@@ -205,8 +221,9 @@ fn corners(h: usize, w: usize, x: f32, y: f32) -> Option<([usize; 4], [f32; 4])>
     ))
 }
 
+/// The value of one plane at [`corners`]' taps.
 #[inline]
-fn blend(plane: &[f32], (i, wt): &([usize; 4], [f32; 4])) -> f32 {
+pub fn blend(plane: &[f32], (i, wt): &([usize; 4], [f32; 4])) -> f32 {
     plane[i[0]] * wt[0] + plane[i[1]] * wt[1] + plane[i[2]] * wt[2] + plane[i[3]] * wt[3]
 }
 

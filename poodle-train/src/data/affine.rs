@@ -3,7 +3,7 @@
 
 use super::Rng;
 use crate::geom::Affine;
-use poodle_common::flowmath::Map;
+use poodle_common::flowmath::{blend, corners, Map};
 use serde::{Deserialize, Serialize};
 
 /// Dense-branch affine parameters.
@@ -71,30 +71,14 @@ pub fn warp_affine(img: &Map, a: &Affine) -> Map {
     }
     let (h, w, n) = (img.h, img.w, img.h * img.w);
     let mut out = Map::zeros(img.c, h, w);
-    let (xmax, ymax) = (w as f32 - 1.0, h as f32 - 1.0);
     for y in 0..h {
         for x in 0..w {
             let (sx, sy) = a.apply(x as f64, y as f64);
-            let (sx, sy) = (sx as f32, sy as f32);
-            if !(sx >= 0.0 && sy >= 0.0 && sx <= xmax && sy <= ymax) {
+            let Some(taps) = corners(h, w, sx as f32, sy as f32) else {
                 continue;
-            }
-            let (x0, y0) = ((sx as usize).min(w - 1), (sy as usize).min(h - 1));
-            let (fx, fy) = (sx - x0 as f32, sy - y0 as f32);
-            let (x1, y1) = ((x0 + 1).min(w - 1), (y0 + 1).min(h - 1));
-            let wts = [
-                (1.0 - fx) * (1.0 - fy),
-                fx * (1.0 - fy),
-                (1.0 - fx) * fy,
-                fx * fy,
-            ];
-            let idx = [y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1];
+            };
             for c in 0..img.c {
-                let p = &img.data[c * n..(c + 1) * n];
-                out.data[c * n + y * w + x] = p[idx[0]] * wts[0]
-                    + p[idx[1]] * wts[1]
-                    + p[idx[2]] * wts[2]
-                    + p[idx[3]] * wts[3];
+                out.data[c * n + y * w + x] = blend(&img.data[c * n..(c + 1) * n], &taps);
             }
         }
     }

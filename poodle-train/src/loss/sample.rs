@@ -21,24 +21,14 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, T
 use rayon::prelude::*;
 use std::sync::Arc;
 
-/// One axis of `align_corners=False` bilinear resizing from `n_in` to `n_out` samples: for
-/// output index `o`, `(i0, i1, w0, w1)` with `src = max((o + 0.5) * n_in / n_out - 0.5, 0)`,
-/// `i0 = floor(src)`, `i1 = min(i0 + 1, n_in - 1)`, `w1 = src - i0`, `w0 = 1 - w1` (PyTorch's
-/// rule; at the last index `i1 = i0`, so the weights still sum to 1 on one pixel).
+/// One axis of `align_corners=False` bilinear resizing from `n_in` to `n_out` samples, as
+/// [`poodle_common::flowmath::linear_axis`] defines it; the identity has one tap per output
+/// (the second, of weight 0, would count against the plan's taps per axis).
 fn axis_table(n_in: usize, n_out: usize) -> Vec<(usize, usize, f64, f64)> {
-    let scale = n_in as f64 / n_out as f64;
-    (0..n_out)
-        .map(|o| {
-            if n_in == n_out {
-                return (o, o, 1.0, 0.0);
-            }
-            let src = ((o as f64 + 0.5) * scale - 0.5).max(0.0);
-            let i0 = (src.floor() as usize).min(n_in - 1);
-            let i1 = (i0 + 1).min(n_in - 1);
-            let l1 = src - i0 as f64;
-            (i0, i1, 1.0 - l1, l1)
-        })
-        .collect()
+    if n_in == n_out {
+        return (0..n_out).map(|o| (o, o, 1.0, 0.0)).collect();
+    }
+    poodle_common::flowmath::linear_axis(n_in, n_out, 0, n_out)
 }
 
 /// Taps per axis: 2 for plain sampling, 3 when composed with upsampling (the source rows of

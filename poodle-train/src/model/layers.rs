@@ -325,15 +325,11 @@ pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
 /// (no antialiasing): output `i` samples input `(i + 0.5) * in / out - 0.5`, clamped at 0,
 /// between `floor` and `floor + 1` (clamped at `in - 1`).
 pub fn interp_matrix(out_len: usize, in_len: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
-    let scale = in_len as f64 / out_len as f64;
     let mut m = vec![0f32; out_len * in_len];
-    for i in 0..out_len {
-        let src = ((i as f64 + 0.5) * scale - 0.5).max(0.0);
-        let i0 = (src.floor() as usize).min(in_len - 1);
-        let i1 = (i0 + 1).min(in_len - 1);
-        let l1 = (src - i0 as f64) as f32;
-        m[i * in_len + i0] += 1.0 - l1;
-        m[i * in_len + i1] += l1;
+    let table = poodle_common::flowmath::linear_axis(in_len, out_len, 0, out_len);
+    for (i, (i0, i1, w0, w1)) in table.into_iter().enumerate() {
+        m[i * in_len + i0] += w0 as f32;
+        m[i * in_len + i1] += w1 as f32;
     }
     Tensor::from_vec(m, (out_len, in_len), dev)?.to_dtype(dtype)
 }
