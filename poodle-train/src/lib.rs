@@ -17,3 +17,4 @@ pub mod model;
 pub mod optim;
 pub mod progress;
 pub mod run;
+pub mod tensorboard;

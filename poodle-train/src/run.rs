@@ -10,6 +10,7 @@ use crate::loss::{check_finite, pooled::pooled_loss, total, LossTerms};
 use crate::model::{copy_vars, trainable_vars, Encoder, Online};
 use crate::optim::{ema_update, is_no_decay, AdamW, AdamWConfig, GradAccumulator, Schedule};
 use crate::progress::StepReporter;
+use crate::tensorboard::EventWriter;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -357,6 +358,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary>
         .unwrap_or(sched.total_steps)
         .min(sched.total_steps);
     let reporter = StepReporter::new(max_steps, step, quiet);
+    let mut tb = EventWriter::create(&cfg.run.dir.join("tb"))?;
     'passes: while pass < sched.passes && step < max_steps {
         let mut acc = GradAccumulator::new();
         let mut sums = StepSums::default();
@@ -408,6 +410,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary>
                 };
                 let line = serde_json::to_string(&m)?;
                 writeln!(log, "{line}")?;
+                tb.scalars(step, &tb_scalars(&m))?;
                 reporter.report(&m, &line);
             }
             sums = StepSums::default();
@@ -445,6 +448,28 @@ pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary>
         last_loss,
         checkpoint: last_ckpt,
     })
+}
+
+/// The TensorBoard scalars of one logged step: every loss term and the run's health signals.
+fn tb_scalars(m: &StepMetrics) -> Vec<(&'static str, f32)> {
+    let l = &m.loss;
+    vec![
+        ("loss/total", l.total),
+        ("loss/dense", l.dense),
+        ("loss/pooled", l.pooled),
+        ("loss/dense_ab", l.dense_ab),
+        ("loss/dense_ba", l.dense_ba),
+        ("loss/pooled_ab", l.pooled_ab),
+        ("loss/pooled_ba", l.pooled_ba),
+        ("optim/lr", m.lr as f32),
+        ("optim/ema_momentum", m.momentum as f32),
+        ("optim/grad_norm", m.grad_norm as f32),
+        ("train/paper_epoch", m.epoch as f32),
+        ("train/dense_mask_fraction", m.dense_mask_fraction),
+        ("train/proj_std", m.proj_std),
+        ("speed/pairs_per_s", m.pairs_per_s as f32),
+        ("speed/data_wait_s", m.data_wait_s as f32),
+    ]
 }
 
 fn add_terms(a: &LossTerms, b: &LossTerms) -> LossTerms {

@@ -102,6 +102,43 @@ fn pretraining_on_camvid_pairs_lowers_the_loss_without_collapse() {
     std::fs::remove_dir_all(d).unwrap();
 }
 
+/// `(step, value)` of one scalar tag read with the `tensorboard` package of `make setup`'s
+/// .venv; `None` (skip locally, a failure under CI=true) when it is not installed.
+fn tensorboard_scalars(dir: &Path, tag: &str) -> Option<Vec<(u64, f64)>> {
+    let py = repo().join(".venv/bin/python");
+    let script = "import sys, json\n\
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
+        ea = EventAccumulator(sys.argv[1]); ea.Reload()\n\
+        print(json.dumps([[e.step, e.value] for e in ea.Scalars(sys.argv[2])]))";
+    let o = Command::new(&py)
+        .args(["-c", script])
+        .arg(dir)
+        .arg(tag)
+        .output();
+    match o {
+        Ok(o) if o.status.success() => {
+            let v: Vec<(u64, f64)> = serde_json::from_slice(&o.stdout).unwrap();
+            Some(v)
+        }
+        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("No module named 'tensorboard'") => {
+            poodle_common::testenv::missing(&format!(
+                "the tensorboard package is not in {} (run `make setup`)",
+                py.display()
+            ));
+            None
+        }
+        Ok(o) => panic!(
+            "reading {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => {
+            poodle_common::testenv::missing(&format!("{}: {e}", py.display()));
+            None
+        }
+    }
+}
+
 #[test]
 fn resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one() {
     let d = tmpdir("resume");
@@ -122,6 +159,18 @@ fn resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one() {
     // Metric lines of the steps after the resume are the uninterrupted run's.
     let (ma, mb) = (metrics(&a), metrics(&b));
     assert_eq!(ma[4]["total"], mb[4]["total"]);
+    // TensorBoard (its own reader) sees one curve over both processes' event files, every
+    // step once, with the metrics' values.
+    if let Some(curve) = tensorboard_scalars(&b.join("tb"), "loss/total") {
+        let steps: Vec<u64> = curve.iter().map(|(s, _)| *s).collect();
+        assert_eq!(steps, [1, 2, 3, 4, 5], "{curve:?}");
+        for ((_, v), m) in curve.iter().zip(&mb) {
+            assert!(
+                (v - m["total"].as_f64().unwrap()).abs() < 1e-5,
+                "{v} vs {m}"
+            );
+        }
+    }
     // Another config cannot resume this run.
     let e = poodle_train::run::train(
         &tiny(&store, &b, &["run.max_steps=6", every, "optim.lr=0.5"]),
