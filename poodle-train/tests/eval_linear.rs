@@ -381,6 +381,15 @@ fn camvid_subset_readout_learns_and_writes_its_report() {
     for v in &r.visualisations {
         assert_eq!(png_size(Path::new(v)), (3 * 480, 360), "{v}");
     }
+    // The confusion matrix picture: (11 + 1) cells of 16 px, the report's matrix drawn.
+    let conf = out.join("confusion.png");
+    assert_eq!(png_size(&conf), (12 * 16, 12 * 16));
+    let (w, h, want) = r
+        .confusion
+        .picture(16, &poodle_train::eval::datasets::CAMVID_PALETTE);
+    let img = poodle_train::eval::datasets::read_rgb(&conf).unwrap();
+    assert_eq!((img.width, img.height), (w, h));
+    assert!(img.data == want, "confusion.png is not the report's matrix");
     let _ = std::fs::remove_dir_all(&out);
 }
 

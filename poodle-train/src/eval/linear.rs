@@ -875,6 +875,9 @@ pub fn run(cfg: &LinearEvalConfig) -> Result<LinearReport> {
         std::fs::create_dir_all(o).with_context(|| format!("{}", o.display()))?;
         poodle_common::atomic::write_json_atomic(&o.join("report.json"), &report)?;
         poodle_common::atomic::write_atomic(&o.join("report.md"), report.to_table().as_bytes())?;
+        let (w, h, rgb) = report.confusion.picture(16, cfg.dataset.palette());
+        poodle_common::flowmath::write_png_rgb(&o.join("confusion.png"), w as u32, h as u32, &rgb)
+            .with_context(|| format!("{}", o.join("confusion.png").display()))?;
         let c = fdims.2;
         let mut t = HashMap::new();
         t.insert(

@@ -56,6 +56,40 @@ impl Confusion {
         }
     }
 
+    /// The matrix as an RGB picture, `(width, height, rgb)`: row `g` (ground truth) and column
+    /// `p` (prediction) of `cell` x `cell` pixels, shaded from white (0) to dark blue (the whole
+    /// row: each row is normalised by its class's pixels, so the diagonal reads as recall).
+    /// A strip of one cell left of the rows and above the columns shows each class's palette
+    /// colour, so classes are told apart without text.
+    pub fn picture(&self, cell: usize, palette: &[[u8; 3]]) -> (usize, usize, Vec<u8>) {
+        let (k, side) = (self.k, (self.k + 1) * cell);
+        let mut rgb = vec![255u8; side * side * 3];
+        let mut fill = |r: usize, c: usize, colour: [u8; 3]| {
+            for y in r * cell..(r + 1) * cell {
+                for x in c * cell..(c + 1) * cell {
+                    rgb[(y * side + x) * 3..(y * side + x) * 3 + 3].copy_from_slice(&colour);
+                }
+            }
+        };
+        for i in 0..k {
+            let colour = palette.get(i).copied().unwrap_or([0, 0, 0]);
+            fill(i + 1, 0, colour);
+            fill(0, i + 1, colour);
+            let row: u64 = (0..k).map(|j| self.get(i, j)).sum();
+            for j in 0..k {
+                let f = if row == 0 {
+                    0.0
+                } else {
+                    self.get(i, j) as f64 / row as f64
+                };
+                // White -> (8, 48, 107), the dark end of a blue colour map.
+                let shade = |lo: f64| (255.0 + f * (lo - 255.0)).round() as u8;
+                fill(i + 1, j + 1, [shade(8.0), shade(48.0), shade(107.0)]);
+            }
+        }
+        (side, side, rgb)
+    }
+
     pub fn get(&self, gt: usize, pred: usize) -> u64 {
         self.m[gt * self.k + pred]
     }
@@ -265,6 +299,31 @@ impl ClassGroups {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn confusion_picture_shades_rows_by_recall_and_shows_class_colours() {
+        let mut c = Confusion::new(2);
+        // Class 0: 3 pixels right, 1 taken for class 1; class 1: all 4 right.
+        c.add(&[0, 0, 0, 0, 1, 1, 1, 1], &[0, 0, 0, 1, 1, 1, 1, 1]);
+        let (w, h, rgb) = c.picture(4, &[[200, 0, 0], [0, 200, 0]]);
+        assert_eq!((w, h, rgb.len()), (12, 12, 12 * 12 * 3));
+        let px = |x: usize, y: usize| {
+            [
+                rgb[(y * w + x) * 3],
+                rgb[(y * w + x) * 3 + 1],
+                rgb[(y * w + x) * 3 + 2],
+            ]
+        };
+        // Cell (row g, column p) covers x in [(p + 1) 4, (p + 2) 4), y likewise with g.
+        assert_eq!(px(4, 4), [70, 100, 144], "class 0 -> 0: 3/4 of the shade");
+        assert_eq!(px(11, 7), [193, 203, 218], "class 0 -> 1: 1/4");
+        assert_eq!(px(5, 9), [255, 255, 255], "class 1 -> 0: never");
+        assert_eq!(px(8, 8), [8, 48, 107], "class 1 -> 1: always");
+        assert_eq!(px(0, 5), [200, 0, 0], "row strip: class 0's colour");
+        assert_eq!(px(3, 11), [0, 200, 0], "row strip: class 1's colour");
+        assert_eq!(px(9, 1), [0, 200, 0], "column strip: class 1's colour");
+        assert_eq!(px(1, 1), [255, 255, 255]);
+    }
 
     #[test]
     fn confusion_counts_and_ignores() {
