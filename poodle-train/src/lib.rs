@@ -15,6 +15,7 @@ pub mod loaderbench;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod pictures;
 pub mod progress;
 pub mod run;
 pub mod tensorboard;

@@ -73,6 +73,22 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         warmup: usize,
     },
+    /// Pictures of what the objective asks the model to match, for the first pairs of a pass:
+    /// crops with subcrop boxes, the dense mask, both views, and the target warped into the
+    /// online frame by the flow and the affines as the loss sees it (one PNG per pair).
+    ShowBatch {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Pairs to draw.
+        #[arg(long, default_value_t = 4)]
+        pairs: usize,
+        /// Pass (epoch of the loader) to draw them from.
+        #[arg(long, default_value_t = 0)]
+        pass: u64,
+    },
     /// Open stores as the trainer will and report pairs and flow groups.
     CheckStores { stores: Vec<PathBuf> },
     /// Downstream evaluation of a checkpoint's encoder.
@@ -187,6 +203,16 @@ fn main() -> Result<()> {
             let cfg = config.resolve()?;
             let r = poodle_train::loaderbench::bench_loader(&cfg, threads, batches, warmup)?;
             println!("{}", serde_json::to_string_pretty(&r)?);
+        }
+        Cmd::ShowBatch {
+            config,
+            out,
+            pairs,
+            pass,
+        } => {
+            let cfg = config.resolve()?;
+            let files = poodle_train::pictures::show_pairs(&cfg, pass, pairs, &out)?;
+            anyhow::ensure!(!files.is_empty(), "no readable pair to draw");
         }
         Cmd::CheckStores { stores } => {
             let mut total = 0;

@@ -218,3 +218,59 @@ fn paired_subcrop_centres_show_the_same_content() {
     assert!(base > 4.0 * err, "{base} vs {err}");
     std::fs::remove_dir_all(d).unwrap();
 }
+
+#[test]
+fn the_picture_of_a_pair_shows_warped_target_and_online_view_lined_up() {
+    let d = tmpdir("geom-picture");
+    let s = store(&d, Motion::Translate(5.0, -3.0));
+    let loader = Loader::open(
+        LoaderConfig {
+            stores: vec![s.clone()],
+            batch_size: 4,
+            workers: 0,
+            seed: 5,
+            drop_last: false,
+            sampling: PairSampling::every_pair(),
+            augment: augment(true),
+            ..LoaderConfig::default()
+        },
+        Device::Cpu,
+    )
+    .unwrap();
+    // `augmented` is the pair the batch holds at that position.
+    let (a, meta) = loader.augmented(0, 0).unwrap();
+    let b = loader.epoch(0).next().unwrap().unwrap();
+    assert_eq!(meta, b.meta[0]);
+    let first: Vec<f32> = b.views[0]
+        .get(0)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(first, a.views[0].data);
+    let (w, h, rgb) = poodle_train::pictures::pair_picture(&a, TargetOrder::Paper).unwrap();
+    assert_eq!((w, h), (3 * OW + 8, 3 * OH + 8));
+    // Panel (row 0, col 2) is the mask, (row 2, col 2) the masked difference of the aligned
+    // views: mostly counted, and dark where counted (no colour augmentation here).
+    let panel = |r: usize, c: usize| {
+        let (ox, oy) = (c * (OW + 4), r * (OH + 4));
+        (0..OH * OW)
+            .map(|p| rgb[3 * ((oy + p / OW) * w + ox + p % OW)])
+            .collect::<Vec<u8>>()
+    };
+    let (mask, diff) = (panel(0, 2), panel(2, 2));
+    let counted: Vec<usize> = (0..mask.len()).filter(|&p| mask[p] == 255).collect();
+    assert!(
+        counted.len() * 2 > mask.len(),
+        "{} of {} counted",
+        counted.len(),
+        mask.len()
+    );
+    let mean = counted.iter().map(|&p| f64::from(diff[p])).sum::<f64>() / counted.len() as f64;
+    assert!(
+        mean < 6.0,
+        "aligned views differ by {mean} levels on average"
+    );
+    std::fs::remove_dir_all(d).unwrap();
+}

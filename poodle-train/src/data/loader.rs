@@ -525,6 +525,19 @@ impl Loader {
             .collect()
     }
 
+    /// The augmented pair at position `pos` of pass `epoch`, exactly as a batch of that pass
+    /// holds it (for pictures of the objective); `None` when it is unreadable.
+    pub fn augmented(&self, epoch: u64, pos: usize) -> Option<(AugmentedPair, SampleMeta)> {
+        let plan = EpochPlan {
+            epoch,
+            perm: self.shared.permutation(epoch),
+            num_batches: self.summary.batches_per_epoch,
+        };
+        (pos < plan.perm.len())
+            .then(|| self.shared.sample(&plan, pos))
+            .flatten()
+    }
+
     /// Starts pass `epoch`: its workers run until the iterator is exhausted or dropped.
     pub fn epoch(&self, epoch: u64) -> EpochIter {
         self.epoch_from(epoch, 0)
