@@ -197,8 +197,10 @@ impl TrainConfig {
         c.data.workers = 1;
         c.data.prefetch = 2;
         c.optim.lr = 1e-3;
-        c.optim.epochs = 4;
-        c.optim.warmup_epochs = 0.5;
+        // 10 passes over the one-video demo store (R = 4: 4 paper epochs a pass, 2 steps):
+        // the 20 steps `make train` asks for.
+        c.optim.epochs = 40;
+        c.optim.warmup_epochs = 5.0;
         c.run.dir = PathBuf::from("runs/tiny");
         c.run.log_every = 1;
         c.run.checkpoint_every = 50;
