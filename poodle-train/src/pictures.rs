@@ -14,7 +14,6 @@
 //! affine convention is wrong.
 
 use crate::data::augment::AugmentedPair;
-use crate::data::colour::{IMAGENET_MEAN, IMAGENET_STD};
 use crate::loss::dense::{dense_aligned, Correspondence, TargetOrder};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
@@ -30,17 +29,16 @@ const BOX_COLOURS: [[u8; 3]; 6] = [
     [145, 30, 180],
 ];
 
-/// A normalised 3-channel map back to 8-bit RGB (row-major, interleaved).
-fn to_rgb(m: &Map) -> Vec<u8> {
+/// A map normalised with `mean` / `std` back to 8-bit RGB (row-major, interleaved).
+fn to_rgb(m: &Map, mean: [f32; 3], std: [f32; 3]) -> Vec<u8> {
     let n = m.h * m.w;
-    let mut out = vec![0u8; 3 * n];
+    let mut px = m.clone();
     for c in 0..3 {
-        for p in 0..n {
-            let v = m.data[c * n + p] * IMAGENET_STD[c] + IMAGENET_MEAN[c];
-            out[3 * p + c] = (v.clamp(0.0, 1.0) * 255.0).round() as u8;
+        for v in &mut px.data[c * n..(c + 1) * n] {
+            *v = (*v * std[c] + mean[c]) * 255.0;
         }
     }
-    out
+    px.to_hwc_u8()
 }
 
 fn rect(
@@ -83,7 +81,14 @@ fn map_of(t: &Tensor) -> Result<Map> {
 }
 
 /// The picture of pair `a` (module docs): `(width, height, rgb)`.
-pub fn pair_picture(a: &AugmentedPair, order: TargetOrder) -> Result<(usize, usize, Vec<u8>)> {
+/// `mean` / `std`: the normalisation the pair was augmented with.
+pub fn pair_picture(
+    a: &AugmentedPair,
+    order: TargetOrder,
+    mean: [f32; 3],
+    std: [f32; 3],
+) -> Result<(usize, usize, Vec<u8>)> {
+    let rgb = |m: &Map| to_rgb(m, mean, std);
     let (h, w) = (a.crops[0].h, a.crops[0].w);
     let flow = tensor(&a.flow[0])?;
     let occ = Map::from_vec(
@@ -108,8 +113,8 @@ pub fn pair_picture(a: &AugmentedPair, order: TargetOrder) -> Result<(usize, usi
         dense_aligned(&tensor(&a.views[0])?, &tensor(&a.target_views[1])?, &corr)?;
     let (z_o, z_t, m) = (map_of(&z_o)?, map_of(&z_t)?, map_of(&m)?);
 
-    let mut crop_t = to_rgb(&a.crops[0]);
-    let mut crop_tdt = to_rgb(&a.crops[1]);
+    let mut crop_t = rgb(&a.crops[0]);
+    let mut crop_tdt = rgb(&a.crops[1]);
     for (k, p) in a.subcrop_pairs[0].iter().enumerate() {
         let colour = BOX_COLOURS[k % BOX_COLOURS.len()];
         rect(&mut crop_t, w, h, &p.boxes[0], colour, 2);
@@ -124,7 +129,7 @@ pub fn pair_picture(a: &AugmentedPair, order: TargetOrder) -> Result<(usize, usi
     }
     let grey = |v: f32| [(v.clamp(0.0, 1.0) * 255.0) as u8; 3];
     let mask: Vec<u8> = m.data.iter().flat_map(|&v| grey(v)).collect();
-    let (ro, rt) = (to_rgb(&z_o), to_rgb(&z_t));
+    let (ro, rt) = (rgb(&z_o), rgb(&z_t));
     let diff: Vec<u8> = (0..h * w)
         .flat_map(|p| {
             let d = (0..3)
@@ -138,7 +143,7 @@ pub fn pair_picture(a: &AugmentedPair, order: TargetOrder) -> Result<(usize, usi
     let blank = vec![40u8; 3 * h * w];
     let panels = [
         [crop_t, crop_tdt, mask],
-        [to_rgb(&a.views[0]), to_rgb(&a.target_views[1]), blank],
+        [rgb(&a.views[0]), rgb(&a.target_views[1]), blank],
         [ro, rt, diff],
     ];
     let gap = 4;
@@ -170,7 +175,8 @@ pub fn show_pairs(
         let Some((a, meta)) = loader.augmented(epoch, pos) else {
             continue;
         };
-        let (w, h, rgb) = pair_picture(&a, cfg.method.dense_order)?;
+        let colour = &cfg.augment.colour;
+        let (w, h, rgb) = pair_picture(&a, cfg.method.dense_order, colour.mean, colour.std)?;
         let path = out.join(format!("pair-{epoch}-{pos:03}.png"));
         poodle_common::flowmath::write_png_rgb(&path, w as u32, h as u32, &rgb)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -191,6 +197,7 @@ pub fn show_pairs(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::colour::{IMAGENET_MEAN, IMAGENET_STD};
 
     #[test]
     fn unit_boxes_and_colours_round_trip() {
@@ -200,11 +207,8 @@ mod tests {
                 m.data[c * 4 + p] = (0.5 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
             }
         }
-        assert!(
-            to_rgb(&m).iter().all(|&v| v == 128 || v == 127),
-            "{:?}",
-            to_rgb(&m)
-        );
+        let rgb = to_rgb(&m, IMAGENET_MEAN, IMAGENET_STD);
+        assert!(rgb.iter().all(|&v| v == 128 || v == 127), "{rgb:?}");
         let mut rgb = vec![0u8; 3 * 5 * 4];
         let b = crate::data::crop::CropBox {
             x0: 1,

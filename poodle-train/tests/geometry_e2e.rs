@@ -11,6 +11,7 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::synthetic::{write_store, Motion, StoreSpec};
 use common::tmpdir;
+use poodle_train::data::augment::{IMAGENET_MEAN, IMAGENET_STD};
 use poodle_train::data::crop::GlobalCropMode;
 use poodle_train::data::{AugmentConfig, Batch, Loader, LoaderConfig, PairSampling};
 use poodle_train::loss::dense::{dense_loss, Correspondence, TargetOrder};
@@ -249,7 +250,9 @@ fn the_picture_of_a_pair_shows_warped_target_and_online_view_lined_up() {
         .to_vec1()
         .unwrap();
     assert_eq!(first, a.views[0].data);
-    let (w, h, rgb) = poodle_train::pictures::pair_picture(&a, TargetOrder::Paper).unwrap();
+    let (mean, std) = (IMAGENET_MEAN, IMAGENET_STD);
+    let (w, h, rgb) =
+        poodle_train::pictures::pair_picture(&a, TargetOrder::Paper, mean, std).unwrap();
     assert_eq!((w, h), (3 * OW + 8, 3 * OH + 8));
     // Panel (row 0, col 2) is the mask, (row 2, col 2) the masked difference of the aligned
     // views: mostly counted, and dark where counted (no colour augmentation here).

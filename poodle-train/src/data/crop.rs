@@ -323,19 +323,6 @@ pub fn crop_resize_flow(flow: &Map, b: &CropBox, out_h: usize, out_w: usize) -> 
     resize_flow(&crop(flow, b), out_h, out_w)
 }
 
-/// Crop and resize a boolean mask: bilinear on 0/1, true iff the value `>= threshold`.
-pub fn crop_resize_mask(
-    mask: &[bool],
-    h: usize,
-    w: usize,
-    b: &CropBox,
-    out_h: usize,
-    out_w: usize,
-    threshold: f32,
-) -> Vec<bool> {
-    GlobalCrop::Box(*b).mask(mask, h, w, (out_h, out_w), threshold)
-}
-
 /// Frame `i` of a `(2, 3, h, w)` u8 pair as a 3-channel map in `[0, 1]`.
 pub fn frame_map(frames: &[u8], i: usize, h: usize, w: usize) -> Map {
     let n = 3 * h * w;
@@ -469,22 +456,16 @@ mod tests {
     #[test]
     fn mask_threshold_ties_count_as_occluded() {
         // 1 x 2 -> 1 x 1 (align_corners=False) samples source x = 0.5: value exactly 0.5.
-        let b = CropBox {
+        let b = GlobalCrop::Box(CropBox {
             x0: 0,
             y0: 0,
             w: 2,
             h: 1,
-        };
-        assert_eq!(
-            crop_resize_mask(&[true, false], 1, 2, &b, 1, 1, 0.5),
-            [true]
-        );
-        assert_eq!(
-            crop_resize_mask(&[true, false], 1, 2, &b, 1, 1, 0.51),
-            [false]
-        );
+        });
+        assert_eq!(b.mask(&[true, false], 1, 2, (1, 1), 0.5), [true]);
+        assert_eq!(b.mask(&[true, false], 1, 2, (1, 1), 0.51), [false]);
         // Upsampling 1 x 2 -> 1 x 4: the boundary falls between outputs 1 and 2.
-        let m = crop_resize_mask(&[true, false], 1, 2, &b, 1, 4, 0.5);
+        let m = b.mask(&[true, false], 1, 2, (1, 4), 0.5);
         assert_eq!(m, [true, true, false, false]);
     }
 }
