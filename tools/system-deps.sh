@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# Installs the system packages poodle needs (ffmpeg and ffprobe) where it can: through apt-get as
-# root, or through passwordless sudo, on Debian/Ubuntu. Elsewhere it stops with the command to run.
+# Installs the system packages poodle needs where it can: ffmpeg (with ffprobe) for decoding,
+# and DejaVu Sans for the text of `poodle-train plot`; through apt-get as root, or through
+# passwordless sudo, on Debian/Ubuntu. Elsewhere it stops with the packages to install.
 set -euo pipefail
-missing=()
-for tool in ffmpeg ffprobe; do command -v "$tool" >/dev/null || missing+=("$tool"); done
-[ ${#missing[@]} -eq 0 ] && exit 0
-echo "system-deps: ${missing[*]} missing; installing the Debian package ffmpeg" >&2
+FONT=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
+packages=()
+{ command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null; } || packages+=(ffmpeg)
+[ -e "$FONT" ] || [ -n "${POODLE_PLOT_FONT:-}" ] || packages+=(fonts-dejavu-core)
+[ ${#packages[@]} -eq 0 ] && exit 0
+echo "system-deps: installing the Debian packages ${packages[*]}" >&2
 if command -v apt-get >/dev/null; then
   SUDO=""
   if [ "$(id -u)" != 0 ]; then
     if sudo -n true 2>/dev/null; then SUDO="sudo"; else
-      echo "system-deps: not root and no passwordless sudo; run: sudo apt-get install -y ffmpeg" >&2
+      echo "system-deps: not root and no passwordless sudo; run: sudo apt-get install -y ${packages[*]}" >&2
       exit 1
     fi
   fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ffmpeg >/dev/null
-  command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null && exit 0
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${packages[@]}" >/dev/null
+  command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null \
+    && { [ -e "$FONT" ] || [ -n "${POODLE_PLOT_FONT:-}" ]; } && exit 0
 fi
-echo "system-deps: install ffmpeg (with ffprobe) with your system's package manager," \
-  "e.g. 'sudo apt-get install -y ffmpeg', 'sudo dnf install ffmpeg' or 'brew install ffmpeg'" >&2
+echo "system-deps: install ${packages[*]} with your system's package manager (ffmpeg with" \
+  "ffprobe; any TrueType font for plots, named by POODLE_PLOT_FONT), e.g." \
+  "'sudo dnf install ffmpeg dejavu-sans-fonts' or 'brew install ffmpeg'" >&2
 exit 1

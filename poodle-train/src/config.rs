@@ -102,6 +102,10 @@ pub struct RunConfig {
     pub checkpoint_every: u64,
     /// Stop after this many optimiser steps (the schedule still spans all epochs).
     pub max_steps: Option<u64>,
+    /// Optimiser steps between pictures of the objective (`RUN_DIR/pictures/step-N.png`,
+    /// the first pair of the step's last batch, as `show-batch` draws it); `null`: none.
+    #[serde(default)]
+    pub picture_every: Option<u64>,
 }
 
 impl TrainConfig {
@@ -145,6 +149,7 @@ impl TrainConfig {
                 log_every: 10,
                 checkpoint_every: 1000,
                 max_steps: None,
+                picture_every: Some(5000),
             },
             device: "cpu".into(),
             init: None,
@@ -204,6 +209,7 @@ impl TrainConfig {
         c.run.dir = PathBuf::from("runs/tiny");
         c.run.log_every = 1;
         c.run.checkpoint_every = 50;
+        c.run.picture_every = Some(10);
         c
     }
 

@@ -16,6 +16,7 @@ pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod pictures;
+pub mod plot;
 pub mod progress;
 pub mod run;
 pub mod tensorboard;

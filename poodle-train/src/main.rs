@@ -89,6 +89,17 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         pass: u64,
     },
+    /// PNG curves of runs' metrics.jsonl (one panel per loss term, lr, mask fraction,
+    /// projection std, gradient norm and pairs/s; runs overlaid), for a user without
+    /// TensorBoard.
+    Plot {
+        /// Run folders (or metrics.jsonl files); each is one colour in every panel.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Output PNG.
+        #[arg(long, default_value = "curves.png")]
+        out: PathBuf,
+    },
     /// Open stores as the trainer will and report pairs and flow groups.
     CheckStores { stores: Vec<PathBuf> },
     /// Downstream evaluation of a checkpoint's encoder.
@@ -213,6 +224,10 @@ fn main() -> Result<()> {
             let cfg = config.resolve()?;
             let files = poodle_train::pictures::show_pairs(&cfg, pass, pairs, &out)?;
             anyhow::ensure!(!files.is_empty(), "no readable pair to draw");
+        }
+        Cmd::Plot { runs, out } => {
+            let (w, h) = poodle_train::plot::plot_runs(&runs, &out)?;
+            eprintln!("{}: {w}x{h}, {} runs", out.display(), runs.len());
         }
         Cmd::CheckStores { stores } => {
             let mut total = 0;

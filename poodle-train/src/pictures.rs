@@ -161,6 +161,25 @@ pub fn pair_picture(
     Ok((pw, ph, out))
 }
 
+/// Writes the picture of pair `pos` of pass `epoch` to `path` (the same augmentation the
+/// batch holding it got); returns its metadata, or `None` when the pair is unreadable.
+pub fn write_pair_picture(
+    loader: &crate::data::loader::Loader,
+    cfg: &crate::config::TrainConfig,
+    epoch: u64,
+    pos: usize,
+    path: &std::path::Path,
+) -> Result<Option<crate::data::loader::SampleMeta>> {
+    let Some((a, meta)) = loader.augmented(epoch, pos) else {
+        return Ok(None);
+    };
+    let colour = &cfg.augment.colour;
+    let (w, h, rgb) = pair_picture(&a, cfg.method.dense_order, colour.mean, colour.std)?;
+    poodle_common::flowmath::write_png_rgb(path, w as u32, h as u32, &rgb)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(Some(meta))
+}
+
 /// Writes the pictures of the first `count` pairs of pass `epoch` of `cfg`'s data to
 /// `out/pair-<epoch>-<pos>.png`; returns the files written.
 pub fn show_pairs(
@@ -172,14 +191,10 @@ pub fn show_pairs(
     let loader = crate::run::open_loader(cfg, &Device::Cpu)?;
     let mut written = Vec::new();
     for pos in 0..count {
-        let Some((a, meta)) = loader.augmented(epoch, pos) else {
+        let path = out.join(format!("pair-{epoch}-{pos:03}.png"));
+        let Some(meta) = write_pair_picture(&loader, cfg, epoch, pos, &path)? else {
             continue;
         };
-        let colour = &cfg.augment.colour;
-        let (w, h, rgb) = pair_picture(&a, cfg.method.dense_order, colour.mean, colour.std)?;
-        let path = out.join(format!("pair-{epoch}-{pos:03}.png"));
-        poodle_common::flowmath::write_png_rgb(&path, w as u32, h as u32, &rgb)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         eprintln!(
             "{}: {} pair {} ({}, t {}, dt {})",
             path.display(),

@@ -78,6 +78,7 @@ const PAPER: &[(&str, &str)] = &[
     ("run.log_every", r#"10"#),
     ("run.checkpoint_every", r#"1000"#),
     ("run.max_steps", r#"null"#),
+    ("run.picture_every", r#"5000"#),
     ("device", r#""cpu""#),
     ("init", r#"null"#),
     ("init_network", r#""online""#),
@@ -120,6 +121,7 @@ const TINY: &[(&str, &str)] = &[
     ("run.dir", r#""runs/tiny""#),
     ("run.log_every", "1"),
     ("run.checkpoint_every", "50"),
+    ("run.picture_every", "10"),
 ];
 
 fn flatten(v: &serde_json::Value, prefix: &str, out: &mut BTreeMap<String, serde_json::Value>) {

@@ -99,6 +99,23 @@ fn pretraining_on_camvid_pairs_lowers_the_loss_without_collapse() {
     assert!(std_last > 0.03, "projections collapsed: std {std_last}");
     // The dense loss saw real correspondences: the flow-and-occlusion mask is not empty.
     assert!(mean(last, "dense_mask_fraction") > 0.05);
+    // tiny draws the objective every 10 steps: 3x3 panels of 64x128 with 4-pixel gaps.
+    let mut pictures: Vec<_> = std::fs::read_dir(run.join("pictures"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    pictures.sort();
+    assert_eq!(
+        pictures,
+        [
+            "step-00000010.png",
+            "step-00000020.png",
+            "step-00000030.png",
+            "step-00000040.png"
+        ]
+    );
+    let pic = image::open(run.join("pictures").join(&pictures[3])).unwrap();
+    assert_eq!((pic.width(), pic.height()), (3 * 128 + 8, 3 * 64 + 8));
     std::fs::remove_dir_all(d).unwrap();
 }
 
