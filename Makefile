@@ -12,7 +12,7 @@ DEVICE ?= cpu
 PREP_ARGS ?=
 CARGO_RELEASE := cargo build --release -p poodle-prep
 
-.PHONY: setup build build-train demo prep train experiment-camvid test fmt clippy bench clean
+.PHONY: setup build build-train demo prep train experiment-camvid test fmt clippy bench bench-dp clean
 
 ## setup: ffmpeg/ffprobe (apt-get where it can, else the command to run), and a Python venv with
 ## PyPI's ONNX Runtime (the library ort loads) and zarr (interop tests).
@@ -60,15 +60,23 @@ experiment-camvid: setup
 fmt:
 	cargo fmt --all -- --check
 
+# The MPI backend of data-parallel training is built and tested with the rest (Open MPI from
+# tools/system-deps.sh); CUDA stays out of these targets.
+FEATURES := --features poodle-train/mpi
+
 clippy:
-	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets $(FEATURES) -- -D warnings
 
 ## test: formatting, lints, every test (needs setup for ONNX Runtime and zarr-python).
 test: setup fmt clippy
-	cargo test --workspace
+	cargo test --workspace $(FEATURES)
 
 bench: setup build
 	$(VENV)/bin/python bench/prep_stages.py
+
+## bench-dp: data-parallel step time, world size 1 vs 2 (MPI, CPU), and all-reduce bytes.
+bench-dp: build
+	bash bench/data_parallel.sh
 
 clean:
 	rm -rf out

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Installs the system packages poodle needs where it can: ffmpeg (with ffprobe) for decoding,
-# and DejaVu Sans for the text of `poodle-train plot`; through apt-get as root, or through
-# passwordless sudo, on Debian/Ubuntu. Elsewhere it stops with the packages to install.
+# DejaVu Sans for the text of `poodle-train plot`, and Open MPI with libclang (the `mpi`
+# feature's bindings) for data-parallel CPU training and its tests; through apt-get as root,
+# or through passwordless sudo, on Debian/Ubuntu. Elsewhere it stops with the packages to
+# install.
 set -euo pipefail
 FONT=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 packages=()
 { command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null; } || packages+=(ffmpeg)
 [ -e "$FONT" ] || [ -n "${POODLE_PLOT_FONT:-}" ] || packages+=(fonts-dejavu-core)
+command -v mpirun >/dev/null && command -v mpicc >/dev/null || packages+=(openmpi-bin libopenmpi-dev)
+ldconfig -p 2>/dev/null | grep -Eq 'libclang(-[0-9]+)?\.so ' || packages+=(libclang-dev)
 [ ${#packages[@]} -eq 0 ] && exit 0
 echo "system-deps: installing the Debian packages ${packages[*]}" >&2
 if command -v apt-get >/dev/null; then
@@ -20,9 +24,11 @@ if command -v apt-get >/dev/null; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${packages[@]}" >/dev/null
   command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null \
-    && { [ -e "$FONT" ] || [ -n "${POODLE_PLOT_FONT:-}" ]; } && exit 0
+    && { [ -e "$FONT" ] || [ -n "${POODLE_PLOT_FONT:-}" ]; } \
+    && command -v mpirun >/dev/null && exit 0
 fi
 echo "system-deps: install ${packages[*]} with your system's package manager (ffmpeg with" \
-  "ffprobe; any TrueType font for plots, named by POODLE_PLOT_FONT), e.g." \
+  "ffprobe; any TrueType font for plots, named by POODLE_PLOT_FONT; Open MPI and libclang" \
+  "for the mpi feature), e.g." \
   "'sudo dnf install ffmpeg dejavu-sans-fonts' or 'brew install ffmpeg'" >&2
 exit 1

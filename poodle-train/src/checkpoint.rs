@@ -21,6 +21,13 @@ pub struct Progress {
     pub file: String,
     /// SHA-256-free identity of the config (its JSON), to refuse resuming another run.
     pub config_json: String,
+    /// Ranks of the data-parallel job that wrote it (batch indices depend on it).
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn put(map: &VarMap, prefix: &str, out: &mut HashMap<String, Tensor>) -> Result<()> {

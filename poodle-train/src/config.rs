@@ -35,6 +35,10 @@ pub struct TrainConfig {
     /// `teacher_*`).
     #[serde(default)]
     pub init_network: crate::export::Which,
+    /// Data-parallel training over several processes (one per device): engine, synchronised
+    /// BatchNorm (on, as the paper), gradient buckets. One process needs none of it.
+    #[serde(default)]
+    pub dist: crate::dist::DistConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -154,6 +158,7 @@ impl TrainConfig {
             device: "cpu".into(),
             init: None,
             init_network: crate::export::Which::Online,
+            dist: crate::dist::DistConfig::default(),
         }
     }
 
@@ -288,6 +293,10 @@ impl TrainConfig {
             .map_err(|e| anyhow::anyhow!("data.{e}"))?;
         if self.method.pooled && self.augment.subcrops.k == 0 {
             bail!("method.pooled needs augment.subcrops.k > 0");
+        }
+        let bucket = self.dist.bucket_mb;
+        if bucket.is_nan() || bucket <= 0.0 || self.dist.check_every == Some(0) {
+            bail!("dist.bucket_mb must be positive and dist.check_every at least 1 (or null)");
         }
         Ok(())
     }

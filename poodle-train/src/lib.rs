@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod export;
 pub mod geom;

@@ -4,11 +4,12 @@
 
 use crate::checkpoint::{self, Progress};
 use crate::config::TrainConfig;
-use crate::data::loader::{Batch, Loader, LoaderConfig};
+use crate::data::loader::{Batch, Loader, LoaderConfig, Shard};
+use crate::dist::{self, Collective, LaunchEnv};
 use crate::loss::dense::{dense_loss, Correspondence};
 use crate::loss::{check_finite, pooled::pooled_loss, total, LossTerms};
 use crate::model::{copy_vars, trainable_vars, Encoder, Online};
-use crate::optim::{ema_update, is_no_decay, AdamW, AdamWConfig, GradAccumulator, Schedule};
+use crate::optim::{ema_update, is_no_decay, AdamW, AdamWConfig, GradAccumulator, Grads, Schedule};
 use crate::progress::StepReporter;
 use crate::tensorboard::EventWriter;
 use anyhow::{bail, ensure, Context, Result};
@@ -17,6 +18,7 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::Serialize;
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// One JSON line of `metrics.jsonl`.
@@ -27,7 +29,7 @@ pub struct StepMetrics {
     pub pass: u64,
     /// Paper epochs done after this step (fractional).
     pub epoch: f64,
-    /// Pairs trained on so far (on this device).
+    /// Pairs trained on so far (all ranks).
     pub pairs_seen: u64,
     pub lr: f64,
     pub momentum: f64,
@@ -38,7 +40,13 @@ pub struct StepMetrics {
     /// about 1/sqrt(D) when healthy, near 0 when the representation collapses.
     pub proj_std: f32,
     pub grad_norm: f64,
+    /// Payload this rank all-reduced in the step (gradients, SyncBN statistics, metrics),
+    /// bytes, and the number of collectives; 0 in a world of one.
+    pub allreduce_bytes: u64,
+    pub allreduce_calls: u64,
+    /// All ranks together.
     pub pairs_per_s: f64,
+    /// Rank 0's wait for its loader.
     pub data_wait_s: f64,
 }
 
@@ -52,6 +60,15 @@ pub struct RunSummary {
     pub first_loss: Option<f32>,
     pub last_loss: Option<f32>,
     pub checkpoint: Option<String>,
+}
+
+/// The device of this rank: `cuda` means `cuda:LOCAL_RANK` (one process per GPU); an
+/// explicit `cuda:N` or `cpu` is taken as given.
+pub fn device_for_rank(spec: &str, env: &LaunchEnv) -> Result<Device> {
+    if spec == "cuda" {
+        return device(&format!("cuda:{}", env.local_rank));
+    }
+    device(spec)
 }
 
 pub fn device(spec: &str) -> Result<Device> {
@@ -120,6 +137,19 @@ impl Learner {
             online_params,
             target_params,
         })
+    }
+
+    /// The optimised parameters of the online network, by name.
+    pub fn online_params(&self) -> &[(String, candle_core::Var)] {
+        &self.online_params
+    }
+
+    /// One optimiser step with `grads` (already averaged over micro-batches and ranks), then
+    /// the EMA update of the target with momentum `mom`.
+    pub fn apply(&mut self, grads: &Grads, lr: f64, mom: f64) -> Result<()> {
+        self.opt.step_with(grads, lr, self.cfg.optim.weight_decay)?;
+        ema_update(&self.target_params, &self.online_params, mom)?;
+        Ok(())
     }
 
     /// Forward both frame orders and return the differentiable total with its terms.
@@ -198,14 +228,20 @@ struct RunDirState {
 /// Writes `config.json` (the resolved config, accepted by `--config`) and `run.json`, and
 /// decides whether the run continues a checkpoint. `resume = false` refuses a folder that
 /// already holds a run instead of appending to it.
+///
+/// Every rank reads the checkpoint; only the rank that `writes` (rank 0) touches the folder.
 fn open_run_dir(
     cfg: &TrainConfig,
     resume: bool,
     learner: &mut Learner,
     dev: &Device,
+    group: &dyn Collective,
 ) -> Result<RunDirState> {
     let dir = &cfg.run.dir;
-    std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    let writes = group.rank() == 0;
+    if writes {
+        std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    }
     let metrics = dir.join("metrics.jsonl");
     let holds_run =
         dir.join("latest.json").exists() || std::fs::metadata(&metrics).is_ok_and(|m| m.len() > 0);
@@ -226,8 +262,20 @@ fn open_run_dir(
              (RUN_DIR/config.json) or use another run.dir",
             dir.display()
         );
+        ensure!(
+            p.world_size == group.world(),
+            "{}: the checkpoint was written by {} ranks, this job has {}: a pass is split into \
+             batches per world size, so resume with {} ranks (or use another run.dir)",
+            dir.display(),
+            p.world_size,
+            group.world(),
+            p.world_size
+        );
         learner.opt.load_state(&optim_state)?;
         state.resume = Some(p);
+    }
+    if !writes {
+        return Ok(state);
     }
     // Steps after the checkpoint were lost with the process: drop their metric lines, so
     // that no step is logged twice.
@@ -240,6 +288,8 @@ fn open_run_dir(
             "git_sha": GIT_SHA,
             "version": env!("CARGO_PKG_VERSION"),
             "resumed_from_step": state.resume.as_ref().map(|p| p.step),
+            "world_size": group.world(),
+            "dist_engine": group.engine(),
         }),
     )?;
     Ok(state)
@@ -277,6 +327,11 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
 
 /// The loader a run with `cfg` reads (also what `bench-loader` measures).
 pub fn open_loader(cfg: &TrainConfig, dev: &Device) -> Result<Loader> {
+    open_loader_shard(cfg, dev, Shard::default())
+}
+
+/// The loader of one rank of a data-parallel run: its share of every pass.
+pub fn open_loader_shard(cfg: &TrainConfig, dev: &Device, shard: Shard) -> Result<Loader> {
     let mut aug = cfg.augment.clone();
     if !cfg.method.pooled {
         aug.subcrops.k = 0; // no subcrops to cut when the pooled objective is off
@@ -292,6 +347,7 @@ pub fn open_loader(cfg: &TrainConfig, dev: &Device) -> Result<Loader> {
             drop_last: true,
             sampling: cfg.data.sampling.clone(),
             augment: aug,
+            shard,
         },
         dev.clone(),
     )
@@ -307,18 +363,91 @@ struct StepSums {
     pairs: usize,
 }
 
+impl StepSums {
+    /// The step's loss terms, mask fraction and projection std: the mean over its `n`
+    /// micro-batches, then over ranks (one small all-reduce).
+    fn mean_over_ranks(&self, n: f32, group: &dyn Collective) -> Result<(LossTerms, f32, f32)> {
+        let l = scale_terms(&self.loss, 1.0 / n);
+        let mut v = [
+            l.dense_ab,
+            l.dense_ba,
+            l.pooled_ab,
+            l.pooled_ba,
+            l.dense,
+            l.pooled,
+            l.total,
+            self.mask / n,
+            self.proj_std / n,
+        ];
+        dist::mean_over_ranks(&mut v, group)?;
+        let terms = LossTerms {
+            dense_ab: v[0],
+            dense_ba: v[1],
+            pooled_ab: v[2],
+            pooled_ba: v[3],
+            dense: v[4],
+            pooled: v[5],
+            total: v[6],
+        };
+        Ok((terms, v[7], v[8]))
+    }
+}
+
 /// Trains per `cfg`. With `resume`, a run folder that holds a checkpoint continues from it
 /// (DINO-style auto-resume; a folder with metrics but no checkpoint restarts); without it,
 /// a folder that holds a run is refused.
+///
+/// Launched as several processes (`mpirun`, `srun`, torchrun; see [`LaunchEnv`]), each is
+/// one rank of a data-parallel job with DDP semantics: its own share of every pass,
+/// gradients averaged over ranks, BatchNorm statistics over all ranks (`dist.sync_bn`), the
+/// same optimiser and EMA step everywhere; rank 0 alone logs and checkpoints. An error on one
+/// rank stops every rank.
 pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary> {
-    let dev = device(&cfg.device)?;
+    let env = LaunchEnv::from_env()?;
+    let dev = device_for_rank(&cfg.device, &env)?;
+    let group = Arc::new(dist::Counted::new(dist::connect(
+        &cfg.dist,
+        &env,
+        dev.is_cuda(),
+    )?));
+    let res = train_rank(cfg, resume, quiet, &dev, group.clone());
+    if let (Err(e), true) = (&res, group.world() > 1) {
+        eprintln!(
+            "poodle-train rank {} of {}: {e:#}; stopping every rank",
+            group.rank(),
+            group.world()
+        );
+        group.abort(1);
+    }
+    res
+}
+
+/// One rank's training loop.
+fn train_rank(
+    cfg: &TrainConfig,
+    resume: bool,
+    quiet: bool,
+    dev: &Device,
+    counted: Arc<dist::Counted>,
+) -> Result<RunSummary> {
+    let group: Arc<dyn Collective> = counted.clone();
+    let (rank, world) = (group.rank(), group.world());
+    let quiet = quiet || rank > 0;
     if !quiet {
         eprintln!("poodle-train {} (git {GIT_SHA})", env!("CARGO_PKG_VERSION"));
         eprintln!("{}", serde_json::to_string_pretty(cfg)?);
+        if world > 1 {
+            eprintln!("data parallel: {world} ranks over {}", group.engine());
+        }
     }
-    let loader = open_loader(cfg, &dev)?;
-    let mut learner = Learner::new(cfg, &dev)?;
-    let state = open_run_dir(cfg, resume, &mut learner, &dev)?;
+    let loader = open_loader_shard(cfg, dev, Shard { rank, world })?;
+    let _sync_bn = dist::sync_bn::scope(cfg.dist.sync_bn.then(|| group.clone()));
+    let mut learner = Learner::new(cfg, dev)?;
+    let state = open_run_dir(cfg, resume, &mut learner, dev, group.as_ref())?;
+    if world > 1 {
+        // Same seed, same init, same checkpoint: check once that it is so.
+        dist::check_identical(&learner.online_params, group.as_ref(), "start")?;
+    }
     let steps_per_pass = (loader.batches_per_epoch() / cfg.optim.accumulate).max(1) as u64;
     let sched = Schedule::new(
         steps_per_pass,
@@ -347,11 +476,8 @@ pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary>
             eprintln!("resuming at step {step} (pass {pass}, batch {start_batch})");
         }
     }
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(cfg.run.dir.join("metrics.jsonl"))?;
-    let pairs_per_step = (cfg.data.batch_size * cfg.optim.accumulate) as u64;
+    let mut out = (rank == 0).then(|| RunOutputs::open(cfg)).transpose()?;
+    let pairs_per_step = (cfg.data.batch_size * cfg.optim.accumulate * world) as u64;
     let (mut first_loss, mut last_loss, mut last_ckpt) = (None, None, None);
     let max_steps = cfg
         .run
@@ -359,7 +485,8 @@ pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary>
         .unwrap_or(sched.total_steps)
         .min(sched.total_steps);
     let reporter = StepReporter::new(max_steps, step, quiet);
-    let mut tb = EventWriter::create(&cfg.run.dir.join("tb"))?;
+    let bucket_bytes = (cfg.dist.bucket_mb * 1024.0 * 1024.0) as usize;
+    counted.take(); // the start-up check is not a step's traffic
     'passes: while pass < sched.passes && step < max_steps {
         let mut acc = GradAccumulator::new();
         let mut sums = StepSums::default();
@@ -382,18 +509,29 @@ pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary>
             }
             let n = acc.micro_batches() as f32;
             let mut grads = std::mem::take(&mut acc).finish(1.0 / f64::from(n))?;
+            dist::average_gradients(&mut grads, group.as_ref(), bucket_bytes)?;
             let grad_norm = match cfg.optim.grad_clip {
                 Some(c) => grads.clip_global_norm(c)?,
                 None => grads.global_norm()?,
             };
-            let lr = sched.lr(step);
-            learner.opt.step_with(&grads, lr, cfg.optim.weight_decay)?;
-            let mom = sched.momentum(step);
-            ema_update(&learner.target_params, &learner.online_params, mom)?;
+            let (lr, mom) = (sched.lr(step), sched.momentum(step));
+            learner.apply(&grads, lr, mom)?;
             step += 1;
-            let loss = scale_terms(&sums.loss, 1.0 / n);
-            first_loss.get_or_insert(loss.total);
-            last_loss = Some(loss.total);
+            let loss = sums.mean_over_ranks(n, group.as_ref())?;
+            let (allreduce_bytes, allreduce_calls) = counted.take();
+            first_loss.get_or_insert(loss.0.total);
+            last_loss = Some(loss.0.total);
+            if cfg.dist.check_every.is_some_and(|e| step % e == 0) {
+                dist::check_identical(&learner.online_params, group.as_ref(), "online")?;
+                dist::check_identical(&learner.target_params, group.as_ref(), "target")?;
+            }
+            let Some(out) = out.as_mut() else {
+                sums = StepSums::default();
+                if step >= max_steps {
+                    break 'passes;
+                }
+                continue;
+            };
             if step % cfg.run.log_every == 0 || step == max_steps {
                 let m = StepMetrics {
                     step,
@@ -402,16 +540,19 @@ pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary>
                     pairs_seen: step * pairs_per_step,
                     lr,
                     momentum: mom,
-                    loss,
-                    dense_mask_fraction: sums.mask / n,
-                    proj_std: sums.proj_std / n,
+                    loss: loss.0,
+                    dense_mask_fraction: loss.1,
+                    proj_std: loss.2,
                     grad_norm,
-                    pairs_per_s: sums.pairs as f64 / t_step.elapsed().as_secs_f64().max(1e-9),
+                    allreduce_bytes,
+                    allreduce_calls,
+                    pairs_per_s: (sums.pairs * world) as f64
+                        / t_step.elapsed().as_secs_f64().max(1e-9),
                     data_wait_s: sums.wait_s,
                 };
                 let line = serde_json::to_string(&m)?;
-                writeln!(log, "{line}")?;
-                tb.scalars(step, &tb_scalars(&m))?;
+                writeln!(out.log, "{line}")?;
+                out.tb.scalars(step, &tb_scalars(&m))?;
                 reporter.report(&m, &line);
             }
             sums = StepSums::default();
@@ -420,7 +561,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary>
                 .picture_every
                 .is_some_and(|e| e > 0 && step % e == 0)
             {
-                step_picture(cfg, &loader, pass, bi * cfg.data.batch_size, step, quiet)?;
+                step_picture(cfg, &loader, pass, loader.position(bi, 0), step, quiet)?;
             }
             if step % cfg.run.checkpoint_every == 0 || step == max_steps {
                 let p = Progress {
@@ -429,6 +570,7 @@ pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary>
                     batch: bi + 1,
                     file: String::new(),
                     config_json: config_json.clone(),
+                    world_size: world,
                 };
                 let path = checkpoint::save(
                     &cfg.run.dir,
@@ -447,6 +589,8 @@ pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary>
         start_batch = 0;
     }
     reporter.finish();
+    // The other ranks wait until rank 0 has written the last checkpoint.
+    group.barrier()?;
     Ok(RunSummary {
         steps: step,
         resumed_from,
@@ -456,6 +600,24 @@ pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary>
         last_loss,
         checkpoint: last_ckpt,
     })
+}
+
+/// What rank 0 writes while training: metric lines and TensorBoard events.
+struct RunOutputs {
+    log: std::fs::File,
+    tb: EventWriter,
+}
+
+impl RunOutputs {
+    fn open(cfg: &TrainConfig) -> Result<Self> {
+        Ok(RunOutputs {
+            log: std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(cfg.run.dir.join("metrics.jsonl"))?,
+            tb: EventWriter::create(&cfg.run.dir.join("tb"))?,
+        })
+    }
 }
 
 /// Draws pair `pos` of pass `pass` (the first of the step's last batch) into

@@ -119,6 +119,7 @@ fn tiny_run(dir: &Path) -> Learner {
         batch: 7,
         file: String::new(),
         config_json: String::new(),
+        world_size: 1,
     };
     checkpoint::save(dir, &l.online_map, &l.target_map, HashMap::new(), p).unwrap();
     l

@@ -69,6 +69,7 @@ fn save_checkpoint(l: &Learner, dir: &Path, step: u64) -> PathBuf {
         batch: 0,
         file: String::new(),
         config_json: serde_json::to_string(&l.cfg).unwrap(),
+        world_size: 1,
     };
     let state = l.opt.state_tensors().unwrap();
     checkpoint::save(dir, &l.online_map, &l.target_map, state, p).unwrap()

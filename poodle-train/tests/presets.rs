@@ -82,6 +82,10 @@ const PAPER: &[(&str, &str)] = &[
     ("device", r#""cpu""#),
     ("init", r#"null"#),
     ("init_network", r#""online""#),
+    ("dist.backend", r#""auto""#),
+    ("dist.sync_bn", r#"true"#), // paper: synchronised BatchNorm over the 32 GPUs
+    ("dist.bucket_mb", r#"25.0"#), // PyTorch DDP's bucket_cap_mb
+    ("dist.check_every", r#"null"#),
 ];
 
 const ABLATION: &[(&str, &str)] = &[

@@ -78,6 +78,33 @@ pub struct LoaderConfig {
     /// Which pairs a pass draws (default: the authors' R = 2 per video visit).
     pub sampling: PairSampling,
     pub augment: AugmentConfig,
+    /// This process's share of every pass in data-parallel training (one process: all).
+    pub shard: Shard,
+}
+
+/// One process's share of each pass, with PyTorch `DistributedSampler` semantics: every rank
+/// walks the same seeded epoch order, and rank `r` of `W` takes positions `r, r + W, r + 2W,
+/// ...` of each global batch of `W x batch_size` pairs. Augmentations are drawn from
+/// (seed, epoch, position), so a pair gets the same crops and colours whichever rank reads
+/// it, and `W` ranks with `B` pairs see exactly the batches one process with `W x B` sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard { rank: 0, world: 1 }
+    }
+}
+
+impl Shard {
+    /// Epoch position of pair `i` of this rank's local batch `b` (of `bs` pairs).
+    pub fn position(&self, bs: usize, b: usize, i: usize) -> usize {
+        b * bs * self.world + self.rank + self.world * i
+    }
 }
 
 impl Default for LoaderConfig {
@@ -92,6 +119,7 @@ impl Default for LoaderConfig {
             drop_last: true,
             sampling: PairSampling::default(),
             augment: AugmentConfig::default(),
+            shard: Shard::default(),
         }
     }
 }
@@ -377,6 +405,13 @@ impl Loader {
         if cfg.prefetch == 0 {
             bail!("prefetch must be at least 1");
         }
+        if cfg.shard.world == 0 || cfg.shard.rank >= cfg.shard.world {
+            bail!(
+                "shard: rank {} of world size {} is not a rank",
+                cfg.shard.rank,
+                cfg.shard.world
+            );
+        }
         let paths = resolve_store_paths(&cfg.stores)?;
         if paths.is_empty() {
             bail!("no stores given");
@@ -423,7 +458,8 @@ impl Loader {
         let group = group.expect("set by the first store");
         let planner = PassPlanner::new(&cfg.sampling, cfg.seed, &keys, unit == VisitUnit::Pair);
         let n = planner.pairs_per_pass();
-        let bs = cfg.batch_size;
+        // A batch here is one global batch: every rank's local batch of the same index.
+        let bs = cfg.batch_size * cfg.shard.world;
         let batches = if cfg.drop_last {
             n / bs
         } else {
@@ -432,11 +468,13 @@ impl Loader {
         if batches == 0 {
             bail!(
                 "{} valid pairs in {} stores give {n} pairs per pass ({} units x {} per visit): \
-                 not one batch of {bs} (drop_last = {})",
+                 not one batch of {bs} (batch_size {} x world size {}, drop_last = {})",
                 index.len(),
                 paths.len(),
                 planner.num_units(),
                 planner.pairs_per_visit(),
+                cfg.batch_size,
+                cfg.shard.world,
                 cfg.drop_last
             );
         }
@@ -511,6 +549,12 @@ impl Loader {
             dropped: c.dropped.load(Ordering::Relaxed),
             bad_pairs,
         }
+    }
+
+    /// Epoch position of pair `i` of this process's batch `b`.
+    pub fn position(&self, b: usize, i: usize) -> usize {
+        let cfg = &self.shared.cfg;
+        cfg.shard.position(cfg.batch_size, b, i)
     }
 
     /// The pairs of epoch `epoch` in order, as (store path, pair index).
@@ -701,10 +745,12 @@ impl Shared {
     }
 
     fn build_batch(&self, plan: &EpochPlan, b: usize) -> Result<Batch> {
-        let bs = self.cfg.batch_size;
-        let lo = b * bs;
-        let hi = ((b + 1) * bs).min(plan.perm.len());
-        let samples: Vec<(AugmentedPair, SampleMeta)> = (lo..hi)
+        let (bs, shard) = (self.cfg.batch_size, self.cfg.shard);
+        let positions: Vec<usize> = (0..bs)
+            .map(|i| shard.position(bs, b, i))
+            .filter(|&p| p < plan.perm.len())
+            .collect();
+        let samples: Vec<(AugmentedPair, SampleMeta)> = positions
             .into_par_iter()
             .filter_map(|pos| self.sample(plan, pos))
             .collect();

@@ -245,21 +245,50 @@ impl BatchNorm {
         };
         s * (1.0 / count)
     }
-}
 
-impl ModuleT for BatchNorm {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let c = x.dim(1)?;
-        let weight = per_channel(&self.weight, x)?;
-        let bias = per_channel(&self.bias, x)?;
-        if train {
-            let count = x.elem_count() / c;
-            if count < 2 {
+    /// Per-channel sums over all but dim 1, shaped as [`Self::channel_mean`].
+    fn channel_sum(x: &Tensor) -> Result<Tensor> {
+        match x.rank() {
+            4 => x.sum_keepdim((2, 3))?.sum_keepdim(0),
+            2 => x.sum_keepdim(0),
+            r => candle_core::bail!("BatchNorm expects a rank 2 or 4 tensor, got rank {r}"),
+        }
+    }
+
+    /// Batch mean, centred input, biased variance and the number of values per channel;
+    /// over every rank's batch inside a synchronised-BatchNorm scope (`dist::sync_bn`), two
+    /// passes as in the local case (mean first, then centred squares), so one rank with the
+    /// whole batch and W ranks with its parts compute the same statistics.
+    fn batch_stats(x: &Tensor) -> Result<(Tensor, Tensor, Tensor, usize)> {
+        let local = x.elem_count() / x.dim(1)?;
+        let Some(group) = crate::dist::sync_bn::current() else {
+            if local < 2 {
                 candle_core::bail!("BatchNorm in training needs more than one value per channel");
             }
             let mean = Self::channel_mean(x)?;
             let xc = x.broadcast_sub(&per_channel(&mean, x)?)?;
             let var = Self::channel_mean(&xc.sqr()?)?;
+            return Ok((mean, xc, var, local));
+        };
+        use crate::dist::sync_bn::{global_count, AllReduceSum};
+        let count = global_count(local, group.as_ref())?;
+        if count < 2 {
+            candle_core::bail!("BatchNorm in training needs more than one value per channel");
+        }
+        let inv = 1.0 / count as f64;
+        let mean = (AllReduceSum::apply(&Self::channel_sum(x)?, &group)? * inv)?;
+        let xc = x.broadcast_sub(&per_channel(&mean, x)?)?;
+        let var = (AllReduceSum::apply(&Self::channel_sum(&xc.sqr()?)?, &group)? * inv)?;
+        Ok((mean, xc, var, count))
+    }
+}
+
+impl ModuleT for BatchNorm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let weight = per_channel(&self.weight, x)?;
+        let bias = per_channel(&self.bias, x)?;
+        if train {
+            let (mean, xc, var, count) = Self::batch_stats(x)?;
             // Running statistics, outside the graph; the unbiased variance as in PyTorch.
             let m = self.momentum;
             let unbias = count as f64 / (count as f64 - 1.0);
@@ -480,5 +509,86 @@ mod tests {
             .unwrap();
         let want = (1.0 - rm[0]) / (rv[0] + 1e-5).sqrt();
         assert!((e0 - want).abs() < 1e-5);
+    }
+
+    /// One BatchNorm over a batch of 4 against two ranks (threads) with 2 each, synchronised:
+    /// the same outputs, input gradients, summed parameter gradients and running statistics.
+    /// Without synchronisation the statistics differ.
+    #[test]
+    fn sync_batch_norm_over_two_ranks_equals_one_batch() {
+        use crate::dist::{local::LocalGroup, sync_bn, Collective};
+        use std::sync::Arc;
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 1., (4, 3, 2, 5), &dev).unwrap() * 3.0).unwrap();
+        let probe = Tensor::randn(0f32, 1., (4, 3, 2, 5), &dev).unwrap();
+        let gamma = Tensor::new(&[0.5f32, 1.5, -2.0], &dev).unwrap();
+        // Loss sum(y * probe): outputs, d/dx, d/dweight, d/dbias, running mean and var.
+        let run = |x: Tensor, probe: Tensor| {
+            let vm = candle_nn::VarMap::new();
+            let bn = BatchNorm::new(3, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+            vm.data().lock().unwrap()["weight"].set(&gamma).unwrap();
+            let xv = Var::from_tensor(&x).unwrap();
+            let y = bn.forward_t(xv.as_tensor(), true).unwrap();
+            let g = (&y * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let data = vm.data().lock().unwrap();
+            let grad = |n: &str| g.get(data[n].as_tensor()).unwrap().clone();
+            vec![
+                y,
+                g.get(xv.as_tensor()).unwrap().clone(),
+                grad("weight"),
+                grad("bias"),
+                bn.running_mean().clone(),
+                bn.running_var().clone(),
+            ]
+        };
+        let whole = run(x.clone(), probe.clone());
+        let parts = |sync: bool| -> Vec<Vec<Tensor>> {
+            let groups: Vec<Arc<dyn Collective>> = LocalGroup::new(2)
+                .into_iter()
+                .map(|g| Arc::new(g) as Arc<dyn Collective>)
+                .collect();
+            std::thread::scope(|s| {
+                let hs: Vec<_> = groups
+                    .iter()
+                    .enumerate()
+                    .map(|(r, g)| {
+                        let (xr, pr) = (
+                            x.narrow(0, 2 * r, 2).unwrap(),
+                            probe.narrow(0, 2 * r, 2).unwrap(),
+                        );
+                        let g = g.clone();
+                        let run = &run;
+                        s.spawn(move || {
+                            let _scope = sync_bn::scope(sync.then_some(g));
+                            run(xr, pr)
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            })
+        };
+        let synced = parts(true);
+        let cat = |i: usize| Tensor::cat(&[&synced[0][i], &synced[1][i]], 0).unwrap();
+        assert!(max_abs_diff(&cat(0), &whole[0]) < 1e-5, "outputs");
+        assert!(max_abs_diff(&cat(1), &whole[1]) < 1e-5, "input gradients");
+        for (i, what) in [(2, "weight grad"), (3, "bias grad")] {
+            let sum = (&synced[0][i] + &synced[1][i]).unwrap();
+            assert!(max_abs_diff(&sum, &whole[i]) < 1e-4, "{what}");
+        }
+        for (i, what) in [(4, "running mean"), (5, "running var")] {
+            for rank in &synced {
+                assert!(max_abs_diff(&rank[i], &whole[i]) < 1e-5, "{what}");
+            }
+        }
+        let apart = parts(false);
+        assert!(
+            max_abs_diff(&apart[0][4], &whole[4]) > 1e-3,
+            "unsynced running mean"
+        );
     }
 }
