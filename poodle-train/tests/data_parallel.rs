@@ -341,7 +341,7 @@ fn a_killed_rank_stops_the_job_and_the_job_resumes() {
         &store,
         &run,
         2,
-        &["run.max_steps=40", "run.checkpoint_every=2"],
+        &["run.max_steps=10", "run.checkpoint_every=2"],
     );
     let mut job = mpi_command(&mpirun, 2, &args)
         .stdout(std::process::Stdio::null())
@@ -386,8 +386,8 @@ fn a_killed_rank_stops_the_job_and_the_job_resumes() {
     );
     let stopped_at = losses(&run).last().map_or(0, |s| s.0);
     assert!(
-        stopped_at < 40,
-        "the job finished all 40 steps although rank 1 was killed: {err}"
+        stopped_at < 10,
+        "the job finished all 10 steps although rank 1 was killed: {err}"
     );
     // The same command resumes from rank 0's last checkpoint and finishes.
     let o = ok(
@@ -403,7 +403,7 @@ fn a_killed_rank_stops_the_job_and_the_job_resumes() {
     let steps: Vec<u64> = losses(&run).iter().map(|s| s.0).collect();
     assert_eq!(
         steps,
-        (1..=40).collect::<Vec<_>>(),
+        (1..=10).collect::<Vec<_>>(),
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );

@@ -817,3 +817,54 @@ fn no_subcrops_gives_empty_subcrop_tensors() {
     }
     std::fs::remove_dir_all(d).unwrap();
 }
+
+#[test]
+fn ranks_share_each_global_batch_as_distributed_sampler() {
+    use poodle_train::data::loader::Shard;
+    let d = tmpdir("shards");
+    write_store(
+        &d.join("a.zarr"),
+        &StoreSpec {
+            pairs: 13,
+            per_shard: 4,
+            ..StoreSpec::default()
+        },
+    );
+    let cfg = |batch_size, shard| LoaderConfig {
+        batch_size,
+        shard,
+        ..loader_cfg(vec![d.join("a.zarr")], small_augment())
+    };
+    let whole = open(cfg(4, Shard::default()));
+    let ranks: Vec<Loader> = (0..2)
+        .map(|rank| open(cfg(2, Shard { rank, world: 2 })))
+        .collect();
+    // 13 pairs: 3 global batches of 4 (drop_last), the same count on every rank.
+    assert_eq!(whole.batches_per_epoch(), 3);
+    assert!(ranks.iter().all(|r| r.batches_per_epoch() == 3));
+    for epoch in [0, 1] {
+        let w = all_batches(&whole, epoch);
+        let parts: Vec<Vec<Batch>> = ranks.iter().map(|r| all_batches(r, epoch)).collect();
+        for (b, wb) in w.iter().enumerate() {
+            for (rank, part) in parts.iter().enumerate() {
+                let pb = &part[b];
+                // Rank r takes positions r, r + 2 of the global batch: strided as
+                // DistributedSampler, and each pair exactly as the one-process batch holds it.
+                let pos: Vec<usize> = pb.meta.iter().map(|m| m.position).collect();
+                assert_eq!(pos, vec![4 * b + rank, 4 * b + rank + 2]);
+                for (i, m) in pb.meta.iter().enumerate() {
+                    let j = m.position - 4 * b;
+                    assert_eq!(wb.meta[j].pair, m.pair);
+                    let one = |t: &Tensor, k: usize| vals(&t.get(k).unwrap());
+                    assert_eq!(one(&pb.views[0], i), one(&wb.views[0], j));
+                    assert_eq!(one(&pb.flow[0], i), one(&wb.flow[0], j));
+                }
+            }
+        }
+    }
+    let e = Loader::open(cfg(2, Shard { rank: 2, world: 2 }), Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("rank 2 of world size 2"), "{e}");
+    std::fs::remove_dir_all(d).unwrap();
+}
