@@ -131,8 +131,11 @@ fn check_case(c: &Value) {
         let area: [f64; 2] = serde_json::from_value(w["area"].take()).unwrap();
         w.as_object_mut().unwrap().remove("area");
         assert_eq!(as_fixture(g), w, "{name} pair {k}");
-        for i in 0..2 {
-            assert!((g.area[i] - area[i]).abs() < 1e-12, "{name} pair {k} area");
+        for (got, want) in g.area.iter().zip(area) {
+            assert!(
+                (got - want).abs() < 1e-12,
+                "{name} pair {k} area {got} vs {want}"
+            );
         }
     }
 }
