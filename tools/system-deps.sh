@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Installs the system packages poodle needs where it can: ffmpeg (with ffprobe) for decoding,
-# and DejaVu Sans for the text of `poodle-train plot`; through apt-get as root, or through
+# DejaVu Sans for the text of `poodle-train plot`, and Python 3 with its venv module (make
+# setup's .venv: ONNX Runtime, zarr-python, tensorboard); through apt-get as root, or through
 # passwordless sudo, on Debian/Ubuntu. Elsewhere it stops with the packages to install.
 set -euo pipefail
 FONT=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 packages=()
 { command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null; } || packages+=(ffmpeg)
 [ -e "$FONT" ] || [ -n "${POODLE_PLOT_FONT:-}" ] || packages+=(fonts-dejavu-core)
+has_venv() { python3 -c 'import venv, ensurepip' 2>/dev/null; }
+has_venv || packages+=(python3 python3-venv)
 [ ${#packages[@]} -eq 0 ] && exit 0
 echo "system-deps: installing the Debian packages ${packages[*]}" >&2
 if command -v apt-get >/dev/null; then
@@ -20,7 +23,7 @@ if command -v apt-get >/dev/null; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${packages[@]}" >/dev/null
   command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null \
-    && { [ -e "$FONT" ] || [ -n "${POODLE_PLOT_FONT:-}" ]; } && exit 0
+    && { [ -e "$FONT" ] || [ -n "${POODLE_PLOT_FONT:-}" ]; } && has_venv && exit 0
 fi
 echo "system-deps: install ${packages[*]} with your system's package manager (ffmpeg with" \
   "ffprobe; any TrueType font for plots, named by POODLE_PLOT_FONT), e.g." \
