@@ -273,10 +273,9 @@ mod tests {
     #[test]
     fn real_ground_truth_files_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/flow");
-        if !dir.exists() {
-            poodle_common::testenv::missing(&format!("{} is absent", dir.display()));
+        let Some(dir) = poodle_common::testenv::require(dir, "real test data") else {
             return;
-        }
+        };
         let m = read_flo(&dir.join("Middlebury_flow_gt.flo")).unwrap();
         assert_eq!((m.flow.w, m.flow.h), (584, 388));
         assert!(m.valid.iter().filter(|&&v| v).count() > 584 * 388 * 9 / 10);

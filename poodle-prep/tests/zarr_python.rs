@@ -13,7 +13,6 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const ORT_LIB: &str = "libonnxruntime.so.1.31.1";
 /// Pairs kept (odd) and pairs per shard (does not divide it): shards of 2, 2 and 1.
 const NUM_PAIRS: usize = 5;
 const PAIRS_PER_SHARD: usize = 2;
@@ -22,21 +21,6 @@ const WIDTH: usize = 224;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// `.venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1`.
-fn find_ort_lib(venv: &Path) -> Option<PathBuf> {
-    let lib = venv.join("lib");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&lib)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
-        .map(|e| e.path())
-        .collect();
-    dirs.sort();
-    dirs.into_iter()
-        .map(|d| d.join("site-packages/onnxruntime/capi").join(ORT_LIB))
-        .find(|p| p.is_file())
 }
 
 /// sum(v[k] * (k % 251 + 1)) over the flat index: catches layouts that a plain sum misses
@@ -150,12 +134,7 @@ fn zarr_python_reads_prep_store() {
         "{} is missing: run `make setup` (it creates .venv with onnxruntime and zarr-python)",
         python.display()
     );
-    let ort = find_ort_lib(&venv).unwrap_or_else(|| {
-        panic!(
-            "{ORT_LIB} not found under {}/lib/python3*/site-packages/onnxruntime/capi: run `make setup`",
-            venv.display()
-        )
-    });
+    let ort = common::ort_lib();
 
     let tmp = std::env::temp_dir().join(format!("poodle-zarr-python-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);

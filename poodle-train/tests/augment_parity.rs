@@ -27,13 +27,7 @@ fn fixture(name: &str) -> Option<HashMap<String, Tensor>> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/augment")
         .join(format!("{name}.safetensors"));
-    if !path.exists() {
-        testenv::missing(&format!(
-            "{} (write it with tools/torch_reference_augment.py)",
-            path.display()
-        ));
-        return None;
-    }
+    testenv::require(&path, "write it with tools/torch_reference_augment.py")?;
     Some(
         candle_core::safetensors::load(&path, &Device::Cpu)
             .unwrap_or_else(|e| panic!("loading {}: {e}", path.display())),

@@ -33,10 +33,7 @@ type Fixture = HashMap<String, Tensor>;
 /// The fixture, or `None` (skip locally; a failure naming the path under `CI=true`).
 fn fixture() -> Option<Fixture> {
     let path = format!("{}/{FIXTURE}", env!("CARGO_MANIFEST_DIR"));
-    if !std::path::Path::new(&path).exists() {
-        poodle_common::testenv::missing(&format!("{path} (run tools/torch_reference_dense.py)"));
-        return None;
-    }
+    poodle_common::testenv::require(&path, "run tools/torch_reference_dense.py")?;
     Some(
         candle_core::safetensors::load(&path, &Device::Cpu)
             .unwrap_or_else(|e| panic!("loading {path}: {e}")),

@@ -13,25 +13,14 @@ pub fn repo() -> PathBuf {
 /// failure under CI=true, a skip message locally) and returns `None`.
 pub fn shared_data(rel: &str, probe: &str) -> Option<PathBuf> {
     let dir = repo().join("../shared/data").join(rel);
-    if dir.join(probe).exists() {
-        return Some(dir);
-    }
-    poodle_common::testenv::missing(&format!("{} (real test data)", dir.join(probe).display()));
-    None
+    poodle_common::testenv::require(dir.join(probe), "real test data").map(|_| dir)
 }
 
-/// PyPI onnxruntime's library in the project's .venv; panics with the fix when absent.
+/// PyPI onnxruntime's library in the project's .venv; panics with the fix when absent (the
+/// prep binary cannot run without it).
 pub fn ort_lib() -> PathBuf {
-    let lib = repo().join(".venv/lib");
-    std::fs::read_dir(&lib)
-        .unwrap_or_else(|_| panic!("{} missing: run `make setup`", lib.display()))
-        .filter_map(|e| e.ok())
-        .map(|e| {
-            e.path()
-                .join("site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1")
-        })
-        .find(|p| p.exists())
-        .expect("no onnxruntime 1.31.1 in .venv: run `make setup`")
+    poodle_common::testenv::venv_ort_library(&repo().join(".venv"))
+        .expect("no ONNX Runtime library in .venv: run `make setup`")
 }
 
 /// A fresh folder under the temp dir, unique per test process and tag.

@@ -13,7 +13,7 @@
 //!   RandomResizedCrop box (area fraction `U(area)`, log-uniform aspect in `ratio` relative
 //!   to the output aspect), resized to the output.
 
-use super::Rng;
+use super::{Draws, Rng};
 use poodle_common::flowmath::{
     resize_bilinear, resize_flow, resize_window, resize_window_flow, Map,
 };
@@ -256,45 +256,66 @@ impl CropBox {
 /// torchvision `RandomResizedCrop.get_params` on an `h` x `w` image: area fraction
 /// `U(area)`, aspect ratio (w/h) log-uniform in `ratio`, 10 tries, else a centre crop with
 /// the ratio clamped into range.
-pub fn sample_crop_box(
+pub fn sample_crop_box<D: Draws + ?Sized>(
     h: usize,
     w: usize,
     area: [f64; 2],
     ratio: [f64; 2],
-    rng: &mut Rng,
+    rng: &mut D,
 ) -> CropBox {
+    sample_crop_box_area(h, w, area, ratio, rng).0
+}
+
+/// [`sample_crop_box`] and the area fraction behind the box: the accepted try's draw, or the
+/// centre crop's own fraction. Sizes round half to even, as Python's `round`.
+pub fn sample_crop_box_area<D: Draws + ?Sized>(
+    h: usize,
+    w: usize,
+    area: [f64; 2],
+    ratio: [f64; 2],
+    rng: &mut D,
+) -> (CropBox, f64) {
     let total = (h * w) as f64;
     let (l0, l1) = (ratio[0].ln(), ratio[1].ln());
     for _ in 0..10 {
-        let target = total * rng.uniform_in(area[0], area[1]);
+        let frac = rng.uniform_in(area[0], area[1]);
+        let target = total * frac;
         let ar = rng.uniform_in(l0, l1).exp();
-        let cw = (target * ar).sqrt().round() as usize;
-        let ch = (target / ar).sqrt().round() as usize;
+        let cw = (target * ar).sqrt().round_ties_even() as usize;
+        let ch = (target / ar).sqrt().round_ties_even() as usize;
         if cw > 0 && ch > 0 && cw <= w && ch <= h {
             let y0 = rng.below(h - ch + 1);
             let x0 = rng.below(w - cw + 1);
-            return CropBox {
+            let b = CropBox {
                 x0,
                 y0,
                 w: cw,
                 h: ch,
             };
+            return (b, frac);
         }
     }
     let in_ratio = w as f64 / h as f64;
     let (cw, ch) = if in_ratio < ratio[0] {
-        (w, ((w as f64 / ratio[0]).round() as usize).clamp(1, h))
+        (
+            w,
+            ((w as f64 / ratio[0]).round_ties_even() as usize).clamp(1, h),
+        )
     } else if in_ratio > ratio[1] {
-        (((h as f64 * ratio[1]).round() as usize).clamp(1, w), h)
+        (
+            ((h as f64 * ratio[1]).round_ties_even() as usize).clamp(1, w),
+            h,
+        )
     } else {
         (w, h)
     };
-    CropBox {
+    let b = CropBox {
         x0: (w - cw) / 2,
         y0: (h - ch) / 2,
         w: cw,
         h: ch,
-    }
+    };
+    (b, (cw * ch) as f64 / total)
 }
 
 /// Copies box `b` out of `m` (all channels).

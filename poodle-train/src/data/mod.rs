@@ -109,6 +109,48 @@ impl Rng {
     }
 }
 
+/// The random draws of the crop samplers, as a trait so that a test can replay recorded
+/// draws (the subcrop reference fixture); training uses [`Rng`].
+pub trait Draws {
+    /// Uniform in `[0, 1)`.
+    fn uniform(&mut self) -> f64;
+
+    /// Uniform integer in `0..n` (`n > 0`).
+    fn below(&mut self, n: usize) -> usize;
+
+    /// Uniform in `[lo, hi)` (`lo` when the range is empty; one draw either way).
+    fn uniform_in(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * self.uniform()
+    }
+
+    /// `k` indices of `0..n` with equal weights, distinct unless `replacement`
+    /// (`torch.multinomial(torch.ones(n), k, replacement)`). Without replacement: the first
+    /// `k` of a Fisher-Yates shuffle.
+    fn choose(&mut self, n: usize, k: usize, replacement: bool) -> Vec<usize> {
+        if replacement {
+            return (0..k).map(|_| self.below(n)).collect();
+        }
+        assert!(k <= n, "choose {k} of {n} without replacement");
+        let mut perm: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            let j = self.below(i + 1);
+            perm.swap(i, j);
+        }
+        perm.truncate(k);
+        perm
+    }
+}
+
+impl Draws for Rng {
+    fn uniform(&mut self) -> f64 {
+        Rng::uniform(self)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        Rng::below(self, n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,10 +16,10 @@
 //! 3. **Centre and pairing**, up to `tries` (5) times: the online centre `(i, j)` is uniform
 //!    over the cell's rows `[gi r, min((gi+1) r, H))` and columns alike, raised to at least
 //!    `(h/2, w/2)`; the jitter is `U(-jitter, jitter) * (H, W)`; the target centre is
-//!    `round((i, j) + f(i, j) + jitter)` with the flow read at the integer centre. The first
-//!    try whose target centre lies inside the frame is kept. When none does, a new online
-//!    centre is drawn the same way and the target crop is taken from the **online frame**
-//!    at that same centre (`paired = false`).
+//!    `round((i, j) + f(i, j) + jitter)` (half to even, as `torch.round`) with the flow read
+//!    at the integer centre. The first try whose target centre lies inside the frame is
+//!    kept. When none does, a new online centre is drawn the same way and the target crop is
+//!    taken from the **online frame** at that same centre (`paired = false`).
 //! 4. **Boxes**: online `[i - h/2, i - h/2 + h) x [j - w/2, j - w/2 + w)`; it may run past the
 //!    bottom or right edge, and those pixels read as zero (torchvision's `crop` pads with
 //!    zeros; zero is the mean colour after normalisation). Target: `get_params` with area
@@ -29,12 +29,17 @@
 //!    no antialias) from its frame's normalised, colour-augmented global crop (before the
 //!    dense affine).
 //!
+//! Randomness comes through [`Draws`] in the authors' order (the cells; each pair's online
+//! half; then each pair's target box), so `tests/subcrop_reference.rs` can replay the draws
+//! recorded by `tools/subcrop_reference.py`, which applies the authors' rules, and compare
+//! boxes exactly.
+//!
 //! An edge case the authors' code does not meet at its sizes: when `r` divides H (or W), the
 //! last row (column) of cells is empty and `torch.randint` would fail; here its centres come
 //! from the last pixel row (column).
 
-use super::crop::{sample_crop_box, CropBox};
-use super::Rng;
+use super::crop::{sample_crop_box, sample_crop_box_area, CropBox};
+use super::Draws;
 use poodle_common::flowmath::{resize_bilinear, Map};
 use serde::{Deserialize, Serialize};
 
@@ -112,7 +117,7 @@ pub struct Grid {
 impl Grid {
     pub fn new(h: usize, w: usize, cfg: &SubcropConfig) -> Grid {
         let mean = (cfg.area[0] + cfg.area[1]) / 2.0;
-        let r = ((mean.sqrt() * h.min(w) as f64).round() as usize).max(1);
+        let r = ((mean.sqrt() * h.min(w) as f64).round_ties_even() as usize).max(1);
         Grid {
             r,
             rows: h / r + 1,
@@ -163,19 +168,13 @@ pub struct SubcropPair {
 /// The subcrop geometry of one pair: `[direction 0 (t online), direction 1 (t+dt online)]`.
 pub type SubcropSets = [Vec<SubcropPair>; 2];
 
-/// Height and width of a RandomResizedCrop box of area fraction `s` (module docs, step 2).
-fn box_size(h: usize, w: usize, s: f64, ratio: [f64; 2], rng: &mut Rng) -> (usize, usize) {
-    let b = sample_crop_box(h, w, [s, s], ratio, rng);
-    (b.h, b.w)
-}
-
 /// A centre uniform over the cell's pixels, raised to at least `(bh / 2, bw / 2)`: (x, y).
-fn draw_centre(
+fn draw_centre<D: Draws + ?Sized>(
     grid: &Grid,
     cell: (usize, usize),
     bh: usize,
     bw: usize,
-    rng: &mut Rng,
+    rng: &mut D,
 ) -> (usize, usize) {
     let ((y0, y1), (x0, x1)) = grid.cell_ranges(cell.0, cell.1);
     let i = (y0 + rng.below(y1 - y0)).max(bh / 2);
@@ -183,14 +182,105 @@ fn draw_centre(
     (j, i)
 }
 
+/// The online half of one pair (module docs, steps 2-3).
+struct Online {
+    cell: (usize, usize),
+    s: f64,
+    size: (usize, usize),
+    centre: (usize, usize),
+    target_centre: (usize, usize),
+    paired: bool,
+}
+
+/// Steps 2-3 for one cell: online size, then up to `tries` centres moved by the flow at the
+/// integer centre plus jitter, rounded half to even (`torch.round`); else the fallback.
+fn draw_online<D: Draws + ?Sized>(
+    grid: &Grid,
+    cell: (usize, usize),
+    flow: &Map,
+    cfg: &SubcropConfig,
+    rng: &mut D,
+) -> Online {
+    let (h, w) = (grid.h, grid.w);
+    let s = rng.uniform_in(cfg.area[0], cfg.area[1]);
+    let b = sample_crop_box(h, w, [s, s], cfg.ratio, rng);
+    let (jy, jx) = (cfg.jitter * h as f64, cfg.jitter * w as f64);
+    let mut found = None;
+    for _ in 0..cfg.tries {
+        let (x, y) = draw_centre(grid, cell, b.h, b.w, rng);
+        let dy = rng.uniform_in(-jy, jy);
+        let dx = rng.uniform_in(-jx, jx);
+        let tx = (x as f64 + f64::from(flow.get(0, y, x)) + dx).round_ties_even();
+        let ty = (y as f64 + f64::from(flow.get(1, y, x)) + dy).round_ties_even();
+        if (0.0..w as f64).contains(&tx) && (0.0..h as f64).contains(&ty) {
+            found = Some(((x, y), (tx as usize, ty as usize)));
+            break;
+        }
+    }
+    let paired = found.is_some();
+    let (centre, target_centre) = found.unwrap_or_else(|| {
+        let c = draw_centre(grid, cell, b.h, b.w, rng);
+        (c, c)
+    });
+    Online {
+        cell,
+        s,
+        size: (b.h, b.w),
+        centre,
+        target_centre,
+        paired,
+    }
+}
+
+/// Step 4 for one pair: the online box around its centre, and a target box of area
+/// `U(s, smax)` (`get_params` with scale `(s, smax)`) around the target centre, clipped.
+fn finish_pair<D: Draws + ?Sized>(
+    o: Online,
+    grid: &Grid,
+    cfg: &SubcropConfig,
+    rng: &mut D,
+) -> SubcropPair {
+    let (h, w) = (grid.h, grid.w);
+    let (tb, s_target) = sample_crop_box_area(h, w, [o.s, cfg.area[1]], cfg.ratio, rng);
+    let (bh, bw) = o.size;
+    let online = CropBox {
+        x0: o.centre.0 - bw / 2,
+        y0: o.centre.1 - bh / 2,
+        w: bw,
+        h: bh,
+    };
+    let clip = |c: usize, b: usize, n: usize| {
+        let lo = c.saturating_sub(b / 2);
+        let hi = (c as isize - (b / 2) as isize + b as isize).clamp(0, n as isize) as usize;
+        (lo.min(n), hi)
+    };
+    let (tx0, tx1) = clip(o.target_centre.0, tb.w, w);
+    let (ty0, ty1) = clip(o.target_centre.1, tb.h, h);
+    let target = CropBox {
+        x0: tx0,
+        y0: ty0,
+        w: tx1 - tx0,
+        h: ty1 - ty0,
+    };
+    SubcropPair {
+        cell: o.cell,
+        online_centre: o.centre,
+        target_centre: o.target_centre,
+        paired: o.paired,
+        area: [o.s, s_target],
+        boxes: [online, target],
+    }
+}
+
 /// K subcrop pairs of one direction over an `h` x `w` global crop; `flow` is the
-/// online-to-target flow in crop pixels (2, h, w).
-pub fn sample_subcrops(
+/// online-to-target flow in crop pixels (2, h, w). Draws in the authors' order: the cells,
+/// every pair's online half, then every pair's target box.
+pub fn sample_subcrops<D: Draws + ?Sized>(
     h: usize,
     w: usize,
     flow: &Map,
     cfg: &SubcropConfig,
-    rng: &mut Rng,
+    rng: &mut D,
 ) -> Vec<SubcropPair> {
     assert_eq!(
         (flow.c, flow.h, flow.w),
@@ -198,69 +288,14 @@ pub fn sample_subcrops(
         "sample_subcrops: flow shape"
     );
     let grid = Grid::new(h, w, cfg);
-    let cells: Vec<usize> = if cfg.k > grid.cells() {
-        (0..cfg.k).map(|_| rng.below(grid.cells())).collect()
-    } else {
-        let mut perm: Vec<usize> = (0..grid.cells()).collect();
-        rng.shuffle(&mut perm);
-        perm.truncate(cfg.k);
-        perm
-    };
-    let (jy, jx) = (cfg.jitter * h as f64, cfg.jitter * w as f64);
-    let smax = cfg.area[1];
-    cells
+    let cells = rng.choose(grid.cells(), cfg.k, cfg.k > grid.cells());
+    let online: Vec<Online> = cells
         .into_iter()
-        .map(|c| {
-            let cell = (c / grid.cols, c % grid.cols);
-            let s = rng.uniform_in(cfg.area[0], smax);
-            let (bh, bw) = box_size(h, w, s, cfg.ratio, rng);
-            let mut found = None;
-            for _ in 0..cfg.tries {
-                let (x, y) = draw_centre(&grid, cell, bh, bw, rng);
-                let dy = rng.uniform_in(-jy, jy);
-                let dx = rng.uniform_in(-jx, jx);
-                let tx = (x as f64 + f64::from(flow.get(0, y, x)) + dx).round();
-                let ty = (y as f64 + f64::from(flow.get(1, y, x)) + dy).round();
-                if (0.0..w as f64).contains(&tx) && (0.0..h as f64).contains(&ty) {
-                    found = Some(((x, y), (tx as usize, ty as usize)));
-                    break;
-                }
-            }
-            let paired = found.is_some();
-            let (online_centre, target_centre) = found.unwrap_or_else(|| {
-                let c = draw_centre(&grid, cell, bh, bw, rng);
-                (c, c)
-            });
-            let s_target = rng.uniform_in(s, smax);
-            let (th, tw) = box_size(h, w, s_target, cfg.ratio, rng);
-            let online = CropBox {
-                x0: online_centre.0 - bw / 2,
-                y0: online_centre.1 - bh / 2,
-                w: bw,
-                h: bh,
-            };
-            let clip = |c: usize, b: usize, n: usize| {
-                let lo = c.saturating_sub(b / 2);
-                let hi = (c as isize - (b / 2) as isize + b as isize).clamp(0, n as isize) as usize;
-                (lo.min(n), hi)
-            };
-            let (tx0, tx1) = clip(target_centre.0, tw, w);
-            let (ty0, ty1) = clip(target_centre.1, th, h);
-            let target = CropBox {
-                x0: tx0,
-                y0: ty0,
-                w: tx1 - tx0,
-                h: ty1 - ty0,
-            };
-            SubcropPair {
-                cell,
-                online_centre,
-                target_centre,
-                paired,
-                area: [s, s_target],
-                boxes: [online, target],
-            }
-        })
+        .map(|c| draw_online(&grid, (c / grid.cols, c % grid.cols), flow, cfg, rng))
+        .collect();
+    online
+        .into_iter()
+        .map(|o| finish_pair(o, &grid, cfg, rng))
         .collect()
 }
 
@@ -301,6 +336,7 @@ pub fn extract_subcrops(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::Rng;
 
     fn const_flow(h: usize, w: usize, u: f32, v: f32) -> Map {
         let mut m = Map::zeros(2, h, w);
@@ -394,7 +430,9 @@ mod tests {
             for p in sample_subcrops(h, w, &flow, &cfg, &mut Rng::new(seed)) {
                 let (ox, oy) = p.online_centre;
                 if p.paired {
-                    let want_x = (ox as f64 * 1.1).round() as usize;
+                    // Ties (x = 5, 15, ...) round half to even, as torch.round.
+                    let want_x = (ox as f64 + f64::from(ox as f32 / 10.0)).round_ties_even();
+                    let want_x = want_x as usize;
                     assert_eq!(p.target_centre, (want_x, oy - 1), "{p:?}");
                 }
             }

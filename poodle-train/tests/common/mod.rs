@@ -23,34 +23,13 @@ pub fn tmpdir(tag: &str) -> PathBuf {
 /// `../shared/data/<rel>` if it exists; `None` (skip, with a message; a failure under
 /// `CI=true`) otherwise.
 pub fn shared_data(rel: &str) -> Option<PathBuf> {
-    let p = repo().join("../shared/data").join(rel);
-    if p.exists() {
-        Some(p)
-    } else {
-        poodle_common::testenv::missing(&format!("{} is absent", p.display()));
-        None
-    }
+    poodle_common::testenv::require(repo().join("../shared/data").join(rel), "real test data")
 }
 
 /// The ONNX Runtime library of the `.venv` that `make setup` creates, whatever its Python
 /// version; `None` (skip, with a message) before `make setup`.
 pub fn ort_library() -> Option<PathBuf> {
-    let found = std::fs::read_dir(repo().join(".venv/lib"))
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .map(|e| {
-            e.path()
-                .join("site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1")
-        })
-        .find(|p| p.exists());
-    if found.is_none() {
-        poodle_common::testenv::missing(&format!(
-            "no onnxruntime 1.31.1 under {} (run `make setup`)",
-            repo().join(".venv/lib").display()
-        ));
-    }
-    found
+    poodle_common::testenv::venv_ort_library(&repo().join(".venv"))
 }
 
 /// The workspace's debug poodle-prep binary, built if needed; `None` (skip) when it cannot be.
