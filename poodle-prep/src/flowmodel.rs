@@ -200,7 +200,7 @@ impl FlowModel {
     /// comes back in one copy after the run. Off: plain `Session::run` with host arrays.
     pub fn set_io_binding(&mut self, on: bool) -> Result<()> {
         self.bound = if on {
-            Some(Bound::new(&self.session, self.device, &self.card.output)?)
+            Some(Bound::new(&self.session, self.device)?)
         } else {
             None
         };
@@ -284,7 +284,7 @@ impl FlowModel {
         shape: [i64; 4],
         hw: (usize, usize),
     ) -> Result<Vec<Map>> {
-        let (t1, t2) = bound.inputs(shape)?;
+        let (t1, t2) = bound.inputs(shape, &self.card.output)?;
         let (mh, mw) = (shape[2] as usize, shape[3] as usize);
         fill_inputs(
             &self.card,
@@ -405,7 +405,7 @@ struct Bound {
 }
 
 impl Bound {
-    fn new(session: &Session, device: Device, output: &str) -> Result<Self> {
+    fn new(session: &Session, device: Device) -> Result<Self> {
         let allocator = match device {
             Device::Cpu => Allocator::default(),
             // Pinned host memory: the upload to the GPU is a single DMA transfer.
@@ -419,17 +419,7 @@ impl Bound {
                 )?,
             )?,
         };
-        let mut binding = session.create_binding()?;
-        // Output into host memory: one copy back per batch, whatever the device.
-        binding.bind_output_to_device(
-            output,
-            &MemoryInfo::new(
-                AllocationDevice::CPU,
-                0,
-                AllocatorType::Device,
-                MemoryType::Default,
-            )?,
-        )?;
+        let binding = session.create_binding()?;
         Ok(Bound {
             binding,
             allocator,
@@ -437,9 +427,23 @@ impl Bound {
         })
     }
 
-    /// The input tensors for a batch of `shape`, allocated when the shape changes.
-    fn inputs(&mut self, shape: [i64; 4]) -> Result<(&mut Tensor<f32>, &mut Tensor<f32>)> {
+    /// The input tensors for a batch of `shape`, allocated when the shape changes; the output
+    /// is bound anew then too (ORT keeps the first output it allocated, of the old shape).
+    fn inputs(
+        &mut self,
+        shape: [i64; 4],
+        output: &str,
+    ) -> Result<(&mut Tensor<f32>, &mut Tensor<f32>)> {
         if self.inputs.as_ref().is_none_or(|(s, _, _)| *s != shape) {
+            self.binding.clear_outputs();
+            // Output into host memory: one copy back per batch, whatever the device.
+            let host = MemoryInfo::new(
+                AllocationDevice::CPU,
+                0,
+                AllocatorType::Device,
+                MemoryType::Default,
+            )?;
+            self.binding.bind_output_to_device(output, &host)?;
             let (a, b) = (
                 Tensor::new(&self.allocator, shape)?,
                 Tensor::new(&self.allocator, shape)?,

@@ -44,31 +44,38 @@ fn bound_and_plain_runs_give_the_same_flows() {
     for card in ["models/raft_small_random.json", "models/tvl1_flow.json"] {
         let card = common::repo().join(card);
         let mut model = FlowModel::load(&card, Device::Cpu, &lib, 2).unwrap();
-        for size in SIZES {
-            let imgs = frames(&dir, size);
-            model.set_io_binding(false).unwrap();
-            let plain = run(&mut model, &imgs);
-            model.set_io_binding(true).unwrap();
-            assert!(model.io_binding());
-            let bound = run(&mut model, &imgs);
+        let imgs: Vec<Vec<(Map, Map)>> = SIZES.iter().map(|&s| frames(&dir, s)).collect();
+        let plain: Vec<Vec<Map>> = imgs.iter().map(|i| run(&mut model, i)).collect();
+        // One binding through every size: a change of batch shape rebinds.
+        model.set_io_binding(true).unwrap();
+        assert!(model.io_binding());
+        for (k, size) in SIZES.into_iter().enumerate() {
+            let bound = run(&mut model, &imgs[k]);
             assert_eq!(bound.len(), 2);
             assert_eq!((bound[0].h, bound[0].w), size);
-            let d = max_diff(&plain, &bound);
+            let d = max_diff(&plain[k], &bound);
             assert!(
                 d <= 1e-4,
                 "{}: bound vs plain differ by {d} px",
                 card.display()
             );
             // Same shape, swapped pairs: the rebound inputs are used, not the earlier ones.
-            let swapped: Vec<(Map, Map)> = imgs.iter().rev().cloned().collect();
+            let swapped: Vec<(Map, Map)> = imgs[k].iter().rev().cloned().collect();
             let again = run(&mut model, &swapped);
-            let d = max_diff(&[plain[1].clone(), plain[0].clone()], &again);
+            let want = [plain[k][1].clone(), plain[k][0].clone()];
+            let d = max_diff(&want, &again);
             assert!(
                 d <= 1e-4,
                 "{}: second bound batch differs by {d}",
                 card.display()
             );
-            assert!(max_diff(&plain, &again) > 0.1, "the two pairs must differ");
+            assert!(
+                max_diff(&plain[k], &again) > 0.1,
+                "the two pairs must differ"
+            );
         }
+        // A batch of one pair after batches of two.
+        let one = run(&mut model, &imgs[0][..1]);
+        assert!(max_diff(&plain[0][..1], &one) <= 1e-4);
     }
 }
