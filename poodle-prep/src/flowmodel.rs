@@ -277,6 +277,7 @@ impl FlowModel {
         r
     }
 
+    /// One batch through `bound`: fill its input tensors, bind them, run, copy out.
     fn run_with(
         &mut self,
         bound: &mut Bound,
