@@ -12,7 +12,7 @@ DEVICE ?= cpu
 PREP_ARGS ?=
 CARGO_RELEASE := cargo build --release -p poodle-prep
 
-.PHONY: setup build build-train demo prep train experiment-camvid test fmt clippy bench bench-dp clean
+.PHONY: setup build build-train demo prep train experiment-camvid test fmt clippy bench bench-dp bench-prep-gpu clean
 
 ## setup: ffmpeg/ffprobe (apt-get where it can, else the command to run), and a Python venv with
 ## PyPI's ONNX Runtime (the library ort loads) and zarr (interop tests).
@@ -77,6 +77,11 @@ bench: setup build
 ## bench-dp: data-parallel step time, world size 1 vs 2 (MPI, CPU), and all-reduce bytes.
 bench-dp: build
 	bash bench/data_parallel.sh
+
+## bench-prep-gpu: a bundle for the GPU machine (out/bench-prep-gpu/run.sh) that measures prep
+## end to end against ONNX Runtime alone and torchvision RAFT; not run here (no GPU).
+bench-prep-gpu: setup
+	PY=$(VENV)/bin/python bash bench/prep_gpu.sh
 
 clean:
 	rm -rf out

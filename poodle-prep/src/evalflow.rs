@@ -5,12 +5,21 @@
 //! Ground truth formats: Middlebury `.flo` ('PIEH', width, height as int32, then float32
 //! (u, v) interleaved; |value| > 1e9 is unknown) and KITTI 16-bit PNG (u = (R - 2^15) / 64,
 //! v = (G - 2^15) / 64, valid where B > 0).
+//!
+//! Real videos without ground truth (the sample dashcam clips) get a consistency check
+//! instead: the pairs a dataset config draws from them, flowed forward and backward exactly as
+//! `prep` does, report the occluded fraction, the forward-backward error and the photometric
+//! error, the numbers a prep summary shows for the same model.
 
-use crate::decode::decode_image;
-use crate::discover::probe_video;
+use crate::decode::{decode_frames, decode_image};
+use crate::discover::{probe_all, probe_video};
 use crate::flowmodel::FlowModel;
+use crate::flowstage::flow_batch;
+use crate::quality::{agg, Agg};
 use crate::{PrepError, Result};
-use poodle_common::flowmath::{warp_backward, Map};
+use poodle_common::config::DatasetConfig;
+use poodle_common::flowmath::{warp_backward, Map, FLOW_STAT_NAMES};
+use poodle_common::manifest::{sample_pairs, Pair, VideoInfo};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -222,6 +231,109 @@ pub fn known_pairs(dir: &Path) -> Vec<(String, PathBuf, PathBuf, PathBuf)> {
     .map(|(n, a, b, g)| (n.to_string(), dir.join(a), dir.join(b), dir.join(g)))
     .filter(|(_, a, b, g)| a.exists() && b.exists() && g.exists())
     .collect()
+}
+
+/// One real-video pair without ground truth: what the flow model makes of it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PairConsistency {
+    pub t: u64,
+    pub dt: u64,
+    pub occluded_frac: f64,
+    /// Mean |f + b'| over non-occluded pixels (px).
+    pub fb_error: f64,
+    /// Mean |frame t - warp(frame t+dt)| over non-occluded pixels (0..255), as prep stores it.
+    pub photometric_error: f64,
+    /// The same with zero flow over all pixels, for scale.
+    pub photometric_zero: f64,
+}
+
+/// The consistency check of one clip: its pairs and their median and mean.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClipConsistency {
+    pub video: String,
+    pub size: [usize; 2],
+    pub occluded_frac: Agg,
+    pub fb_error: Agg,
+    pub photometric_error: Agg,
+    pub photometric_zero: Agg,
+    pub seconds: f64,
+    pub pairs: Vec<PairConsistency>,
+}
+
+/// Flows the first `per_video` pairs that `cfg` draws from each video under `root` (at the
+/// config's frame size and gaps) and reports their consistency, one row per video.
+pub fn eval_clips(
+    model: &mut FlowModel,
+    cfg: &DatasetConfig,
+    root: &Path,
+    per_video: usize,
+) -> Result<Vec<ClipConsistency>> {
+    let manifest = probe_all(cfg, root, &indicatif::ProgressBar::hidden())?;
+    let (pairs, _) = sample_pairs(cfg, &manifest.videos);
+    let mut out = Vec::new();
+    for (vi, v) in manifest.videos.iter().enumerate() {
+        let mine: Vec<Pair> = pairs
+            .iter()
+            .filter(|p| p.video as usize == vi)
+            .take(per_video)
+            .copied()
+            .collect();
+        if !mine.is_empty() {
+            out.push(eval_clip(model, cfg, &root.join(&v.path), v, &mine)?);
+        }
+    }
+    Ok(out)
+}
+
+fn eval_clip(
+    model: &mut FlowModel,
+    cfg: &DatasetConfig,
+    path: &Path,
+    video: &VideoInfo,
+    pairs: &[Pair],
+) -> Result<ClipConsistency> {
+    let idx: Vec<u64> = pairs.iter().flat_map(|p| [p.t, p.t + p.dt]).collect();
+    let frames = decode_frames(path, &idx, cfg.height, cfg.width)?;
+    let map = |k: u64| -> Result<Map> {
+        let f = frames.get(&k).ok_or_else(|| PrepError::Video {
+            path: path.display().to_string(),
+            reason: format!("frame {k} could not be decoded"),
+        })?;
+        Ok(Map::from_hwc_u8(f.height, f.width, &f.rgb))
+    };
+    let col = |name: &str| {
+        FLOW_STAT_NAMES
+            .iter()
+            .position(|n| *n == name)
+            .expect("stat")
+    };
+    let t0 = std::time::Instant::now();
+    let mut rows = Vec::new();
+    for p in pairs {
+        let (f1, f2) = (map(p.t)?, map(p.t + p.dt)?);
+        let zero = photometric_error(&f1, &f2, &Map::zeros(2, f1.h, f1.w));
+        // One pair per batch, as `prep --batch-size 1` computes it.
+        let st = flow_batch(model, &[(f1, f2)], false)?.remove(0).stats;
+        rows.push(PairConsistency {
+            t: p.t,
+            dt: p.dt,
+            occluded_frac: f64::from(st[col("occluded_frac")]),
+            fb_error: f64::from(st[col("fb_error")]),
+            photometric_error: f64::from(st[col("photometric_error")]),
+            photometric_zero: zero,
+        });
+    }
+    let of = |g: fn(&PairConsistency) -> f64| agg(&rows.iter().map(g).collect::<Vec<_>>());
+    Ok(ClipConsistency {
+        video: video.path.clone(),
+        size: [cfg.height, cfg.width],
+        occluded_frac: of(|r| r.occluded_frac),
+        fb_error: of(|r| r.fb_error),
+        photometric_error: of(|r| r.photometric_error),
+        photometric_zero: of(|r| r.photometric_zero),
+        seconds: t0.elapsed().as_secs_f64(),
+        pairs: rows,
+    })
 }
 
 #[cfg(test)]

@@ -7,10 +7,12 @@
 
 use crate::tools::ort_environment;
 use crate::{PrepError, Result};
-use ort::session::Session;
-use ort::value::TensorRef;
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, Session};
+use ort::value::{Tensor, TensorRef};
 use poodle_common::flowmath::{resize_bilinear, resize_flow, Map};
 use poodle_common::manifest::hex;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -67,6 +69,9 @@ pub struct FlowModel {
     pub card_path: PathBuf,
     pub model_sha256: String,
     session: Session,
+    device: Device,
+    /// The I/O binding path, when on (see [`FlowModel::set_io_binding`]).
+    bound: Option<Bound>,
     _env: ort::environment::Environment,
 }
 
@@ -165,6 +170,8 @@ impl FlowModel {
             card_path: card_path.to_path_buf(),
             model_sha256,
             session,
+            device,
+            bound: None,
             _env: env,
         };
         // One tiny inference proves the card's shapes and units match the model.
@@ -187,25 +194,21 @@ impl FlowModel {
         (round(h), round(w))
     }
 
-    fn to_input(&self, img: &Image, mh: usize, mw: usize, out: &mut Vec<f32>) {
-        let resized;
-        let src = if (img.h, img.w) == (mh, mw) {
-            img
+    /// Runs every later batch through an I/O binding: inputs are written straight into
+    /// tensors of the session's input memory (pinned host memory for CUDA, so the upload is
+    /// one DMA copy) and bound once per batch, and the output is bound to host memory, so it
+    /// comes back in one copy after the run. Off: plain `Session::run` with host arrays.
+    pub fn set_io_binding(&mut self, on: bool) -> Result<()> {
+        self.bound = if on {
+            Some(Bound::new(&self.session, self.device)?)
         } else {
-            resized = resize_bilinear(img, mh, mw);
-            &resized
+            None
         };
-        let [lo, hi] = self.card.value_range;
-        let scale = (hi - lo) / 255.0;
-        let n = mh * mw;
-        let order: [usize; 3] = if self.card.channel_order == "BGR" {
-            [2, 1, 0]
-        } else {
-            [0, 1, 2]
-        };
-        for &c in &order {
-            out.extend(src.data[c * n..(c + 1) * n].iter().map(|&v| v * scale + lo));
-        }
+        Ok(())
+    }
+
+    pub fn io_binding(&self) -> bool {
+        self.bound.is_some()
     }
 
     /// Flow from the first to the second image of each pair, at the images' resolution,
@@ -215,59 +218,249 @@ impl FlowModel {
             return Ok(vec![]);
         };
         let (h, w) = (first.h, first.w);
-        let (mh, mw) = self.model_size(h, w);
-        let b = pairs.len();
-        let mut in1 = Vec::with_capacity(b * 3 * mh * mw);
-        let mut in2 = Vec::with_capacity(b * 3 * mh * mw);
-        for (a, c) in pairs {
-            if (a.h, a.w, c.h, c.w) != (h, w, h, w) {
-                return Err(PrepError::Usage(
-                    "all images of a flow batch must share one size".into(),
-                ));
-            }
-            self.to_input(a, mh, mw, &mut in1);
-            self.to_input(c, mh, mw, &mut in2);
+        if pairs
+            .iter()
+            .any(|(a, c)| (a.h, a.w, c.h, c.w) != (h, w, h, w))
+        {
+            return Err(PrepError::Usage(
+                "all images of a flow batch must share one size".into(),
+            ));
         }
-        let shape = [b as i64, 3, mh as i64, mw as i64];
+        let (mh, mw) = self.model_size(h, w);
+        let shape = [pairs.len() as i64, 3, mh as i64, mw as i64];
+        if self.bound.is_some() {
+            self.run_bound(pairs, shape, (h, w))
+        } else {
+            self.run_plain(pairs, shape, (h, w))
+        }
+    }
+
+    fn run_plain(
+        &mut self,
+        pairs: &[(&Image, &Image)],
+        shape: [i64; 4],
+        hw: (usize, usize),
+    ) -> Result<Vec<Map>> {
+        let len = (shape[0] * 3 * shape[2] * shape[3]) as usize;
+        let (mut in1, mut in2) = (vec![0f32; len], vec![0f32; len]);
+        fill_inputs(
+            &self.card,
+            pairs,
+            (shape[2] as usize, shape[3] as usize),
+            &mut in1,
+            &mut in2,
+        );
         let t1 = TensorRef::from_array_view((shape, in1.as_slice()))?;
         let t2 = TensorRef::from_array_view((shape, in2.as_slice()))?;
-        let (n1, n2, no) = (
-            self.card.inputs[0].clone(),
-            self.card.inputs[1].clone(),
-            self.card.output.clone(),
-        );
-        let outputs = self
+        let (n1, n2) = (self.card.inputs[0].clone(), self.card.inputs[1].clone());
+        let (no, path) = (self.card.output.clone(), self.card_path.clone());
+        let outputs = match self
             .session
             .run(ort::inputs![n1.as_str() => t1, n2.as_str() => t2])
-            .map_err(|e| PrepError::Model {
-                path: self.card_path.clone(),
-                reason: format!("inference failed on a {b}x3x{mh}x{mw} batch: {e}"),
-            })?;
+        {
+            Ok(o) => o,
+            Err(e) => return Err(infer_err(&path, shape, e)),
+        };
         let (oshape, data) = outputs[no.as_str()].try_extract_tensor::<f32>()?;
-        let dims: Vec<i64> = oshape.iter().copied().collect();
-        if dims.len() != 4 || dims[0] != b as i64 || dims[1] != 2 {
-            return Err(PrepError::Model {
-                path: self.card_path.clone(),
-                reason: format!("output {no:?} has shape {dims:?}, expected [{b}, 2, H, W]"),
-            });
+        split_output(&self.card_path, &no, oshape, data, shape[0] as usize, hw)
+    }
+
+    fn run_bound(
+        &mut self,
+        pairs: &[(&Image, &Image)],
+        shape: [i64; 4],
+        hw: (usize, usize),
+    ) -> Result<Vec<Map>> {
+        let mut bound = self.bound.take().expect("bound path");
+        let r = self.run_with(&mut bound, pairs, shape, hw);
+        self.bound = Some(bound);
+        r
+    }
+
+    /// One batch through `bound`: fill its input tensors, bind them, run, copy out.
+    fn run_with(
+        &mut self,
+        bound: &mut Bound,
+        pairs: &[(&Image, &Image)],
+        shape: [i64; 4],
+        hw: (usize, usize),
+    ) -> Result<Vec<Map>> {
+        let (t1, t2) = bound.inputs(shape, &self.card.output)?;
+        let (mh, mw) = (shape[2] as usize, shape[3] as usize);
+        fill_inputs(
+            &self.card,
+            pairs,
+            (mh, mw),
+            t1.extract_tensor_mut().1,
+            t2.extract_tensor_mut().1,
+        );
+        bound.bind(&self.card.inputs)?;
+        let (no, path) = (self.card.output.clone(), self.card_path.clone());
+        let outputs = match self.session.run_binding(&bound.binding) {
+            Ok(o) => o,
+            Err(e) => return Err(infer_err(&path, shape, e)),
+        };
+        let (oshape, data) = outputs[no.as_str()].try_extract_tensor::<f32>()?;
+        split_output(&self.card_path, &no, oshape, data, shape[0] as usize, hw)
+    }
+}
+
+/// Writes `img` in the model's input form (resized, value range, channel order) into
+/// `out` (3 x mh x mw).
+fn to_input(card: &ModelCard, img: &Image, mh: usize, mw: usize, out: &mut [f32]) {
+    let resized;
+    let src = if (img.h, img.w) == (mh, mw) {
+        img
+    } else {
+        resized = resize_bilinear(img, mh, mw);
+        &resized
+    };
+    let [lo, hi] = card.value_range;
+    let scale = (hi - lo) / 255.0;
+    let n = mh * mw;
+    let order: [usize; 3] = if card.channel_order == "BGR" {
+        [2, 1, 0]
+    } else {
+        [0, 1, 2]
+    };
+    for (k, &c) in order.iter().enumerate() {
+        for (o, &v) in out[k * n..(k + 1) * n]
+            .iter_mut()
+            .zip(&src.data[c * n..(c + 1) * n])
+        {
+            *o = v * scale + lo;
         }
-        let (oh, ow) = (dims[2] as usize, dims[3] as usize);
-        let per = 2 * oh * ow;
-        Ok((0..b)
-            .map(|i| {
-                let m = Map {
-                    c: 2,
-                    h: oh,
-                    w: ow,
-                    data: data[i * per..(i + 1) * per].to_vec(),
-                };
-                if (oh, ow) == (h, w) {
-                    m
-                } else {
-                    resize_flow(&m, h, w)
-                }
-            })
-            .collect())
+    }
+}
+
+/// Fills both input batches (first and second images of each pair), one image per task.
+fn fill_inputs(
+    card: &ModelCard,
+    pairs: &[(&Image, &Image)],
+    (mh, mw): (usize, usize),
+    in1: &mut [f32],
+    in2: &mut [f32],
+) {
+    let len = 3 * mh * mw;
+    in1.par_chunks_mut(len)
+        .zip(in2.par_chunks_mut(len))
+        .zip(pairs.par_iter())
+        .for_each(|((a, b), (x, y))| {
+            to_input(card, x, mh, mw, a);
+            to_input(card, y, mh, mw, b);
+        });
+}
+
+/// An inference failure, naming the model and the batch shape.
+fn infer_err(card_path: &Path, shape: [i64; 4], e: impl std::fmt::Display) -> PrepError {
+    PrepError::Model {
+        path: card_path.to_path_buf(),
+        reason: format!(
+            "inference failed on a {}x{}x{}x{} batch: {e}",
+            shape[0], shape[1], shape[2], shape[3]
+        ),
+    }
+}
+
+/// The model's (N, 2, H', W') output as N flows at (h, w), vectors rescaled when resized.
+fn split_output(
+    card_path: &Path,
+    name: &str,
+    oshape: &ort::value::Shape,
+    data: &[f32],
+    b: usize,
+    (h, w): (usize, usize),
+) -> Result<Vec<Map>> {
+    let dims: Vec<i64> = oshape.iter().copied().collect();
+    if dims.len() != 4 || dims[0] != b as i64 || dims[1] != 2 {
+        return Err(PrepError::Model {
+            path: card_path.to_path_buf(),
+            reason: format!("output {name:?} has shape {dims:?}, expected [{b}, 2, H, W]"),
+        });
+    }
+    let (oh, ow) = (dims[2] as usize, dims[3] as usize);
+    let per = 2 * oh * ow;
+    Ok(data
+        .par_chunks(per)
+        .map(|c| {
+            let m = Map {
+                c: 2,
+                h: oh,
+                w: ow,
+                data: c.to_vec(),
+            };
+            if (oh, ow) == (h, w) {
+                m
+            } else {
+                resize_flow(&m, h, w)
+            }
+        })
+        .collect())
+}
+
+/// The I/O binding of a session and its input tensors, reused while the batch shape stays.
+struct Bound {
+    binding: IoBinding,
+    allocator: Allocator,
+    inputs: Option<([i64; 4], Tensor<f32>, Tensor<f32>)>,
+}
+
+impl Bound {
+    fn new(session: &Session, device: Device) -> Result<Self> {
+        let allocator = match device {
+            Device::Cpu => Allocator::default(),
+            // Pinned host memory: the upload to the GPU is a single DMA transfer.
+            Device::Cuda(id) => Allocator::new(
+                session,
+                MemoryInfo::new(
+                    AllocationDevice::CUDA_PINNED,
+                    id,
+                    AllocatorType::Device,
+                    MemoryType::CPUInput,
+                )?,
+            )?,
+        };
+        let binding = session.create_binding()?;
+        Ok(Bound {
+            binding,
+            allocator,
+            inputs: None,
+        })
+    }
+
+    /// The input tensors for a batch of `shape`, allocated when the shape changes; the output
+    /// is bound anew then too (ORT keeps the first output it allocated, of the old shape).
+    fn inputs(
+        &mut self,
+        shape: [i64; 4],
+        output: &str,
+    ) -> Result<(&mut Tensor<f32>, &mut Tensor<f32>)> {
+        if self.inputs.as_ref().is_none_or(|(s, _, _)| *s != shape) {
+            self.binding.clear_outputs();
+            // Output into host memory: one copy back per batch, whatever the device.
+            let host = MemoryInfo::new(
+                AllocationDevice::CPU,
+                0,
+                AllocatorType::Device,
+                MemoryType::Default,
+            )?;
+            self.binding.bind_output_to_device(output, &host)?;
+            let (a, b) = (
+                Tensor::new(&self.allocator, shape)?,
+                Tensor::new(&self.allocator, shape)?,
+            );
+            self.inputs = Some((shape, a, b));
+        }
+        let (_, a, b) = self.inputs.as_mut().expect("allocated");
+        Ok((a, b))
+    }
+
+    /// Binds the filled input tensors (for a device session, this is where they are copied).
+    fn bind(&mut self, names: &[String; 2]) -> Result<()> {
+        let (_, a, b) = self.inputs.as_ref().expect("filled");
+        self.binding.bind_input(names[0].as_str(), a)?;
+        self.binding.bind_input(names[1].as_str(), b)?;
+        Ok(())
     }
 }
 

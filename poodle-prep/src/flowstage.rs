@@ -36,17 +36,29 @@ pub struct FlowOut {
     pub median_mag: f32,
 }
 
-/// Flow for a batch of frame pairs (planar RGB 0..255): (f1, f2) then (f2, f1) in one call.
+/// Flow for a batch of frame pairs (planar RGB 0..255), then occlusion and statistics.
 pub fn flow_batch(
     model: &mut FlowModel,
     imgs: &[(Map, Map)],
     keep_bwd: bool,
 ) -> Result<Vec<FlowOut>> {
+    let flows = infer_batch(model, imgs)?;
+    Ok(finish_batch(imgs, &flows, keep_bwd))
+}
+
+/// The model's part: forward flows of the batch, then backward flows, from one model call
+/// ((f1, f2) for every pair, then (f2, f1)), so the inputs go to the device once.
+pub fn infer_batch(model: &mut FlowModel, imgs: &[(Map, Map)]) -> Result<Vec<Map>> {
     let mut inputs: Vec<(&Map, &Map)> = imgs.iter().map(|(a, b)| (a, b)).collect();
     inputs.extend(imgs.iter().map(|(a, b)| (b, a)));
-    let flows = model.flow(&inputs)?;
+    model.flow(&inputs)
+}
+
+/// The CPU part after the model, per pair on rayon: occlusion, statistics, quantisation.
+/// Runs beside the next batch's inference in the prep pipeline.
+pub fn finish_batch(imgs: &[(Map, Map)], flows: &[Map], keep_bwd: bool) -> Vec<FlowOut> {
     let n = imgs.len();
-    Ok((0..n)
+    (0..n)
         .into_par_iter()
         .map(|i| {
             let (fwd, bwd) = (&flows[i], &flows[n + i]);
@@ -65,7 +77,7 @@ pub fn flow_batch(
                 median_mag: st.median_mag,
             }
         })
-        .collect())
+        .collect()
 }
 
 /// Why a pair is degenerate, if it is: a black frame (mean below 8 of 255) or frozen frames

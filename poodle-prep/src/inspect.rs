@@ -1,6 +1,7 @@
 //! `inspect`: a summary of a store; `show`: one pair as a PNG (both frames, the flow as a
 //! colour wheel, the occlusion mask).
 
+use crate::quality::{agg, group_quality, quality_lines, GroupQuality};
 use crate::{PrepError, Result};
 use poodle_common::flowmath::{flow_to_color, write_png_rgb, Map};
 use poodle_common::store::PoodleStore;
@@ -23,6 +24,8 @@ pub struct FlowGroupSummary {
     pub model_sha256: String,
     pub backward: bool,
     pub stats: Vec<StatSummary>,
+    /// Occluded fraction, forward-backward and photometric error per store and per video.
+    pub quality: GroupQuality,
 }
 
 #[derive(Debug, Serialize)]
@@ -43,7 +46,9 @@ pub struct Inspection {
     pub flow_groups: Vec<FlowGroupSummary>,
 }
 
-pub fn inspect(path: &Path) -> Result<Inspection> {
+/// Summarises the store at `path`; flow groups whose median occluded fraction is above
+/// `max_occluded_median` carry a warning.
+pub fn inspect(path: &Path, max_occluded_median: f32) -> Result<Inspection> {
     let s = PoodleStore::open(path)?;
     let a = &s.attrs;
     let valid = s.read_all_valid()?;
@@ -64,11 +69,11 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
                     .map(|(r, _)| r[j])
                     .collect();
                 col.sort_by(|x, y| x.total_cmp(y));
-                let n = col.len().max(1) as f32;
+                let a = agg(&col.iter().map(|&v| f64::from(v)).collect::<Vec<_>>());
                 StatSummary {
                     name: sname.clone(),
-                    mean: col.iter().sum::<f32>() / n,
-                    median: col.get(col.len() / 2).copied().unwrap_or(f32::NAN),
+                    mean: a.mean as f32,
+                    median: a.median as f32,
                     min: col.first().copied().unwrap_or(f32::NAN),
                     max: col.last().copied().unwrap_or(f32::NAN),
                 }
@@ -80,6 +85,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
             model_sha256: fa.model_sha256.clone(),
             backward: fa.backward,
             stats,
+            quality: group_quality(&s, name, max_occluded_median)?,
         });
     }
     let bytes = s.disk_usage();
@@ -140,6 +146,12 @@ pub fn print_inspection(i: &Inspection) {
                 "  {:<20} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
                 s.name, s.mean, s.median, s.min, s.max
             );
+        }
+        for line in quality_lines(&g.quality) {
+            println!("{line}");
+        }
+        if let Some(w) = &g.quality.warning {
+            println!("warning: {w}");
         }
     }
 }

@@ -174,6 +174,10 @@ pub struct Summary {
     pub decode: StageStats,
     pub flow: StageStats,
     pub write: StageStats,
+    /// Occlusion, statistics and quantisation (beside inference).
+    pub occlusion: StageStats,
+    /// Occluded fraction, forward-backward and photometric error per store and per video.
+    pub flow_quality: crate::quality::GroupQuality,
 }
 
 impl SkippedPair {

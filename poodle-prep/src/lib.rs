@@ -12,6 +12,7 @@ pub mod inspect;
 pub mod job;
 pub mod pipeline;
 pub mod plan;
+pub mod quality;
 pub mod reflow;
 pub mod tools;
 

@@ -31,6 +31,9 @@ enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Warn when a flow group's median occluded fraction is above this.
+        #[arg(long, default_value_t = poodle_prep::quality::DEFAULT_MAX_OCCLUDED_MEDIAN)]
+        max_occluded_median: f32,
     },
     /// Recompute flow and occlusion over a finished store with another model (no video
     /// decoding) into its own flow group; rerun to resume.
@@ -71,6 +74,10 @@ struct ModelArgs {
     /// ONNX Runtime intra-op threads on CPU (0: all cores).
     #[arg(long, default_value_t = 0)]
     flow_threads: usize,
+    /// Run the model with plain host arrays instead of an ort I/O binding (inputs written
+    /// into the session's input memory and bound once per batch, output copied back once).
+    #[arg(long)]
+    no_io_binding: bool,
 }
 
 impl ModelArgs {
@@ -98,6 +105,10 @@ struct FlowOutputArgs {
     /// Pairs per flow batch (recommended: 4 on a GPU, 1-2 on CPU).
     #[arg(long, default_value_t = 2)]
     batch_size: usize,
+    /// Warn (naming the model and the videos) when the store's median occluded fraction is
+    /// above this.
+    #[arg(long, default_value_t = poodle_prep::quality::DEFAULT_MAX_OCCLUDED_MEDIAN)]
+    max_occluded_median: f32,
 }
 
 #[derive(clap::Args)]
@@ -120,6 +131,16 @@ struct EvalFlowArgs {
     /// Folder with the known pairs (Middlebury RubberWhale, KITTI).
     #[arg(long, default_value = "../shared/data/flow")]
     data: PathBuf,
+    /// Real videos without ground truth for the consistency check (occluded fraction,
+    /// forward-backward and photometric error); skipped when absent.
+    #[arg(long, default_value = "../shared/data/video")]
+    videos: PathBuf,
+    /// The dataset config whose frame size and gaps the video pairs follow.
+    #[arg(long, default_value = "manifests/sample.json")]
+    video_config: PathBuf,
+    /// Pairs per video for the consistency check (0: none).
+    #[arg(long, default_value_t = 4)]
+    video_pairs: usize,
     /// Extra pairs: IMG1,IMG2,GT (GT: Middlebury .flo or KITTI 16-bit .png). Repeatable.
     #[arg(long, value_delimiter = ';')]
     pair: Vec<String>,
@@ -199,6 +220,50 @@ struct PrepArgs {
     quiet: bool,
 }
 
+/// The real-video consistency rows of `eval-flow` (no ground truth).
+fn print_clips(clips: &[poodle_prep::evalflow::ClipConsistency]) {
+    if clips.is_empty() {
+        return;
+    }
+    println!(
+        "{:<28} {:>9} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "video (no ground truth)",
+        "size",
+        "pairs",
+        "occ med",
+        "occ mean",
+        "fb med",
+        "photo md",
+        "photo0",
+        "time s"
+    );
+    for c in clips {
+        println!(
+            "{:<28} {:>9} {:>5} {:>8.3} {:>8.3} {:>8.3} {:>8.2} {:>8.2} {:>8.2}",
+            c.video,
+            format!("{}x{}", c.size[1], c.size[0]),
+            c.pairs.len(),
+            c.occluded_frac.median,
+            c.occluded_frac.mean,
+            c.fb_error.median,
+            c.photometric_error.median,
+            c.photometric_zero.median,
+            c.seconds
+        );
+    }
+    println!("occ: occluded fraction (forward-backward check); fb: forward-backward error px; photo: photometric error over non-occluded pixels; photo0: with zero flow over all pixels");
+}
+
+/// The end-of-job quality table and its warning, on stderr (stdout carries the JSON).
+fn report_quality(q: &poodle_prep::quality::GroupQuality) {
+    for line in poodle_prep::quality::quality_lines(q) {
+        eprintln!("{line}");
+    }
+    if let Some(w) = &q.warning {
+        eprintln!("warning: {w}");
+    }
+}
+
 fn check_model_tools() -> Result<()> {
     poodle_prep::tools::check_ffmpeg()?;
     Ok(())
@@ -222,12 +287,14 @@ fn main() -> Result<()> {
                 flow_group: a.output.flow_group,
                 store_backward: !a.output.no_backward,
                 batch_size: a.output.batch_size,
+                io_binding: !a.model.no_io_binding,
                 decode_workers: a.decode_workers,
                 flow_threads: threads,
                 show_progress: !a.quiet,
                 max_pairs: a.max_pairs,
                 min_median_flow: a.min_median_flow,
                 drop_degenerate: a.drop_degenerate,
+                max_occluded_median: a.output.max_occluded_median,
             };
             let s = run_prep(&opts).context("prep failed")?;
             eprintln!(
@@ -252,6 +319,7 @@ fn main() -> Result<()> {
             for sv in &s.skipped_videos {
                 eprintln!("skipped video {}: {}", sv.path, sv.reason);
             }
+            report_quality(&s.flow_quality);
             println!("{}", serde_json::to_string(&s)?);
         }
         Cmd::Flow(a) => {
@@ -263,14 +331,17 @@ fn main() -> Result<()> {
                 flow_group: a.output.flow_group,
                 store_backward: !a.output.no_backward,
                 batch_size: a.output.batch_size,
+                io_binding: !a.model.no_io_binding,
                 flow_threads: a.model.threads(),
                 show_progress: !a.quiet,
+                max_occluded_median: a.output.max_occluded_median,
             };
             let s = poodle_prep::reflow::run_reflow(&opts).context("flow failed")?;
             eprintln!(
                 "flow: group {} over {}: {} pairs flowed, {} shards ({} resumed), {} bytes, {:.1} s",
                 s.flow_group, s.store, s.pairs_flowed, s.shards_total, s.shards_resumed, s.group_bytes, s.wall_s
             );
+            report_quality(&s.flow_quality);
             println!("{}", serde_json::to_string(&s)?);
         }
         Cmd::EvalFlow(a) => {
@@ -288,10 +359,12 @@ fn main() -> Result<()> {
                     parts[2].into(),
                 ));
             }
+            let use_videos = a.video_pairs > 0 && a.videos.is_dir();
             anyhow::ensure!(
-                !pairs.is_empty(),
-                "no pairs: {} has none of the known files and no --pair was given",
-                a.data.display()
+                !pairs.is_empty() || use_videos,
+                "no pairs: {} has none of the known files, {} is not a folder and no --pair was given",
+                a.data.display(),
+                a.videos.display()
             );
             check_model_tools()?;
             let ort = poodle_prep::tools::find_ort_library(a.model.ort_lib.as_deref())?;
@@ -301,15 +374,23 @@ fn main() -> Result<()> {
                 &ort,
                 a.model.threads(),
             )?;
+            model.set_io_binding(!a.model.no_io_binding)?;
             let mut rows = Vec::new();
             for (name, i1, i2, gt) in &pairs {
                 rows.push(eval_pair(&mut model, name, i1, i2, gt)?);
             }
+            let clips = if use_videos {
+                let cfg = DatasetConfig::load(&a.video_config)?;
+                poodle_prep::evalflow::eval_clips(&mut model, &cfg, &a.videos, a.video_pairs)
+                    .with_context(|| format!("consistency check on {}", a.videos.display()))?
+            } else {
+                vec![]
+            };
             if a.json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(
-                        &serde_json::json!({"model": model.card.name, "model_sha256": model.model_sha256, "pairs": rows})
+                        &serde_json::json!({"model": model.card.name, "model_sha256": model.model_sha256, "pairs": rows, "videos": clips})
                     )?
                 );
             } else {
@@ -332,6 +413,7 @@ fn main() -> Result<()> {
                     );
                 }
                 println!("photo: mean |frame1 - warp(frame2)| (0-255) with the predicted flow; photo0 with zero flow; photoGT with the ground truth where it is valid");
+                print_clips(&clips);
             }
         }
         Cmd::Discover(d) => {
@@ -365,8 +447,12 @@ fn main() -> Result<()> {
                 serde_json::json!({"videos": m.videos.len(), "videos_skipped": m.skipped.len() + skipped.len(), "pairs": pairs.len(), "manifest": out.join("manifest"), "disk": plan})
             );
         }
-        Cmd::Inspect { store, json } => {
-            let i = poodle_prep::inspect::inspect(&store)?;
+        Cmd::Inspect {
+            store,
+            json,
+            max_occluded_median,
+        } => {
+            let i = poodle_prep::inspect::inspect(&store, max_occluded_median)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&i)?);
             } else {

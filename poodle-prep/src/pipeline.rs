@@ -9,7 +9,7 @@
 use crate::decode::{decode_image, stream_frames, Frame};
 use crate::discover::probe_all;
 use crate::flowmodel::{Device, FlowModel};
-use crate::flowstage::{degenerate, flow_attrs, flow_batch, FlowOut};
+use crate::flowstage::{degenerate, finish_batch, flow_attrs, infer_batch, FlowOut};
 use crate::job::{JobDir, Plan, ShardDone, SkippedPair, StageStats, Summary};
 use crate::tools::{check_ffmpeg, find_ort_library};
 use crate::{PrepError, Result};
@@ -43,6 +43,8 @@ pub struct PrepOptions {
     pub flow_group: Option<String>,
     pub store_backward: bool,
     pub batch_size: usize,
+    /// Run the model through an ort I/O binding (see `FlowModel::set_io_binding`).
+    pub io_binding: bool,
     pub decode_workers: usize,
     pub flow_threads: usize,
     pub show_progress: bool,
@@ -52,6 +54,8 @@ pub struct PrepOptions {
     pub min_median_flow: Option<f32>,
     /// Skip pairs with a black frame or two identical (frozen) frames.
     pub drop_degenerate: bool,
+    /// Warn when the store's median occluded fraction is above this.
+    pub max_occluded_median: f32,
 }
 
 /// The probed manifest cached under OUT/manifest/, shared by all parts of a job.
@@ -124,6 +128,57 @@ struct PairOut {
     slot: usize,
     frames: Vec<u8>,
     flow: FlowOut,
+}
+
+/// A batch after inference, on its way to occlusion and statistics.
+struct Inferred {
+    batch: Vec<(usize, Frame, Frame)>,
+    imgs: Vec<(Map, Map)>,
+    flows: Vec<Map>,
+}
+
+/// Occlusion, statistics and the near-static filter for each inferred batch; returns the
+/// seconds spent.
+fn post_stage(
+    rx: Receiver<Inferred>,
+    tx: Sender<Flowed>,
+    pb: &ProgressBar,
+    opts: &PrepOptions,
+) -> f64 {
+    let mut busy = 0.0;
+    for inf in rx {
+        let t0 = Instant::now();
+        let outs = finish_batch(&inf.imgs, &inf.flows, opts.store_backward);
+        busy += t0.elapsed().as_secs_f64();
+        for ((slot, f1, f2), flow) in inf.batch.into_iter().zip(outs) {
+            pb.inc(1);
+            if tx
+                .send(flowed(slot, &f1, &f2, flow, opts.min_median_flow))
+                .is_err()
+            {
+                return busy;
+            }
+        }
+    }
+    busy
+}
+
+/// A flowed pair for the writer, or its skip when it is near-static.
+fn flowed(slot: usize, f1: &Frame, f2: &Frame, flow: FlowOut, min_median: Option<f32>) -> Flowed {
+    match min_median {
+        Some(min) if flow.median_mag < min => Flowed::Failed {
+            slot,
+            reason: format!(
+                "near-static: median flow {:.2} px < {min} px",
+                flow.median_mag
+            ),
+        },
+        _ => {
+            let mut frames = f1.to_planar();
+            frames.extend(f2.to_planar());
+            Flowed::Ok(Box::new(PairOut { slot, frames, flow }))
+        }
+    }
 }
 
 enum Flowed {
@@ -269,6 +324,7 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
     check_ffmpeg()?;
     let ort_lib = find_ort_library(opts.ort_lib.as_deref())?;
     let mut model = FlowModel::load(&opts.model_card, opts.device, &ort_lib, opts.flow_threads)?;
+    model.set_io_binding(opts.io_binding)?;
     let flow_group = opts
         .flow_group
         .clone()
@@ -406,6 +462,7 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
     let mut dec_stats = StageStats::default();
     let mut flow_stats_s = StageStats::default();
     let mut write_stats = StageStats::default();
+    let mut post_stats = StageStats::default();
     let mut newly_done: Vec<ShardDone> = Vec::new();
 
     std::thread::scope(|scope| -> Result<()> {
@@ -482,7 +539,16 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
             })
         };
 
-        // Stage 2: flow in fixed slot groups, occlusion and statistics on rayon.
+        // Stage 2b: occlusion, statistics and quantisation on rayon, beside the next batch's
+        // inference, so that the model never waits for them.
+        let (tx_inf, rx_inf) = bounded::<Inferred>(2);
+        let post_handle = {
+            let tx = tx_flow.clone();
+            let pb = pb_flow.clone();
+            scope.spawn(move || post_stage(rx_inf, tx, &pb, opts))
+        };
+
+        // Stage 2: flow in fixed slot groups (forward and backward in one model call).
         let t_flow = Instant::now();
         let mut flow_busy = 0.0;
         let b = opts.batch_size;
@@ -527,28 +593,11 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
                     )
                 })
                 .collect();
-            match flow_batch(&mut model, &imgs, opts.store_backward) {
-                Ok(outs) => {
+            match infer_batch(&mut model, &imgs) {
+                Ok(flows) => {
                     flow_busy += t0.elapsed().as_secs_f64();
-                    for ((slot, f1, f2), flow) in batch.into_iter().zip(outs) {
-                        pb_flow.inc(1);
-                        let item = match opts.min_median_flow {
-                            Some(min) if flow.median_mag < min => Flowed::Failed {
-                                slot,
-                                reason: format!(
-                                    "near-static: median flow {:.2} px < {min} px",
-                                    flow.median_mag
-                                ),
-                            },
-                            _ => {
-                                let mut frames = f1.to_planar();
-                                frames.extend(f2.to_planar());
-                                Flowed::Ok(Box::new(PairOut { slot, frames, flow }))
-                            }
-                        };
-                        if tx_flow.send(item).is_err() {
-                            break;
-                        }
+                    if tx_inf.send(Inferred { batch, imgs, flows }).is_err() {
+                        break;
                     }
                 }
                 Err(e) => {
@@ -557,8 +606,10 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
                 }
             }
         }
+        drop(tx_inf);
         drop(tx_flow);
         let dec_s = dec_handle.join().expect("decode thread");
+        let post_busy = post_handle.join().expect("occlusion thread");
         let (finished, write_busy) = write_handle.join().expect("writer thread")?;
         if let Some(e) = flow_err {
             return Err(e);
@@ -573,6 +624,11 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
             items: n_todo,
             busy_s: flow_busy,
             per_s: n_todo as f64 / flow_busy.max(1e-9),
+        };
+        post_stats = StageStats {
+            items: n_todo,
+            busy_s: post_busy,
+            per_s: n_todo as f64 / post_busy.max(1e-9),
         };
         write_stats = StageStats {
             items: n_todo,
@@ -615,6 +671,12 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
     let skipped_pairs: Vec<SkippedPair> = done.values().flat_map(|d| d.skipped.clone()).collect();
     let written: usize = done.values().map(|d| d.pairs_written).sum();
     let store_bytes = poodle_common::store::dir_size(&store);
+    // Read back from the finished store, so resumed shards count as much as new ones.
+    let flow_quality = crate::quality::group_quality(
+        &poodle_common::store::PoodleStore::open(&store)?,
+        &flow_group,
+        opts.max_occluded_median,
+    )?;
     let summary = Summary {
         store: store.display().to_string(),
         part_index: opts.part_index,
@@ -638,6 +700,8 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
         decode: dec_stats,
         flow: flow_stats_s,
         write: write_stats,
+        occlusion: post_stats,
+        flow_quality,
     };
     write_json_atomic(&store.with_extension("summary.json"), &summary)?;
     Ok(summary)

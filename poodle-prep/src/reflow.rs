@@ -8,6 +8,7 @@
 use crate::flowmodel::{Device, FlowModel};
 use crate::flowstage::{flow_attrs, flow_batch};
 use crate::job::{JobDir, ShardDone, StageStats};
+use crate::quality::{group_quality, GroupQuality};
 use crate::tools::find_ort_library;
 use crate::{PrepError, Result};
 use crossbeam_channel::bounded;
@@ -27,8 +28,12 @@ pub struct ReflowOptions {
     pub flow_group: Option<String>,
     pub store_backward: bool,
     pub batch_size: usize,
+    /// Run the model through an ort I/O binding (see `FlowModel::set_io_binding`).
+    pub io_binding: bool,
     pub flow_threads: usize,
     pub show_progress: bool,
+    /// Warn when the group's median occluded fraction is above this.
+    pub max_occluded_median: f32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -54,6 +59,8 @@ pub struct ReflowSummary {
     pub group_bytes: u64,
     pub wall_s: f64,
     pub flow: StageStats,
+    /// Occluded fraction, forward-backward and photometric error per store and per video.
+    pub flow_quality: GroupQuality,
 }
 
 /// One shard's pairs as read from the store: (slot, frames (2,3,H,W)) of valid pairs.
@@ -66,6 +73,7 @@ pub fn run_reflow(opts: &ReflowOptions) -> Result<ReflowSummary> {
     }
     let ort_lib = find_ort_library(opts.ort_lib.as_deref())?;
     let mut model = FlowModel::load(&opts.model_card, opts.device, &ort_lib, opts.flow_threads)?;
+    model.set_io_binding(opts.io_binding)?;
     let store = PoodleStore::open(&opts.store)?;
     let group = opts
         .flow_group
@@ -76,6 +84,7 @@ pub fn run_reflow(opts: &ReflowOptions) -> Result<ReflowSummary> {
         if fa.model_sha256 == model.model_sha256 && fa.card == model.card_json {
             return Ok(ReflowSummary {
                 store: opts.store.display().to_string(),
+                flow_quality: group_quality(&store, &group, opts.max_occluded_median)?,
                 flow_group: group,
                 model_sha256: model.model_sha256,
                 wall_s: start.elapsed().as_secs_f64(),
@@ -222,7 +231,14 @@ pub fn run_reflow(opts: &ReflowOptions) -> Result<ReflowSummary> {
     })?;
     pb.finish_and_clear();
     arrays.finalize_flow(&fa, &flow_attrs(&model, opts.store_backward))?;
+    // Reopened: the group's metadata exists only now.
+    let flow_quality = group_quality(
+        &PoodleStore::open(&opts.store)?,
+        &group,
+        opts.max_occluded_median,
+    )?;
     Ok(ReflowSummary {
+        flow_quality,
         store: opts.store.display().to_string(),
         flow_group: group.clone(),
         model_sha256: model.model_sha256.clone(),

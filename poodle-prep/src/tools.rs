@@ -71,8 +71,12 @@ fn venv_ort_candidates(venv: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Loads ONNX Runtime from `path` (once per process) and builds an environment.
+/// Loads ONNX Runtime from `path` (once per process) and returns the process's environment,
+/// built on first use and shared: ONNX Runtime allows one environment per process, so a second
+/// model (or a model loaded after another was dropped) must reuse it.
 pub fn ort_environment(path: &Path) -> Result<ort::environment::Environment> {
+    static ENV: std::sync::Mutex<Option<ort::environment::Environment>> =
+        std::sync::Mutex::new(None);
     static LOADED: std::sync::OnceLock<std::result::Result<(), String>> =
         std::sync::OnceLock::new();
     LOADED
@@ -83,5 +87,11 @@ pub fn ort_environment(path: &Path) -> Result<ort::environment::Environment> {
         })
         .clone()
         .map_err(PrepError::OrtLibrary)?;
-    Ok(ort::init().with_name("poodle-prep").build()?)
+    let mut env = ENV.lock().expect("ort environment");
+    if let Some(e) = env.as_ref() {
+        return Ok(e.clone());
+    }
+    let e = ort::init().with_name("poodle-prep").build()?;
+    *env = Some(e.clone());
+    Ok(e)
 }

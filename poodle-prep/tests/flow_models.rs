@@ -44,4 +44,40 @@ fn tvl1_default_model_meets_the_accuracy_bars() {
         assert!(pred < 0.6 * zero, "{r}");
     }
     assert!(kitti["fl_all"].as_f64().unwrap() < 100.0);
+    check_dashcam_rows(&v);
+}
+
+/// The real-video consistency rows: both sample clips, the sample config's gaps and size,
+/// figures that are fractions and errors, and a flow that explains the motion.
+fn check_dashcam_rows(v: &serde_json::Value) {
+    if common::shared_data("video", "dashcam-highway-720p.mp4").is_none() {
+        return;
+    }
+    let clips = v["videos"].as_array().expect("videos rows");
+    let names: Vec<&str> = clips.iter().map(|c| c["video"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["dashcam-highway-540p.mp4", "dashcam-highway-720p.mp4"],
+        "{v}"
+    );
+    for c in clips {
+        assert_eq!(c["size"], serde_json::json!([360, 640]), "{c}");
+        let pairs = c["pairs"].as_array().unwrap();
+        assert_eq!(pairs.len(), 4, "{c}");
+        let mut occ = Vec::new();
+        for p in pairs {
+            assert!((15..=30).contains(&p["dt"].as_u64().unwrap()), "{p}");
+            let f = |k: &str| p[k].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&f("occluded_frac")), "{p}");
+            assert!(f("photometric_error") < f("photometric_zero"), "{p}");
+            occ.push(f("occluded_frac"));
+        }
+        // The row's median is the median of its pairs (even count: mean of the middle two).
+        occ.sort_by(f64::total_cmp);
+        let med = 0.5 * (occ[1] + occ[2]);
+        assert!(
+            (c["occluded_frac"]["median"].as_f64().unwrap() - med).abs() < 1e-9,
+            "{c}"
+        );
+    }
 }
