@@ -62,9 +62,13 @@ pub fn device(spec: &str) -> Result<Device> {
         .strip_prefix("cuda:")
         .or_else(|| (spec == "cuda").then_some("0"))
         .with_context(|| format!("device {spec:?}: use cpu or cuda:N"))?;
-    Device::new_cuda(id.parse().with_context(|| format!("device {spec:?}"))?).with_context(|| {
-        format!("device {spec}: build poodle-train with --features cuda on a CUDA machine")
-    })
+    let dev = Device::new_cuda(id.parse().with_context(|| format!("device {spec:?}"))?)
+        .with_context(|| {
+            format!("device {spec}: build poodle-train with --features cuda on a CUDA machine")
+        })?;
+    #[cfg(feature = "cuda")]
+    crate::cuda::keep_pool_memory(&dev)?;
+    Ok(dev)
 }
 
 /// Online network, EMA target and optimiser, built from a config.
@@ -75,8 +79,8 @@ pub struct Learner {
     pub online: Online,
     pub target: Encoder,
     pub opt: AdamW,
-    online_params: Vec<(String, candle_core::Var)>,
-    target_params: Vec<(String, candle_core::Var)>,
+    pub(crate) online_params: Vec<(String, candle_core::Var)>,
+    pub(crate) target_params: Vec<(String, candle_core::Var)>,
 }
 
 impl Learner {
