@@ -37,6 +37,13 @@ trap 'cp "$tdir/Cargo.lock.keep" "$root/Cargo.lock"' EXIT
 
 for cap in $caps; do
   start=$(date +%s)
+  # A new cap starts from another cap's target dir when there is one: only candle-kernels
+  # (whose build script reruns on a new CUDA_COMPUTE_CAP) and the crates above it rebuild.
+  if [[ ! -d $tdir/sm$cap ]]; then
+    for other in "$tdir"/sm*; do
+      [[ -d $other/release ]] && { cp -a "$other" "$tdir/sm$cap"; break; }
+    done
+  fi
   CUDA_COMPUTE_CAP=$cap cargo build --release -p poodle-train -p poodle-prep \
     --features poodle-train/cuda \
     --config "patch.crates-io.candle-core.path=\"$patched\"" \

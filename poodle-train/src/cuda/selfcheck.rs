@@ -267,13 +267,13 @@ fn parity_ops(cuda: &Device, out: &mut Out) -> Result<()> {
                 // Non-trivial scale and shift.
                 for (nm, seed) in [("weight", 31u64), ("bias", 32)] {
                     let v = vm.data().lock().expect("VarMap lock")[nm].clone();
-                    v.set(&(randn(&[c], seed, dev)? * 0.5 + 1.0)?)?;
+                    v.set(&randn(&[c], seed, dev)?.affine(0.5, 1.0)?)?;
                 }
                 Ok(bn)
             };
             let (vm_c, vm_g) = (VarMap::new(), VarMap::new());
             let (bc, bg) = (mk(&cpu, &vm_c)?, mk(cuda, &vm_g)?);
-            let x = (randn(&dims, 200 + i as u64, &cpu)? * 3.0 + 0.5)?;
+            let x = randn(&dims, 200 + i as u64, &cpu)?.affine(3.0, 0.5)?;
             let run =
                 |bn: &BatchNorm, vm: &VarMap, dev: &Device, dt: DType| -> Result<Vec<Tensor>> {
                     let xv = Var::from_tensor(&x.to_device(dev)?.to_dtype(dt)?)?;
