@@ -29,6 +29,13 @@ anchor = {}
 if os.path.exists(os.path.join(out, "torch_anchor.json")):
     anchor = json.load(open(os.path.join(out, "torch_anchor.json")))
 torch_step = {r["mode"].replace("fp32", "f32"): r for r in anchor.get("runs", []) if "mode" in r}
+# torch_poodle_step.py reports a failed mode (an out-of-memory on a smaller card) on stdout only.
+log = os.path.join(out, "torch_step.log")
+if os.path.exists(log):
+    for line in open(log):
+        if line.startswith("TRAIN-FAIL"):
+            _, mode, msg = (line.rstrip("\n").split(" ", 2) + ["", ""])[:3]
+            torch_step.setdefault(mode.replace("fp32", "f32"), {"error": msg})
 
 try:
     card = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,compute_cap", "--format=csv,noheader"],
@@ -77,7 +84,9 @@ def table(title, kind, rate, torch_rows, unit):
         cr, tr = c.get(rate), t.get(rate)
         cm, tm = c.get("peak_gib"), t.get("peak_gib")
         note = "; ".join(x for x in (c.get("error") and "candle: " + c["error"][:160],
-                                      t.get("error") and "PyTorch: " + t["error"][:160]) if x)
+                                      t.get("error") and "PyTorch: " + t["error"][:160],
+                                      "loss" in c and f"candle loss {c['loss']}",
+                                      "loss" in t and f"PyTorch loss {t['loss']:.4g}") if x)
         p(f"| {prec} | {fmt(cr)} | {fmt(tr)} | {fmt(cr / tr if cr and tr else None)} | {fmt(cm)} | {fmt(tm)} | "
           f"{fmt(cm / tm if cm and tm else None)} | {note} |")
     p()

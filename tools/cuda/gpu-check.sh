@@ -9,7 +9,7 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$here/out}
 mkdir -p "$out"
-rm -f "$out/candle.jsonl" "$out/torch_trunk.jsonl" "$out/torch_anchor.json"
+rm -f "$out/candle.jsonl" "$out/torch_trunk.jsonl" "$out/torch_anchor.json" "$out/torch_step.log"
 # The driver's libcuda, the toolkit's cudart/cublas/curand, cuDNN 9 (../shared/GPU.md).
 export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/cuda/lib64:/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 
@@ -34,6 +34,6 @@ stage 60 parity "$bin" gpu-check --out "$out" --only parity
 stage 120 candle-trunk "$bin" gpu-check --out "$out" --only trunk
 stage 130 candle-step "$bin" gpu-check --out "$out" --only step
 stage 50 torch-trunk bash -c "python3 '$here/torch_trunk.py' >> '$out/torch_trunk.jsonl'"
-stage 100 torch-step env OUT="$out" python3 "$here/torch_poodle_step.py" train
+stage 100 torch-step bash -c "OUT='$out' python3 '$here/torch_poodle_step.py' train | tee '$out/torch_step.log'"
 python3 "$here/gpu_check_report.py" "$out" > "$out/RESULTS-section.md"
 cat "$out/RESULTS-section.md"

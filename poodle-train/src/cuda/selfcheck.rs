@@ -5,7 +5,7 @@
 //! paper's configuration, per precision, with peak GPU memory. One JSON object per line on
 //! stdout and in `OUT/candle.jsonl`; bench/gpu_check_report.py turns them into a table.
 
-use crate::config::TrainConfig;
+use crate::config::{Precision, TrainConfig};
 use crate::data::loader::Batch;
 use crate::geom::Affine;
 use crate::model::layers::{max_pool_3x3_s2, BatchNorm, Conv2d};
@@ -92,14 +92,15 @@ pub fn run(args: &GpuCheckArgs) -> Result<()> {
     Ok(())
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Precision {
-    F32,
-    Tf32,
-    Bf16,
+/// Parsing and applying a precision here; the training step reads it from the config.
+trait PrecisionExt: Sized {
+    fn parse(s: &str) -> Result<Self>;
+    fn name(self) -> &'static str;
+    fn apply(self);
+    fn dtype(self) -> DType;
 }
 
-impl Precision {
+impl PrecisionExt for Precision {
     fn parse(s: &str) -> Result<Self> {
         Ok(match s {
             "f32" | "fp32" => Self::F32,
@@ -117,16 +118,14 @@ impl Precision {
         }
     }
 
-    /// TF32 is on for tf32 and bf16 (PyTorch's bf16 autocast run also allows it).
+    /// TF32 is on for tf32 and bf16 (PyTorch's bf16 autocast run also allows it), as
+    /// `Learner::new` sets it.
     fn apply(self) {
-        super::set_tf32(self != Self::F32);
+        super::set_tf32(!self.is_f32());
     }
 
     fn dtype(self) -> DType {
-        match self {
-            Self::Bf16 => DType::BF16,
-            _ => DType::F32,
-        }
+        self.activation_dtype()
     }
 }
 
@@ -507,23 +506,23 @@ fn bench_trunk(dev: &Device, p: Precision, iters: usize) -> Result<Value> {
 /// The paper's step: 4 pairs at 512x1024, K = 6 subcrops of 192 px, ResNet-50 + decoder,
 /// symmetric dense and pooled losses, AdamW, EMA.
 fn bench_step(dev: &Device, p: Precision, iters: usize) -> Result<Value> {
-    anyhow::ensure!(
-        p != Precision::Bf16,
-        "bf16 for the full step needs the precision switch (issue 12 item 3), not built yet"
-    );
-    p.apply();
     let mut cfg = TrainConfig::paper();
     cfg.device = "cuda".into();
+    cfg.precision = p;
     let (h, w) = (cfg.augment.out_height, cfg.augment.out_width);
     let (k, s) = (cfg.augment.subcrops.k, cfg.augment.subcrops.size);
     let n = cfg.data.batch_size;
     let mut l = Learner::new(&cfg, dev)?;
     let b = synthetic_batch(n, h, w, k, s, dev)?;
+    let mut loss = f32::NAN;
     let secs = time_it(dev, iters, PeakFrom::Start, || {
-        train_step(&mut l, &b).map(|_| ())
+        loss = train_step(&mut l, &b)?.0.total;
+        Ok(())
     })?;
+    // A non-finite loss fails the check (bf16 overflow, a broken op), however fast.
     Ok(
         json!({"pairs": n, "res": [h, w], "k": k, "subcrop": s, "step_s": secs,
-        "pairs_per_s": n as f64 / secs, "peak_gib": peak_gib(dev)?}),
+        "pairs_per_s": n as f64 / secs, "peak_gib": peak_gib(dev)?, "loss": loss,
+        "ok": loss.is_finite()}),
     )
 }

@@ -187,8 +187,14 @@ impl Linear {
 }
 
 impl Module for Linear {
+    /// Parameters follow `x`'s dtype (f32 master weights under bf16 activations; a no-op in
+    /// f32).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+        let (w, b) = (
+            self.weight.to_dtype(x.dtype())?,
+            self.bias.to_dtype(x.dtype())?,
+        );
+        x.matmul(&w.t()?)?.broadcast_add(&b)
     }
 }
 
