@@ -37,6 +37,12 @@ for want in ('"cuda-13000"', '"dynamic-loading"'):
         sys.exit(f"patch-candle: expected one {want} after patching, table was:\n{table}")
 open(path, "w").write(text[:m.start(1)] + new + text[m.end(1):])
 PY
-rm -rf "$out/candle-core"
-mv "$out/candle-core.tmp" "$out/candle-core"
+# Keep an identical earlier copy: fresh mtimes would make cargo rebuild candle-core, candle-nn
+# and everything above them on every `make build-cuda`.
+if diff -rq "$out/candle-core.tmp" "$out/candle-core" >/dev/null 2>&1; then
+  rm -rf "$out/candle-core.tmp"
+else
+  rm -rf "$out/candle-core"
+  mv "$out/candle-core.tmp" "$out/candle-core"
+fi
 echo "$out/candle-core"

@@ -87,11 +87,15 @@ fn math_for(dt: sys::cudnnDataType_t) -> sys::cudnnMathType_t {
     }
 }
 
-/// Whether a measured result may be used: under strict f32, only FMA kernels.
-fn math_allowed(dt: sys::cudnnDataType_t, m: sys::cudnnMathType_t) -> bool {
-    !(dt == sys::cudnnDataType_t::CUDNN_DATA_FLOAT
-        && !tf32()
-        && m != sys::cudnnMathType_t::CUDNN_FMA_MATH)
+/// The math type to run a measured result with: under strict f32 the search only offered
+/// FMA kernels, but cuDNN may label them with its default math, which would allow TF32 at
+/// execution; PyTorch overrides it the same way.
+fn exec_math(dt: sys::cudnnDataType_t, measured: sys::cudnnMathType_t) -> sys::cudnnMathType_t {
+    if dt == sys::cudnnDataType_t::CUDNN_DATA_FLOAT && !tf32() {
+        sys::cudnnMathType_t::CUDNN_FMA_MATH
+    } else {
+        measured
+    }
 }
 
 /// A temporary workspace for the algorithm search: as large as allowed, smaller if the
@@ -112,8 +116,8 @@ fn search_workspace(
 
 const MAX_ALGOS: usize = 8;
 
-/// Picks the fastest successful result whose math mode is allowed; results come sorted by
-/// time.
+/// Picks the fastest successful result that fits the search workspace; results come sorted
+/// by time.
 fn pick<T: Copy>(
     op: &'static str,
     dt: sys::cudnnDataType_t,
@@ -124,15 +128,13 @@ fn pick<T: Copy>(
     results
         .iter()
         .map(fields)
-        .find(|(status, mem, math, _)| {
-            *status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
-                && *mem <= limit
-                && math_allowed(dt, *math)
+        .find(|(status, mem, _, _)| {
+            *status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && *mem <= limit
         })
         .map(|(_, workspace, math, id)| Algo {
             id,
             workspace,
-            math,
+            math: exec_math(dt, math),
         })
         .ok_or(CudaOpError::NoAlgorithm { op, limit })
 }

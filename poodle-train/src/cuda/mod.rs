@@ -14,6 +14,7 @@
 mod batchnorm;
 mod conv;
 mod handle;
+pub mod kernels;
 mod pool;
 pub mod selfcheck;
 
