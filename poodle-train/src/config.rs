@@ -281,6 +281,11 @@ impl TrainConfig {
         } else {
             serde_json::to_value(Self::preset(source)?)?
         };
+        // `precision` is left out of the JSON when f32 (see the field): make it settable.
+        if let Some(obj) = v.as_object_mut() {
+            obj.entry("precision")
+                .or_insert_with(|| serde_json::Value::String("f32".into()));
+        }
         for o in overrides {
             let (key, raw) = o
                 .split_once('=')
