@@ -43,6 +43,8 @@ try:
 except Exception:
     card = anchor.get("device", "unknown card")
 info = next((r for r in candle if r.get("kind") == "info"), {})
+if "git_sha" not in info and os.path.exists(os.path.join(out, "GIT_SHA")):
+    info["git_sha"] = open(os.path.join(out, "GIT_SHA")).read().strip()
 date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 p = print
 p(f"## gpu-check on {card}, {date}")

@@ -4,7 +4,7 @@
 #   CUDA_CAPS="90 80"  one build per compute capability (candle-kernels compiles its PTX and
 #                      its static MoE library for a single cap per build), each in its own
 #                      target dir so that switching caps never rebuilds the other.
-# Output: dist/cuda-sm<cap>/{poodle-train,poodle-prep} (stripped) and build-time.txt.
+# Output: dist/cuda-sm<cap>/{poodle-train,poodle-prep} (stripped) and build-time.txt (appended).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -54,6 +54,7 @@ for cap in $caps; do
   for bin in poodle-train poodle-prep; do
     strip -o "$out/$bin" "$tdir/sm$cap/release/$bin"
   done
-  echo "sm_$cap: cargo build ${secs}s on $(nproc) cores ($(date -u +%F)), $(du -sh "$out" | cut -f1) stripped" \
-    | tee "$out/build-time.txt"
+  # Appended: the file keeps the cold build's time beside later incremental ones.
+  echo "sm_$cap: cargo build ${secs}s on $(nproc) cores ($(date -u '+%F %H:%M UTC')), $(du -sh "$out" | cut -f1) stripped" \
+    | tee -a "$out/build-time.txt"
 done

@@ -30,10 +30,11 @@ stage() { # seconds, name, command...
   echo "{\"kind\": \"stage\", \"stage\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - t0)), \"limit\": $secs}" >> "$out/stages.jsonl"
 }
 rm -f "$out/stages.jsonl"
+cp "$here/GIT_SHA" "$out/GIT_SHA" 2>/dev/null || true
 stage 60 parity "$bin" gpu-check --out "$out" --only parity
 stage 120 candle-trunk "$bin" gpu-check --out "$out" --only trunk
 stage 130 candle-step "$bin" gpu-check --out "$out" --only step
 stage 50 torch-trunk bash -c "python3 '$here/torch_trunk.py' >> '$out/torch_trunk.jsonl'"
-stage 100 torch-step bash -c "OUT='$out' python3 '$here/torch_poodle_step.py' train | tee '$out/torch_step.log'"
+stage 100 torch-step bash -o pipefail -c "OUT='$out' python3 '$here/torch_poodle_step.py' train | tee '$out/torch_step.log'"
 python3 "$here/gpu_check_report.py" "$out" > "$out/RESULTS-section.md"
 cat "$out/RESULTS-section.md"
