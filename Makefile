@@ -12,7 +12,7 @@ DEVICE ?= cpu
 PREP_ARGS ?=
 CARGO_RELEASE := cargo build --release -p poodle-prep
 
-.PHONY: setup build build-train demo prep train experiment-camvid test fmt clippy bench bench-dp bench-prep-gpu clean
+.PHONY: setup build build-train build-cuda gpu-check demo prep train experiment-camvid test fmt clippy bench bench-dp bench-prep-gpu clean
 
 ## setup: ffmpeg/ffprobe (apt-get where it can, else the command to run), and a Python venv with
 ## PyPI's ONNX Runtime (the library ort loads) and zarr (interop tests).
@@ -40,6 +40,21 @@ demo: prep
 
 build-train:
 	cargo build --release -p poodle-train
+
+## build-cuda: poodle-train (feature cuda, cuDNN ops) and poodle-prep for GPU machines, built
+## here without a GPU: nvcc 13.0 from PyPI (.venv-cuda), candle-core patched at build time for
+## cudarc's dynamic loading, one build per compute capability in target-cuda/sm<cap>; stripped
+## binaries in dist/cuda-sm<cap>/. CUDA_CAPS="90 80" (H100/H200, A100); cold: ~25 min a cap on
+## 2 cores. Never touches target/ or the CPU build.
+CUDA_CAPS ?= 90 80
+build-cuda:
+	CUDA_CAPS="$(CUDA_CAPS)" nice -n 19 tools/cuda/build.sh
+
+## gpu-check: dist/gpu-check.tar.xz for a GPU machine (binaries, tools/cuda/gpu-check.sh, the
+## PyTorch baselines); there, `tar -xJf gpu-check.tar.xz && gpu-check/gpu-check.sh` runs op and
+## training-step parity and the candle-vs-PyTorch benchmarks in under 8 minutes.
+gpu-check: build-cuda
+	tools/cuda/pack-gpu-check.sh
 
 ## train: pre-train the demo configuration (ResNet-18, 64x128 crops; CPU) on the store that
 ## `make demo` prepared. TRAIN_ARGS adds options, e.g. TRAIN_ARGS="--resume".

@@ -26,4 +26,55 @@ fn main() {
         }
     }
     println!("cargo:rerun-if-changed=build.rs");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        cuda_kernels();
+    }
+}
+
+/// The `cuda` feature's own kernels (src/cuda/kernels.cu): PTX for compute_80 (the driver
+/// JIT-compiles it for any later card), then ptxas for sm_80 and sm_90 so that register or
+/// syntax errors fail the build here rather than at load time on a GPU. Uses the nvcc of
+/// `make build-cuda` (`NVCC`, else `CUDA_HOME/bin/nvcc`, else `nvcc` on the PATH).
+fn cuda_kernels() {
+    use std::path::PathBuf;
+    let src = "src/cuda/kernels.cu";
+    println!("cargo:rerun-if-changed={src}");
+    println!("cargo:rerun-if-env-changed=NVCC");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    let nvcc = std::env::var_os("NVCC")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("bin/nvcc")))
+        .unwrap_or_else(|| PathBuf::from("nvcc"));
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let ptx = out.join("poodle_kernels.ptx");
+    let run = |cmd: &mut Command, what: &str| {
+        let o = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("{what}: cannot run {cmd:?} ({e}); see `make build-cuda`"));
+        if !o.status.success() {
+            panic!(
+                "{what} failed:\n{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    };
+    run(
+        Command::new(&nvcc)
+            .args(["--ptx", "-arch=compute_80", "-O3", "-o"])
+            .arg(&ptx)
+            .arg(src),
+        "nvcc",
+    );
+    let ptxas = nvcc.with_file_name("ptxas");
+    for arch in ["sm_80", "sm_90"] {
+        run(
+            Command::new(&ptxas)
+                .arg(format!("-arch={arch}"))
+                .arg(&ptx)
+                .arg("-o")
+                .arg(out.join(format!("poodle_kernels_{arch}.cubin"))),
+            "ptxas",
+        );
+    }
 }

@@ -10,6 +10,33 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+/// `f32`: IEEE f32 everywhere (the CPU reference). `tf32`: f32 tensors, TF32 tensor cores in
+/// convolutions (cuDNN) and matmuls (cuBLAS). `bf16`: bf16 activations, convolutions and
+/// matmuls (weights cast per use from the f32 master copy, which AdamW and the EMA update),
+/// f32 BatchNorm parameters and statistics (cuDNN), and the losses computed in f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Tf32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+
+    /// The dtype of activations.
+    pub fn activation_dtype(self) -> candle_core::DType {
+        match self {
+            Precision::Bf16 => candle_core::DType::BF16,
+            _ => candle_core::DType::F32,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
@@ -25,6 +52,10 @@ pub struct TrainConfig {
     pub run: RunConfig,
     /// `cpu` or `cuda:N` (a build with the `cuda` feature).
     pub device: String,
+    /// Arithmetic of the step on CUDA (docs/cuda.md); the CPU runs `f32` only. Left out of
+    /// the JSON when `f32`, so configs and checkpoints written before the field still match.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
     /// Start from these weights, e.g. ImageNet-supervised (the paper's BDD* rows) or the
     /// authors' released PooDLe checkpoint; `null`: random initialisation. Loaded by
     /// [`crate::export::load_init_with`] into the online network before the target is copied
@@ -156,6 +187,7 @@ impl TrainConfig {
                 picture_every: Some(5000),
             },
             device: "cpu".into(),
+            precision: Precision::F32,
             init: None,
             init_network: crate::export::Which::Online,
             dist: crate::dist::DistConfig::default(),
@@ -254,6 +286,11 @@ impl TrainConfig {
         } else {
             serde_json::to_value(Self::preset(source)?)?
         };
+        // `precision` is left out of the JSON when f32 (see the field): make it settable.
+        if let Some(obj) = v.as_object_mut() {
+            obj.entry("precision")
+                .or_insert_with(|| serde_json::Value::String("f32".into()));
+        }
         for o in overrides {
             let (key, raw) = o
                 .split_once('=')
@@ -316,6 +353,24 @@ mod tests {
         }
         assert_eq!(TrainConfig::paper().optim.lr, 5e-4);
         assert_eq!(TrainConfig::paper().augment.subcrops.k, 6);
+    }
+
+    #[test]
+    fn precision_is_a_switch_that_old_configs_do_not_see() {
+        let c = TrainConfig::tiny();
+        assert_eq!(c.precision, Precision::F32);
+        // f32 stays out of the JSON: configs and checkpoints from before the field match.
+        assert!(serde_json::to_value(&c).unwrap().get("precision").is_none());
+        let b = TrainConfig::load("tiny", &["precision=bf16".into()]).unwrap();
+        assert_eq!(b.precision, Precision::Bf16);
+        assert_eq!(b.precision.activation_dtype(), candle_core::DType::BF16);
+        assert_eq!(serde_json::to_value(&b).unwrap()["precision"], "bf16");
+        assert!(TrainConfig::load("tiny", &["precision=fp16".into()]).is_err());
+        // The CPU computes in f32 only.
+        let e = crate::run::Learner::new(&b, &candle_core::Device::Cpu)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("needs a CUDA device"), "{e}");
     }
 
     #[test]

@@ -79,9 +79,13 @@ pub fn device(spec: &str) -> Result<Device> {
         .strip_prefix("cuda:")
         .or_else(|| (spec == "cuda").then_some("0"))
         .with_context(|| format!("device {spec:?}: use cpu or cuda:N"))?;
-    Device::new_cuda(id.parse().with_context(|| format!("device {spec:?}"))?).with_context(|| {
-        format!("device {spec}: build poodle-train with --features cuda on a CUDA machine")
-    })
+    let dev = Device::new_cuda(id.parse().with_context(|| format!("device {spec:?}"))?)
+        .with_context(|| {
+            format!("device {spec}: build poodle-train with --features cuda on a CUDA machine")
+        })?;
+    #[cfg(feature = "cuda")]
+    crate::cuda::keep_pool_memory(&dev)?;
+    Ok(dev)
 }
 
 /// Online network, EMA target and optimiser, built from a config.
@@ -92,12 +96,23 @@ pub struct Learner {
     pub online: Online,
     pub target: Encoder,
     pub opt: AdamW,
-    online_params: Vec<(String, candle_core::Var)>,
-    target_params: Vec<(String, candle_core::Var)>,
+    pub(crate) online_params: Vec<(String, candle_core::Var)>,
+    pub(crate) target_params: Vec<(String, candle_core::Var)>,
 }
 
 impl Learner {
     pub fn new(cfg: &TrainConfig, dev: &Device) -> Result<Self> {
+        ensure!(
+            cfg.precision.is_f32() || dev.is_cuda(),
+            "precision {:?} needs a CUDA device (the CPU computes in f32)",
+            cfg.precision
+        );
+        // A process-wide switch of cuDNN and candle's cuBLAS path; bf16 runs allow TF32 for
+        // what stays f32, as PyTorch's autocast runs do.
+        #[cfg(feature = "cuda")]
+        if dev.is_cuda() {
+            crate::cuda::set_tf32(!cfg.precision.is_f32());
+        }
         let online_map = VarMap::new();
         let target_map = VarMap::new();
         let online = Online::new(
@@ -164,12 +179,16 @@ impl Learner {
         // Both directions go through each network as one batch, as the authors concatenate
         // [frame t, frame t+dt]: BatchNorm sees 2N images (2NK subcrops).
         let halves = |x: Tensor| -> Result<Vec<Tensor>> { Ok(x.chunk(2, 0)?) };
+        // Networks run in the activation dtype, the losses in f32.
+        let act = self.cfg.precision.activation_dtype();
+        let to_f32 = |x: Tensor| x.to_dtype(DType::F32);
         if m.dense {
-            let online_in = Tensor::cat(&[&b.views[0], &b.views[1]], 0)?;
+            let online_in = Tensor::cat(&[&b.views[0], &b.views[1]], 0)?.to_dtype(act)?;
             let target_in = Tensor::cat(&[&b.target_views[0], &b.target_views[1]], 0)?;
             let p = self.online.encoder.dense(&online_in, true)?;
-            let q = halves(self.online.predictors.dense(&p, true)?)?;
-            let t = halves(self.target.dense(&target_in, true)?.detach())?;
+            let q = halves(to_f32(self.online.predictors.dense(&p, true)?)?)?;
+            let t = self.target.dense(&target_in.to_dtype(act)?, true)?;
+            let t = halves(to_f32(t)?.detach())?;
             let corr = |d: usize| Correspondence {
                 a_online: &b.affines[d],
                 a_target: &b.target_affines[1 - d],
@@ -189,11 +208,11 @@ impl Learner {
             // subcrops[d][0] online, subcrops[d][1] target of direction d (t online, then
             // t+dt online): each direction has its own K pairs.
             let sc = &b.subcrops;
-            let online_in = Tensor::cat(&[&sc[0][0], &sc[1][0]], 0)?;
-            let target_in = Tensor::cat(&[&sc[0][1], &sc[1][1]], 0)?;
+            let online_in = Tensor::cat(&[&sc[0][0], &sc[1][0]], 0)?.to_dtype(act)?;
+            let target_in = Tensor::cat(&[&sc[0][1], &sc[1][1]], 0)?.to_dtype(act)?;
             let proj = self.online.encoder.pooled(&online_in, true)?;
-            let q = halves(self.online.predictors.pooled(&proj, true)?)?;
-            let z = halves(self.target.pooled(&target_in, true)?.detach())?;
+            let q = halves(to_f32(self.online.predictors.pooled(&proj, true)?)?)?;
+            let z = halves(to_f32(self.target.pooled(&target_in, true)?)?.detach())?;
             p_ab = pooled_loss(&q[0], &z[0])?;
             p_ba = pooled_loss(&q[1], &z[1])?;
             proj_std = collapse_std(&halves(proj.detach())?[0])?;

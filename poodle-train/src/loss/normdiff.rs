@@ -2,9 +2,10 @@
 //!
 //! For `a`, `b` of shape `(N, C, H, W)` the result is `(N, 1, H, W)`:
 //! `d = sum_c (a_c / na - b_c / nb)^2`, `na = max(|a|, eps)` (`F.normalize`, eps 1e-12).
-//! On the CPU (f32/f64) this is one custom op with a hand-written backward, which avoids the
-//! half-dozen full-size temporaries (and their backward passes) of the composed form; sums
-//! over channels are accumulated in f64. Elsewhere it falls back to the composed candle ops.
+//! On the CPU (f32/f64) and, with the `cuda` feature, on CUDA (f32, src/cuda/kernels.cu) this
+//! is one custom op with a hand-written backward, which avoids the half-dozen full-size
+//! temporaries (and their backward passes) of the composed form; sums over channels are
+//! accumulated in f64. Elsewhere it falls back to the composed candle ops.
 //!
 //! Backward, with `u = a / na`, `v = b / nb`, `r = u - v` and upstream gradient `g`:
 //! `dd/da = 2 g (r - u (u . r)) / na` where `|a| > eps`, `2 g r / eps` where `|a| <= eps`
@@ -29,7 +30,8 @@ pub fn normalized_sq_diff(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         );
     }
     let cpu_float = a.device().is_cpu() && matches!(a.dtype(), DType::F32 | DType::F64);
-    if cpu_float && a.dtype() == b.dtype() {
+    let cuda_f32 = cfg!(feature = "cuda") && a.device().is_cuda() && a.dtype() == DType::F32;
+    if (cpu_float || cuda_f32) && a.dtype() == b.dtype() {
         a.contiguous()?.apply_op2(&b.contiguous()?, NormDiff)
     } else {
         normalized_sq_diff_composed(a, b)
@@ -217,6 +219,20 @@ impl CustomOp2 for NormDiff {
         Ok((out, Shape::from(dims)))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let mut dims = l1.shape().dims().to_vec();
+        dims[1] = 1;
+        let out = crate::cuda::kernels::normdiff_fwd(s1, l1, s2, l2, geometry(l1), NORM_EPS)?;
+        Ok((out, Shape::from(dims)))
+    }
+
     fn bwd(
         &self,
         a: &Tensor,
@@ -257,6 +273,28 @@ impl CustomOp3 for NormDiffGrad {
             }
             _ => candle_core::bail!("normalized-sq-diff-grad: f32 or f64 inputs of one dtype"),
         };
+        Ok((out, Shape::from(dims)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.shape().dims());
+        let out = crate::cuda::kernels::normdiff_bwd(
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            geometry(l1),
+            NORM_EPS,
+        )?;
         Ok((out, Shape::from(dims)))
     }
 }

@@ -81,6 +81,25 @@ struct Plan {
     taps: usize,
     idx: Vec<Vec<u32>>,
     wts: Vec<Vec<f32>>,
+    /// The taps on the GPU, uploaded at first use there (crate::cuda::kernels).
+    #[cfg(feature = "cuda")]
+    device: std::sync::OnceLock<crate::cuda::kernels::DevicePlan>,
+}
+
+#[cfg(feature = "cuda")]
+impl Plan {
+    fn device_plan(
+        &self,
+        dev: &candle_core::CudaDevice,
+    ) -> Result<&crate::cuda::kernels::DevicePlan> {
+        if let Some(p) = self.device.get() {
+            return Ok(p);
+        }
+        let p = crate::cuda::kernels::DevicePlan::upload(dev, &self.idx, &self.wts)?;
+        // Another thread may have set it meanwhile; either copy is the same plan.
+        let _ = self.device.set(p);
+        Ok(self.device.get().expect("set above"))
+    }
 }
 
 /// A precomputed bilinear sampling plan: for each of `n` samples and each output pixel, the
@@ -89,7 +108,8 @@ struct Plan {
 /// w_in)` tensor, differentiably w.r.t. that tensor.
 ///
 /// On the CPU (f32/f64) sampling is a candle custom op whose backward is the exact adjoint
-/// (scatter-add of the tap weights), parallel over `(n, C)` planes; on other devices or dtypes
+/// (scatter-add of the tap weights), parallel over `(n, C)` planes; with the `cuda` feature the
+/// same op runs on CUDA (f32, src/cuda/kernels.cu); on other devices or dtypes
 /// it falls back to `index_select` + weighted sum (same values, autograd through
 /// `index_select`). Both forms are tested against each other and against PyTorch.
 #[derive(Clone, Debug)]
@@ -183,6 +203,8 @@ impl SampleGrid {
                 taps,
                 idx,
                 wts,
+                #[cfg(feature = "cuda")]
+                device: std::sync::OnceLock::new(),
             }),
             mask,
         }
@@ -252,7 +274,9 @@ impl SampleGrid {
     /// the mask is 0. Differentiable w.r.t. `x`.
     pub fn sample(&self, x: &Tensor) -> Result<Tensor> {
         self.check_input(x)?;
-        if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+        let cuda = cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == DType::F32;
+        if cpu || cuda {
             x.contiguous()?.apply_op1(Taps {
                 plan: self.plan.clone(),
                 adjoint: false,
@@ -416,6 +440,24 @@ impl CustomOp1 for Taps {
                 CpuStorage::F64(self.kernel(c, contiguous_slice(v, layout, name)?))
             }
             _ => candle_core::bail!("{name}: f32 or f64 only"),
+        };
+        Ok((out, Shape::from((n, c, h, w))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, c, _, _) = l.shape().dims4()?;
+        let p = &self.plan;
+        let dims = (p.h_in * p.w_in, p.h_out * p.w_out, p.taps);
+        let out = crate::cuda::kernels::taps(s, l, p.device_plan(&s.device)?, dims, self.adjoint)?;
+        let (h, w) = if self.adjoint {
+            (p.h_in, p.w_in)
+        } else {
+            (p.h_out, p.w_out)
         };
         Ok((out, Shape::from((n, c, h, w))))
     }

@@ -5,6 +5,10 @@
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
+#[cfg(feature = "cuda")]
+#[path = "layers_cuda.rs"]
+mod cuda_dispatch;
+
 /// Kaiming-normal, `mode="fan_out"`, `nonlinearity="relu"`: torchvision's ResNet conv init.
 pub(crate) fn kaiming_normal_fan_out(out_ch: usize, k: usize) -> Init {
     Init::Randn {
@@ -111,6 +115,10 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return self.forward_cuda(x);
+        }
         let (_, _, kh, kw) = self.weight.dims4()?;
         let y = if (kh, kw) == (1, 1) && self.padding == 0 {
             self.forward_1x1(x)?
@@ -179,8 +187,14 @@ impl Linear {
 }
 
 impl Module for Linear {
+    /// Parameters follow `x`'s dtype (f32 master weights under bf16 activations; a no-op in
+    /// f32).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+        let (w, b) = (
+            self.weight.to_dtype(x.dtype())?,
+            self.bias.to_dtype(x.dtype())?,
+        );
+        x.matmul(&w.t()?)?.broadcast_add(&b)
     }
 }
 
@@ -285,6 +299,12 @@ impl BatchNorm {
 
 impl ModuleT for BatchNorm {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        // cuDNN's training BatchNorm takes its statistics from this device's batch only:
+        // synchronised BatchNorm stays on the path below.
+        #[cfg(feature = "cuda")]
+        if train && x.device().is_cuda() && crate::dist::sync_bn::current().is_none() {
+            return self.forward_train_cuda(x);
+        }
         let weight = per_channel(&self.weight, x)?;
         let bias = per_channel(&self.bias, x)?;
         if train {
@@ -318,6 +338,10 @@ impl ModuleT for BatchNorm {
 /// goes to the maximum of each window (a tie splits it, where PyTorch picks one element;
 /// after a ReLU, ties are zeros whose gradient the ReLU drops anyway).
 pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return crate::cuda::max_pool_3x3_s2(x);
+    }
     let (n, c, h, w) = x.dims4()?;
     let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
     let dev = x.device();

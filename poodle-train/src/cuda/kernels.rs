@@ -1,0 +1,167 @@
+//! Launchers of src/cuda/kernels.cu: the dense loss's bilinear tap gather/scatter
+//! (`loss::sample`) and normalised squared difference (`loss::normdiff`) on CUDA, f32.
+//! Without them those ops fall back to composed candle ops on the GPU, whose `index_select`
+//! form of the sampler materialises one copy of the map per tap (9 for the upsampled plan).
+
+use super::CudaOpError;
+use candle_core::{CudaDevice, CudaStorage, Layout, Result};
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/poodle_kernels.ptx"));
+const MODULE: &str = "poodle_kernels";
+const BLOCK: u32 = 256;
+
+/// Grid-stride kernels: enough blocks to fill any current GPU, one per 256 items at most.
+fn launch_cfg(items: usize) -> LaunchConfig {
+    let blocks = items.div_ceil(BLOCK as usize).clamp(1, 1 << 16) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn f32_view<'a>(op: &'static str, s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
+    let v = s.as_cuda_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(v.slice(a..b)),
+        None => Err(super::unsupported(op, "non-contiguous input").into()),
+    }
+}
+
+fn int(op: &'static str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| super::unsupported(op, format!("size {v} over i32")).into())
+}
+
+/// A sampling plan (tap indices and weights, `[sample][tap][pixel]`) on the device, uploaded
+/// once per plan.
+pub struct DevicePlan {
+    idx: CudaSlice<u32>,
+    wts: CudaSlice<f32>,
+}
+
+impl std::fmt::Debug for DevicePlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DevicePlan({} taps)", self.idx.len())
+    }
+}
+
+impl DevicePlan {
+    pub fn upload(dev: &CudaDevice, idx: &[Vec<u32>], wts: &[Vec<f32>]) -> Result<Self> {
+        let stream = dev.cuda_stream();
+        let up = |e| -> candle_core::Error { CudaOpError::from(e).into() };
+        Ok(Self {
+            idx: stream.clone_htod(&idx.concat()).map_err(up)?,
+            wts: stream.clone_htod(&wts.concat()).map_err(up)?,
+        })
+    }
+}
+
+/// The plan's gather `(n, c, hw_in) -> (n, c, p_out)` or, `adjoint`, its scatter back.
+pub fn taps(
+    x: &CudaStorage,
+    l: &Layout,
+    plan: &DevicePlan,
+    (hw_in, p_out, taps): (usize, usize, usize),
+    adjoint: bool,
+) -> Result<CudaStorage> {
+    let op = if adjoint {
+        "taps_scatter_f32"
+    } else {
+        "taps_gather_f32"
+    };
+    let d = l.dims();
+    let (n, c) = (d[0], d[1]);
+    let dev = &x.device;
+    let src = f32_view(op, x, l)?;
+    let mut out = if adjoint {
+        dev.alloc_zeros::<f32>(n * c * hw_in)?
+    } else {
+        // SAFETY: the gather writes every element.
+        unsafe { dev.alloc::<f32>(n * c * p_out)? }
+    };
+    let f = dev.get_or_load_custom_func(op, MODULE, PTX)?;
+    let (ni, ci, hi, pi, ti) = (
+        int(op, n)?,
+        int(op, c)?,
+        int(op, hw_in)?,
+        int(op, p_out)?,
+        int(op, taps)?,
+    );
+    let mut b = f.builder();
+    b.arg(&src)
+        .arg(&plan.idx)
+        .arg(&plan.wts)
+        .arg(&mut out)
+        .arg(&ni)
+        .arg(&ci)
+        .arg(&hi)
+        .arg(&pi)
+        .arg(&ti);
+    // SAFETY: argument order and types match the kernel; buffers hold n*c*hw_in inputs,
+    // n*taps*p_out plan entries and the output size allocated above.
+    unsafe { b.launch(launch_cfg(n * c * p_out)) }.map_err(CudaOpError::from)?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// `sum_c |a/|a| - b/|b||^2` per position: `(n, c, hw)` twice -> `(n, hw)`.
+pub fn normdiff_fwd(
+    a: &CudaStorage,
+    la: &Layout,
+    b: &CudaStorage,
+    lb: &Layout,
+    (n, c, hw): (usize, usize, usize),
+    eps: f64,
+) -> Result<CudaStorage> {
+    let op = "normdiff_fwd_f32";
+    let dev = &a.device;
+    let (av, bv) = (f32_view(op, a, la)?, f32_view(op, b, lb)?);
+    // SAFETY: the kernel writes every element.
+    let mut out = unsafe { dev.alloc::<f32>(n * hw)? };
+    let f = dev.get_or_load_custom_func(op, MODULE, PTX)?;
+    let (ni, ci, hwi) = (int(op, n)?, int(op, c)?, hw as i64);
+    let mut bl = f.builder();
+    bl.arg(&av)
+        .arg(&bv)
+        .arg(&mut out)
+        .arg(&ni)
+        .arg(&ci)
+        .arg(&hwi)
+        .arg(&eps);
+    // SAFETY: as for `taps`.
+    unsafe { bl.launch(launch_cfg(n * hw)) }.map_err(CudaOpError::from)?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// `[dd/da; dd/db]` as one `(2, n, c, hw)` buffer, for the upstream gradient `g` `(n, hw)`.
+pub fn normdiff_bwd(
+    (a, la): (&CudaStorage, &Layout),
+    (b, lb): (&CudaStorage, &Layout),
+    (g, lg): (&CudaStorage, &Layout),
+    (n, c, hw): (usize, usize, usize),
+    eps: f64,
+) -> Result<CudaStorage> {
+    let op = "normdiff_bwd_f32";
+    let dev = &a.device;
+    let (av, bv, gv) = (
+        f32_view(op, a, la)?,
+        f32_view(op, b, lb)?,
+        f32_view(op, g, lg)?,
+    );
+    // SAFETY: the kernel writes every element of both halves.
+    let mut out = unsafe { dev.alloc::<f32>(2 * n * c * hw)? };
+    let f = dev.get_or_load_custom_func(op, MODULE, PTX)?;
+    let (ni, ci, hwi) = (int(op, n)?, int(op, c)?, hw as i64);
+    let mut bl = f.builder();
+    bl.arg(&av)
+        .arg(&bv)
+        .arg(&gv)
+        .arg(&mut out)
+        .arg(&ni)
+        .arg(&ci)
+        .arg(&hwi)
+        .arg(&eps);
+    // SAFETY: as for `taps`.
+    unsafe { bl.launch(launch_cfg(n * hw)) }.map_err(CudaOpError::from)?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}

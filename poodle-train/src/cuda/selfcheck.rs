@@ -1,0 +1,574 @@
+//! `poodle-train gpu-check`: what `make gpu-check` runs on a GPU machine. CUDA-versus-CPU
+//! parity of every cuDNN op (through the `layers` dispatch, so the CPU side is the reference
+//! code) and of one whole training step at small size; then the ResNet-50 trunk (batch 8 at
+//! 512x1024, forward + backward, training-mode BatchNorm) and the full PooDLe step in the
+//! paper's configuration, per precision, with peak GPU memory. One JSON object per line on
+//! stdout and in `OUT/candle.jsonl`; bench/gpu_check_report.py turns them into a table.
+
+use crate::config::{Precision, TrainConfig};
+use crate::data::loader::Batch;
+use crate::geom::Affine;
+use crate::model::layers::{max_pool_3x3_s2, BatchNorm, Conv2d};
+use crate::model::resnet::{ResNet, ResNetConfig};
+use crate::optim::{ema_update, GradAccumulator};
+use crate::run::Learner;
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
+use candle_nn::{Init, VarBuilder, VarMap};
+use poodle_common::rng::SplitMix64;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Arguments of `poodle-train gpu-check`.
+#[derive(clap::Args, Debug)]
+pub struct GpuCheckArgs {
+    /// Folder for candle.jsonl.
+    #[arg(long, default_value = "gpu-check")]
+    pub out: PathBuf,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+    /// Parts to run: parity, trunk, step (comma-separated).
+    #[arg(long, default_value = "parity,trunk,step", value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Precisions for the benchmarks: f32, tf32, bf16.
+    #[arg(long, default_value = "f32,tf32,bf16", value_delimiter = ',')]
+    pub precisions: Vec<String>,
+    /// Timed iterations per benchmark (after 2 untimed).
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+}
+
+/// Collects result lines, printing each as it comes (a killed run keeps what it had).
+struct Out {
+    file: std::fs::File,
+    failed: usize,
+}
+
+impl Out {
+    fn emit(&mut self, v: Value) -> Result<()> {
+        if v.get("ok") == Some(&Value::Bool(false)) || v.get("error").is_some() {
+            self.failed += 1;
+        }
+        let line = v.to_string();
+        println!("{line}");
+        writeln!(self.file, "{line}")?;
+        self.file.flush()?;
+        Ok(())
+    }
+}
+
+pub fn run(args: &GpuCheckArgs) -> Result<()> {
+    std::fs::create_dir_all(&args.out)?;
+    // Appended to: tools/cuda/gpu-check.sh runs each part as its own process.
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(args.out.join("candle.jsonl"))?;
+    let mut out = Out { file, failed: 0 };
+    let dev = Device::new_cuda(args.device).context("CUDA device")?;
+    super::keep_pool_memory(&dev)?;
+    out.emit(json!({"kind": "info", "git_sha": crate::run::GIT_SHA,
+        "cudnn_version": cudarc::cudnn::result::get_version()}))?;
+    let wants = |p: &str| args.only.iter().any(|o| o == p);
+    if wants("parity") {
+        parity_ops(&dev, &mut out)?;
+        parity_step(&dev, &mut out)?;
+    }
+    for p in &args.precisions {
+        let prec = Precision::parse(p)?;
+        if wants("trunk") {
+            let r = bench_trunk(&dev, prec, args.iters);
+            out.emit(result_line("trunk", prec, r))?;
+        }
+        if wants("step") {
+            let r = bench_step(&dev, prec, args.iters);
+            out.emit(result_line("step", prec, r))?;
+        }
+    }
+    anyhow::ensure!(out.failed == 0, "{} check(s) failed", out.failed);
+    Ok(())
+}
+
+/// Parsing and applying a precision here; the training step reads it from the config.
+trait PrecisionExt: Sized {
+    fn parse(s: &str) -> Result<Self>;
+    fn name(self) -> &'static str;
+    fn apply(self);
+    fn dtype(self) -> DType;
+}
+
+impl PrecisionExt for Precision {
+    fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "f32" | "fp32" => Self::F32,
+            "tf32" => Self::Tf32,
+            "bf16" => Self::Bf16,
+            o => anyhow::bail!("precision {o:?}: f32, tf32 or bf16"),
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Tf32 => "tf32",
+            Self::Bf16 => "bf16",
+        }
+    }
+
+    /// TF32 is on for tf32 and bf16 (PyTorch's bf16 autocast run also allows it), as
+    /// `Learner::new` sets it.
+    fn apply(self) {
+        super::set_tf32(!self.is_f32());
+    }
+
+    fn dtype(self) -> DType {
+        self.activation_dtype()
+    }
+}
+
+fn result_line(kind: &str, p: Precision, r: Result<Value>) -> Value {
+    let mut v = match r {
+        Ok(v) => v,
+        Err(e) => json!({"error": format!("{e:#}")}),
+    };
+    v["kind"] = json!(kind);
+    v["precision"] = json!(p.name());
+    v
+}
+
+// ---------------------------------------------------------------------------------------
+// Parity
+
+/// Seeded normal values (Box-Muller on SplitMix64), so CPU and CUDA see the same numbers.
+fn randn(shape: &[usize], seed: u64, dev: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut rng = SplitMix64::new(seed);
+    let u = |rng: &mut SplitMix64| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let (a, b) = (1.0 - u(&mut rng), u(&mut rng));
+            ((-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()) as f32
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, shape, dev)?)
+}
+
+/// `|a - b| / |b|` (L2 over all elements, on the CPU in f32).
+fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let num = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    let den = b.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    Ok((num / den.max(1e-30)).sqrt())
+}
+
+/// Tolerances on the relative L2 error against the f32 CPU reference: cuDNN's fast
+/// algorithms (Winograd, FFT) differ from direct f32 in the 1e-6..1e-5 range; TF32 keeps
+/// 10 mantissa bits, bf16 7.
+fn tolerance(p: Precision) -> f64 {
+    match p {
+        Precision::F32 => 1e-4,
+        Precision::Tf32 => 5e-3,
+        Precision::Bf16 => 3e-2,
+    }
+}
+
+/// Sets every variable of `dst` to the same-named one of `src` (across devices).
+fn copy_map(src: &VarMap, dst: &VarMap, dev: &Device) -> Result<()> {
+    let s = src.data().lock().expect("VarMap lock");
+    for (name, var) in dst.data().lock().expect("VarMap lock").iter() {
+        let v = s.get(name).with_context(|| format!("{name} missing"))?;
+        var.set(&v.as_tensor().to_device(dev)?)?;
+    }
+    Ok(())
+}
+
+/// One op's comparison: forward and the gradients of `sum(y * r)` for a fixed random `r`.
+fn compare(out: &mut Out, op: &str, p: Precision, pairs: &[(&str, Tensor, Tensor)]) -> Result<()> {
+    for (what, cuda, cpu) in pairs {
+        let rel = rel_err(cuda, cpu)?;
+        let tol = tolerance(p);
+        out.emit(
+            json!({"kind": "parity", "op": op, "precision": p.name(), "tensor": what,
+            "rel_err": rel, "tol": tol, "ok": rel.is_finite() && rel <= tol}),
+        )?;
+    }
+    Ok(())
+}
+
+fn parity_ops(cuda: &Device, out: &mut Out) -> Result<()> {
+    let cpu = Device::Cpu;
+    // (batch, in, out, h, w, k, stride, pad, dilation, bias): the stem, 3x3 same, a strided
+    // 3x3 on mixed-parity sizes (candle's CPU backward needs padding there), 1x1 plain and
+    // strided (the CPU path runs them as matmuls), a dilated 3x3.
+    let convs = [
+        (2, 3, 8, 17, 23, 7, 2, 3, 1, false),
+        (2, 16, 16, 15, 16, 3, 1, 1, 1, false),
+        (2, 16, 24, 15, 16, 3, 2, 1, 1, false),
+        (2, 32, 16, 9, 9, 1, 1, 0, 1, true),
+        (2, 32, 16, 9, 10, 1, 2, 0, 1, false),
+        (2, 16, 16, 12, 12, 3, 1, 2, 2, true),
+    ];
+    for p in [Precision::F32, Precision::Tf32, Precision::Bf16] {
+        p.apply();
+        for (i, &(n, ci, co, h, w, k, s, pad, d, bias)) in convs.iter().enumerate() {
+            let name = format!("conv2d {n}x{ci}x{h}x{w} k{k} s{s} p{pad} d{d}");
+            let mk = |dev: &Device, vm: &VarMap| {
+                let vb = VarBuilder::from_varmap(vm, DType::F32, dev);
+                Conv2d::new(
+                    ci,
+                    co,
+                    k,
+                    s,
+                    pad,
+                    d,
+                    bias,
+                    Init::Randn {
+                        mean: 0.,
+                        stdev: 0.2,
+                    },
+                    vb,
+                )
+            };
+            let (vm_c, vm_g) = (VarMap::new(), VarMap::new());
+            let (lc, lg) = (mk(&cpu, &vm_c)?, mk(cuda, &vm_g)?);
+            copy_map(&vm_c, &vm_g, cuda)?;
+            let x = randn(&[n, ci, h, w], 100 + i as u64, &cpu)?;
+            let run =
+                |layer: &Conv2d, dev: &Device, dt: DType| -> Result<(Tensor, Tensor, Tensor)> {
+                    let xv = Var::from_tensor(&x.to_device(dev)?.to_dtype(dt)?)?;
+                    let y = layer.forward(xv.as_tensor())?;
+                    let r = randn(y.dims(), 7, dev)?.to_dtype(dt)?;
+                    let g = (y.to_dtype(DType::F32)? * r.to_dtype(DType::F32)?)?
+                        .sum_all()?
+                        .backward()?;
+                    let dx = g.get(xv.as_tensor()).context("dx")?.clone();
+                    let dw = g.get(layer.weight()).context("dw")?.clone();
+                    Ok((y, dx, dw))
+                };
+            let (yc, dxc, dwc) = run(&lc, &cpu, DType::F32)?;
+            let (yg, dxg, dwg) = run(&lg, cuda, p.dtype())?;
+            compare(
+                out,
+                &name,
+                p,
+                &[("y", yg, yc), ("dx", dxg, dxc), ("dw", dwg, dwc)],
+            )?;
+        }
+        for (i, dims) in [vec![4, 8, 5, 6], vec![6, 16]].into_iter().enumerate() {
+            let name = format!("batchnorm {dims:?}");
+            let c = dims[1];
+            let mk = |dev: &Device, vm: &VarMap| -> Result<BatchNorm> {
+                let bn = BatchNorm::new(c, VarBuilder::from_varmap(vm, DType::F32, dev))?;
+                // Non-trivial scale and shift.
+                for (nm, seed) in [("weight", 31u64), ("bias", 32)] {
+                    let v = vm.data().lock().expect("VarMap lock")[nm].clone();
+                    v.set(&randn(&[c], seed, dev)?.affine(0.5, 1.0)?)?;
+                }
+                Ok(bn)
+            };
+            let (vm_c, vm_g) = (VarMap::new(), VarMap::new());
+            let (bc, bg) = (mk(&cpu, &vm_c)?, mk(cuda, &vm_g)?);
+            let x = randn(&dims, 200 + i as u64, &cpu)?.affine(3.0, 0.5)?;
+            let run =
+                |bn: &BatchNorm, vm: &VarMap, dev: &Device, dt: DType| -> Result<Vec<Tensor>> {
+                    let xv = Var::from_tensor(&x.to_device(dev)?.to_dtype(dt)?)?;
+                    let y = bn.forward_t(xv.as_tensor(), true)?;
+                    let r = randn(y.dims(), 9, dev)?;
+                    let g = (y.to_dtype(DType::F32)? * r)?.sum_all()?.backward()?;
+                    let m = vm.data().lock().expect("VarMap lock").clone();
+                    Ok(vec![
+                        y,
+                        g.get(xv.as_tensor()).context("dx")?.clone(),
+                        g.get(m["weight"].as_tensor()).context("dweight")?.clone(),
+                        g.get(m["bias"].as_tensor()).context("dbias")?.clone(),
+                        bn.running_mean().clone(),
+                        bn.running_var().clone(),
+                    ])
+                };
+            let rc = run(&bc, &vm_c, &cpu, DType::F32)?;
+            let rg = run(&bg, &vm_g, cuda, p.dtype())?;
+            let names = ["y", "dx", "dweight", "dbias", "running_mean", "running_var"];
+            let pairs: Vec<_> = names
+                .iter()
+                .zip(rg.into_iter().zip(rc))
+                .map(|(nm, (g, c))| (*nm, g, c))
+                .collect();
+            compare(out, &name, p, &pairs)?;
+        }
+        for (i, dims) in [[2, 4, 9, 12], [2, 4, 8, 8], [1, 2, 1, 2]]
+            .into_iter()
+            .enumerate()
+        {
+            let name = format!("maxpool3x3s2 {dims:?}");
+            let x = randn(&dims, 300 + i as u64, &cpu)?;
+            let run = |dev: &Device, dt: DType| -> Result<(Tensor, Tensor)> {
+                let xv = Var::from_tensor(&x.to_device(dev)?.to_dtype(dt)?)?;
+                let y = max_pool_3x3_s2(xv.as_tensor())?;
+                let r = randn(y.dims(), 11, dev)?;
+                let g = (y.to_dtype(DType::F32)? * r)?.sum_all()?.backward()?;
+                Ok((y, g.get(xv.as_tensor()).context("dx")?.clone()))
+            };
+            let (yc, dxc) = run(&cpu, DType::F32)?;
+            let (yg, dxg) = run(cuda, p.dtype())?;
+            compare(out, &name, p, &[("y", yg, yc), ("dx", dxg, dxc)])?;
+        }
+    }
+    // The dense loss's own ops (src/cuda/kernels.cu), f32: bilinear sampling (some points
+    // outside the map) and the normalised squared difference.
+    Precision::F32.apply();
+    let x = randn(&[2, 5, 7, 9], 400, &cpu)?;
+    let pts: Vec<f32> = (0..2 * 6 * 11 * 2)
+        .map(|i| ((i as f32 * 0.37).sin() * 0.6 + 0.5) * if i % 2 == 0 { 10.0 } else { 8.0 })
+        .collect();
+    let coords = Tensor::from_vec(pts, (2, 6, 11, 2), &cpu)?;
+    let run = |dev: &Device| -> Result<(Tensor, Tensor)> {
+        let xv = Var::from_tensor(&x.to_device(dev)?)?;
+        let (y, _mask) = crate::loss::sample_bilinear(xv.as_tensor(), &coords.to_device(dev)?)?;
+        let r = randn(y.dims(), 13, dev)?;
+        let g = (&y * r)?.sum_all()?.backward()?;
+        Ok((y, g.get(xv.as_tensor()).context("dx")?.clone()))
+    };
+    let ((yc, dxc), (yg, dxg)) = (run(&cpu)?, run(cuda)?);
+    compare(
+        out,
+        "bilinear sample (taps)",
+        Precision::F32,
+        &[("y", yg, yc), ("dx", dxg, dxc)],
+    )?;
+    let (a, b) = (
+        randn(&[2, 16, 5, 6], 500, &cpu)?,
+        randn(&[2, 16, 5, 6], 501, &cpu)?,
+    );
+    let run = |dev: &Device| -> Result<Vec<Tensor>> {
+        let (av, bv) = (
+            Var::from_tensor(&a.to_device(dev)?)?,
+            Var::from_tensor(&b.to_device(dev)?)?,
+        );
+        let d = crate::loss::normdiff::normalized_sq_diff(av.as_tensor(), bv.as_tensor())?;
+        let r = randn(d.dims(), 17, dev)?;
+        let g = (&d * r)?.sum_all()?.backward()?;
+        Ok(vec![
+            d,
+            g.get(av.as_tensor()).context("da")?.clone(),
+            g.get(bv.as_tensor()).context("db")?.clone(),
+        ])
+    };
+    let (rc, rg) = (run(&cpu)?, run(cuda)?);
+    let pairs: Vec<_> = ["d", "da", "db"]
+        .iter()
+        .zip(rg.into_iter().zip(rc))
+        .map(|(nm, (g, c))| (*nm, g, c))
+        .collect();
+    compare(out, "normalized sq diff", Precision::F32, &pairs)?;
+    Ok(())
+}
+
+/// A batch of random content with identity geometry (the loss still samples, warps and
+/// masks: flow is small random motion), `n` pairs at `h x w`, `k` subcrops of `s` px.
+fn synthetic_batch(
+    n: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    s: usize,
+    dev: &Device,
+) -> Result<Batch> {
+    let img = |seed| randn(&[n, 3, h, w], seed, dev);
+    let sub = |seed| randn(&[n * k, 3, s, s], seed, dev);
+    let flow = |seed| -> Result<Tensor> { Ok((randn(&[n, 2, h, w], seed, dev)? * 2.0)?) };
+    let ids = || vec![Affine::IDENTITY; n];
+    Ok(Batch {
+        epoch: 0,
+        index: 0,
+        views: [img(1)?, img(2)?],
+        affines: [ids(), ids()],
+        target_views: [img(3)?, img(4)?],
+        target_affines: [ids(), ids()],
+        flow: [flow(5)?, flow(6)?],
+        occluded: [
+            Tensor::zeros((n, 1, h, w), DType::F32, dev)?,
+            Tensor::zeros((n, 1, h, w), DType::F32, dev)?,
+        ],
+        subcrops: [[sub(7)?, sub(8)?], [sub(9)?, sub(10)?]],
+        meta: vec![],
+        wait: Duration::ZERO,
+    })
+}
+
+/// One optimiser step as `run::train` takes it: both frame orders, backward, AdamW, EMA.
+fn train_step(l: &mut Learner, b: &Batch) -> Result<(crate::loss::LossTerms, crate::optim::Grads)> {
+    let (tot, terms, _, _) = l.losses(b)?;
+    let mut acc = GradAccumulator::new();
+    acc.add(&tot.backward()?, &l.online_params)?;
+    let grads = acc.finish(1.0)?;
+    l.opt
+        .step_with(&grads, l.cfg.optim.lr, l.cfg.optim.weight_decay)?;
+    ema_update(&l.target_params, &l.online_params, l.cfg.optim.ema_m0)?;
+    Ok((terms, grads))
+}
+
+/// The tiny configuration's whole step on CPU and CUDA from the same weights and batch:
+/// every loss term, every parameter gradient, the weights after AdamW and EMA; and the
+/// algorithm cache must not grow on a second step.
+fn parity_step(cuda: &Device, out: &mut Out) -> Result<()> {
+    Precision::F32.apply();
+    let cfg = TrainConfig::tiny();
+    let (h, w) = (cfg.augment.out_height, cfg.augment.out_width);
+    let (k, s) = (cfg.augment.subcrops.k, cfg.augment.subcrops.size);
+    let mut lc = Learner::new(&cfg, &Device::Cpu)?;
+    let mut lg = Learner::new(&cfg, cuda)?;
+    let bc = synthetic_batch(2, h, w, k, s, &Device::Cpu)?;
+    let bg = synthetic_batch(2, h, w, k, s, cuda)?;
+    let (tc, gc) = train_step(&mut lc, &bc)?;
+    let (tg, gg) = train_step(&mut lg, &bg)?;
+    let tol = tolerance(Precision::F32);
+    let terms = [
+        ("dense_ab", tg.dense_ab, tc.dense_ab),
+        ("dense_ba", tg.dense_ba, tc.dense_ba),
+        ("pooled_ab", tg.pooled_ab, tc.pooled_ab),
+        ("pooled_ba", tg.pooled_ba, tc.pooled_ba),
+        ("total", tg.total, tc.total),
+    ];
+    for (nm, g, c) in terms {
+        let rel = ((g - c) / c.abs().max(1e-12)).abs() as f64;
+        out.emit(
+            json!({"kind": "parity", "op": "train step (tiny)", "precision": "f32",
+            "tensor": format!("loss {nm}"), "rel_err": rel, "tol": tol, "ok": rel <= tol}),
+        )?;
+    }
+    // Gradients: the worst parameter by relative L2 error.
+    let (mut worst, mut worst_name) = (0f64, String::new());
+    for (name, _) in &lc.online_params {
+        let (Some(a), Some(b)) = (gg.get(name), gc.get(name)) else {
+            continue;
+        };
+        let rel = rel_err(a, b)?;
+        if rel.is_nan() || rel > worst {
+            (worst, worst_name) = (rel, name.clone());
+        }
+    }
+    // Gradients of BatchNorm-followed layers go through normalisation of small batches:
+    // allow 10x the op tolerance for accumulated differences over ~20 layers.
+    let gtol = 10.0 * tol;
+    out.emit(
+        json!({"kind": "parity", "op": "train step (tiny)", "precision": "f32",
+        "tensor": format!("worst gradient ({worst_name})"), "rel_err": worst, "tol": gtol,
+        "ok": worst <= gtol}),
+    )?;
+    let cached = super::algo_cache_len();
+    train_step(&mut lg, &bg)?;
+    let again = super::algo_cache_len();
+    out.emit(
+        json!({"kind": "parity", "op": "algorithm cache", "precision": "f32",
+        "tensor": "entries after steps 1 and 2", "cached": [cached, again],
+        "ok": cached > 0 && again == cached}),
+    )?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Benchmarks
+
+/// High-water mark of the device's default memory pool (cudarc allocates stream-ordered
+/// from it), reset to the current use.
+fn reset_peak(dev: &Device) -> Result<()> {
+    super::pool_attr(
+        dev,
+        cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+        Some(0),
+    )?;
+    Ok(())
+}
+
+fn peak_gib(dev: &Device) -> Result<f64> {
+    let b = super::pool_attr(
+        dev,
+        cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+        None,
+    )?;
+    Ok(b as f64 / (1u64 << 30) as f64)
+}
+
+/// When the peak-memory mark is reset, as the PyTorch counterpart does it.
+#[derive(Clone, Copy, PartialEq)]
+enum PeakFrom {
+    /// Before the untimed calls (bench/torch_poodle_step.py's `bench_train`).
+    Start,
+    /// After them (bench/torch_trunk.py).
+    Timed,
+}
+
+/// Seconds per call of `f`, after 2 untimed calls (algorithm search, PTX JIT), synchronised.
+fn time_it(
+    dev: &Device,
+    iters: usize,
+    peak: PeakFrom,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    if peak == PeakFrom::Start {
+        reset_peak(dev)?;
+    }
+    for _ in 0..2 {
+        f()?;
+    }
+    dev.synchronize()?;
+    if peak == PeakFrom::Timed {
+        reset_peak(dev)?;
+    }
+    let t = Instant::now();
+    for _ in 0..iters {
+        f()?;
+    }
+    dev.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() / iters.max(1) as f64)
+}
+
+/// ResNet-50 trunk, batch 8 at 512x1024, training-mode BatchNorm, forward and backward of
+/// the mean of C5 (weights stay f32; bf16 runs cast them per use, as autocast does).
+fn bench_trunk(dev: &Device, p: Precision, iters: usize) -> Result<Value> {
+    p.apply();
+    let vm = VarMap::new();
+    let net = ResNet::new(
+        &ResNetConfig::resnet50(),
+        VarBuilder::from_varmap(&vm, DType::F32, dev),
+    )?;
+    let x = randn(&[8, 3, 512, 1024], 1, dev)?.to_dtype(p.dtype())?;
+    let s = time_it(dev, iters, PeakFrom::Timed, || {
+        let c5 = net.forward_stages(&x, true)?.c5;
+        let g = c5.to_dtype(DType::F32)?.mean_all()?.backward()?;
+        drop(g);
+        Ok(())
+    })?;
+    Ok(
+        json!({"batch": 8, "res": [512, 1024], "step_s": s, "img_per_s": 8.0 / s,
+        "peak_gib": peak_gib(dev)?}),
+    )
+}
+
+/// The paper's step: 4 pairs at 512x1024, K = 6 subcrops of 192 px, ResNet-50 + decoder,
+/// symmetric dense and pooled losses, AdamW, EMA.
+fn bench_step(dev: &Device, p: Precision, iters: usize) -> Result<Value> {
+    let mut cfg = TrainConfig::paper();
+    cfg.device = "cuda".into();
+    cfg.precision = p;
+    let (h, w) = (cfg.augment.out_height, cfg.augment.out_width);
+    let (k, s) = (cfg.augment.subcrops.k, cfg.augment.subcrops.size);
+    let n = cfg.data.batch_size;
+    let mut l = Learner::new(&cfg, dev)?;
+    let b = synthetic_batch(n, h, w, k, s, dev)?;
+    let mut loss = f32::NAN;
+    let secs = time_it(dev, iters, PeakFrom::Start, || {
+        loss = train_step(&mut l, &b)?.0.total;
+        Ok(())
+    })?;
+    // A non-finite loss fails the check (bf16 overflow, a broken op), however fast.
+    Ok(
+        json!({"pairs": n, "res": [h, w], "k": k, "subcrop": s, "step_s": secs,
+        "pairs_per_s": n as f64 / secs, "peak_gib": peak_gib(dev)?, "loss": loss,
+        "ok": loss.is_finite()}),
+    )
+}
