@@ -49,7 +49,9 @@ print(json.dumps({
 PY
 }
 
-tiny=(--config tiny --set data.sampling.pairs_per_visit=1)
+# Every stored pair once per pass (16 in the demo store: 4 global batches of 4).
+every_pair='data.sampling={"unit":"pair","pairs_per_visit":1,"visits_per_pass":1,"keep_visits_together":false}'
+tiny=(--config tiny --set "$every_pair")
 run tiny1 1 "${tiny[@]}" --set data.batch_size=4
 run tiny2 2 "${tiny[@]}" --set data.batch_size=2
 python3 - "$(summary tiny1)" "$(summary tiny2)" <<'PY'
@@ -64,7 +66,7 @@ PY
 # and SyncBN payload are those of the 512x1024 run.
 paper=(--config paper --set augment.out_height=64 --set augment.out_width=128
   --set "augment.global_crop.initial_size=[135,240]" --set augment.subcrops.size=32
-  --set data.sampling.pairs_per_visit=1 --set data.batch_size=1 --set data.workers=1
+  --set "$every_pair" --set data.batch_size=1 --set data.workers=1
   --set run.log_every=1 --set "run.max_steps=2")
 run paper2 2 "${paper[@]}"
 python3 - "$work/paper2/metrics.jsonl" <<'PY'
