@@ -386,28 +386,12 @@ impl StepSums {
     /// The step's loss terms, mask fraction and projection std: the mean over its `n`
     /// micro-batches, then over ranks (one small all-reduce).
     fn mean_over_ranks(&self, n: f32, group: &dyn Collective) -> Result<(LossTerms, f32, f32)> {
-        let l = scale_terms(&self.loss, 1.0 / n);
-        let mut v = [
-            l.dense_ab,
-            l.dense_ba,
-            l.pooled_ab,
-            l.pooled_ba,
-            l.dense,
-            l.pooled,
-            l.total,
-            self.mask / n,
-            self.proj_std / n,
-        ];
+        let mut v = [0f32; 9];
+        v[..7].copy_from_slice(&self.loss.values());
+        (v[7], v[8]) = (self.mask, self.proj_std);
+        v.iter_mut().for_each(|x| *x /= n);
         dist::mean_over_ranks(&mut v, group)?;
-        let terms = LossTerms {
-            dense_ab: v[0],
-            dense_ba: v[1],
-            pooled_ab: v[2],
-            pooled_ba: v[3],
-            dense: v[4],
-            pooled: v[5],
-            total: v[6],
-        };
+        let terms = LossTerms::from_values(v[..7].try_into().expect("7 terms"));
         Ok((terms, v[7], v[8]))
     }
 }
@@ -518,7 +502,7 @@ fn train_rank(
             let (tot, terms, maskf, pstd) = learner.losses(&b)?;
             check_finite(step + 1, &terms).map_err(|e| anyhow::anyhow!("{e}; stopping"))?;
             acc.add(&tot.backward()?, &learner.online_params)?;
-            sums.loss = add_terms(&sums.loss, &terms);
+            sums.loss = sums.loss.add(&terms);
             sums.mask += maskf;
             sums.proj_std += pstd;
             sums.wait_s += b.wait.as_secs_f64();
@@ -544,62 +528,58 @@ fn train_rank(
                 dist::check_identical(&learner.online_params, group.as_ref(), "online")?;
                 dist::check_identical(&learner.target_params, group.as_ref(), "target")?;
             }
-            let Some(out) = out.as_mut() else {
-                sums = StepSums::default();
-                if step >= max_steps {
-                    break 'passes;
+            // Rank 0 logs, draws and checkpoints; the other ranks go on to the next step.
+            if let Some(out) = out.as_mut() {
+                if step % cfg.run.log_every == 0 || step == max_steps {
+                    let m = StepMetrics {
+                        step,
+                        pass,
+                        epoch: sched.paper_epoch(step),
+                        pairs_seen: step * pairs_per_step,
+                        lr,
+                        momentum: mom,
+                        loss: loss.0,
+                        dense_mask_fraction: loss.1,
+                        proj_std: loss.2,
+                        grad_norm,
+                        allreduce_bytes,
+                        allreduce_calls,
+                        pairs_per_s: (sums.pairs * world) as f64
+                            / t_step.elapsed().as_secs_f64().max(1e-9),
+                        data_wait_s: sums.wait_s,
+                    };
+                    let line = serde_json::to_string(&m)?;
+                    writeln!(out.log, "{line}")?;
+                    out.tb.scalars(step, &tb_scalars(&m))?;
+                    reporter.report(&m, &line);
                 }
-                continue;
-            };
-            if step % cfg.run.log_every == 0 || step == max_steps {
-                let m = StepMetrics {
-                    step,
-                    pass,
-                    epoch: sched.paper_epoch(step),
-                    pairs_seen: step * pairs_per_step,
-                    lr,
-                    momentum: mom,
-                    loss: loss.0,
-                    dense_mask_fraction: loss.1,
-                    proj_std: loss.2,
-                    grad_norm,
-                    allreduce_bytes,
-                    allreduce_calls,
-                    pairs_per_s: (sums.pairs * world) as f64
-                        / t_step.elapsed().as_secs_f64().max(1e-9),
-                    data_wait_s: sums.wait_s,
-                };
-                let line = serde_json::to_string(&m)?;
-                writeln!(out.log, "{line}")?;
-                out.tb.scalars(step, &tb_scalars(&m))?;
-                reporter.report(&m, &line);
+                if cfg
+                    .run
+                    .picture_every
+                    .is_some_and(|e| e > 0 && step % e == 0)
+                {
+                    step_picture(cfg, &loader, pass, loader.position(bi, 0), step, quiet)?;
+                }
+                if step % cfg.run.checkpoint_every == 0 || step == max_steps {
+                    let p = Progress {
+                        step,
+                        epoch: pass,
+                        batch: bi + 1,
+                        file: String::new(),
+                        config_json: config_json.clone(),
+                        world_size: world,
+                    };
+                    let path = checkpoint::save(
+                        &cfg.run.dir,
+                        &learner.online_map,
+                        &learner.target_map,
+                        learner.opt.state_tensors()?,
+                        p,
+                    )?;
+                    last_ckpt = Some(path.display().to_string());
+                }
             }
             sums = StepSums::default();
-            if cfg
-                .run
-                .picture_every
-                .is_some_and(|e| e > 0 && step % e == 0)
-            {
-                step_picture(cfg, &loader, pass, loader.position(bi, 0), step, quiet)?;
-            }
-            if step % cfg.run.checkpoint_every == 0 || step == max_steps {
-                let p = Progress {
-                    step,
-                    epoch: pass,
-                    batch: bi + 1,
-                    file: String::new(),
-                    config_json: config_json.clone(),
-                    world_size: world,
-                };
-                let path = checkpoint::save(
-                    &cfg.run.dir,
-                    &learner.online_map,
-                    &learner.target_map,
-                    learner.opt.state_tensors()?,
-                    p,
-                )?;
-                last_ckpt = Some(path.display().to_string());
-            }
             if step >= max_steps {
                 break 'passes;
             }
@@ -689,28 +669,4 @@ fn tb_scalars(m: &StepMetrics) -> Vec<(&'static str, f32)> {
         ("speed/pairs_per_s", m.pairs_per_s as f32),
         ("speed/data_wait_s", m.data_wait_s as f32),
     ]
-}
-
-fn add_terms(a: &LossTerms, b: &LossTerms) -> LossTerms {
-    LossTerms {
-        dense_ab: a.dense_ab + b.dense_ab,
-        dense_ba: a.dense_ba + b.dense_ba,
-        pooled_ab: a.pooled_ab + b.pooled_ab,
-        pooled_ba: a.pooled_ba + b.pooled_ba,
-        dense: a.dense + b.dense,
-        pooled: a.pooled + b.pooled,
-        total: a.total + b.total,
-    }
-}
-
-fn scale_terms(a: &LossTerms, s: f32) -> LossTerms {
-    LossTerms {
-        dense_ab: a.dense_ab * s,
-        dense_ba: a.dense_ba * s,
-        pooled_ab: a.pooled_ab * s,
-        pooled_ba: a.pooled_ba * s,
-        dense: a.dense * s,
-        pooled: a.pooled * s,
-        total: a.total * s,
-    }
 }

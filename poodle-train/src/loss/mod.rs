@@ -69,6 +69,36 @@ impl LossTerms {
             ("total", self.total),
         ]
     }
+
+    /// The values in [`Self::named`]'s order.
+    pub fn values(&self) -> [f32; 7] {
+        self.named().map(|(_, v)| v)
+    }
+
+    /// The inverse of [`Self::values`].
+    pub fn from_values(v: [f32; 7]) -> Self {
+        let [dense_ab, dense_ba, pooled_ab, pooled_ba, dense, pooled, total] = v;
+        LossTerms {
+            dense_ab,
+            dense_ba,
+            pooled_ab,
+            pooled_ba,
+            dense,
+            pooled,
+            total,
+        }
+    }
+
+    /// Each term mapped through `f` (sums and means of steps and ranks).
+    pub fn map(&self, f: impl Fn(f32) -> f32) -> Self {
+        Self::from_values(self.values().map(f))
+    }
+
+    /// Term-wise sum.
+    pub fn add(&self, other: &Self) -> Self {
+        let (a, b) = (self.values(), other.values());
+        Self::from_values(std::array::from_fn(|i| a[i] + b[i]))
+    }
 }
 
 /// The symmetric total: `w_dense * (dense_ab + dense_ba) / 2 + w_pooled * (pooled_ab +

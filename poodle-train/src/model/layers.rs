@@ -252,12 +252,7 @@ impl BatchNorm {
     /// spatial axes are summed first (contiguous, fast) and then the batch.
     fn channel_mean(x: &Tensor) -> Result<Tensor> {
         let count = (x.elem_count() / x.dim(1)?) as f64;
-        let s = match x.rank() {
-            4 => x.sum_keepdim((2, 3))?.sum_keepdim(0)?,
-            2 => x.sum_keepdim(0)?,
-            r => candle_core::bail!("BatchNorm expects a rank 2 or 4 tensor, got rank {r}"),
-        };
-        s * (1.0 / count)
+        Self::channel_sum(x)? * (1.0 / count)
     }
 
     /// Per-channel sums over all but dim 1, shaped as [`Self::channel_mean`].
