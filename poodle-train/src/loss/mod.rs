@@ -89,11 +89,6 @@ impl LossTerms {
         }
     }
 
-    /// Each term mapped through `f` (sums and means of steps and ranks).
-    pub fn map(&self, f: impl Fn(f32) -> f32) -> Self {
-        Self::from_values(self.values().map(f))
-    }
-
     /// Term-wise sum.
     pub fn add(&self, other: &Self) -> Self {
         let (a, b) = (self.values(), other.values());
