@@ -65,6 +65,12 @@ for r in candle:
         tol = r.get("tol")
         p(f"| {r['op']} | {r['precision']} | {r['tensor']} | {err} | {tol if tol is not None else ''} | {'yes' if r.get('ok') else '**NO**'} |")
 p()
+for r in candle:
+    if r.get("kind") == "nccl":
+        what = r.get("error") or (f"join {r.get('join_s', 0):.2f} s, sum fwd/bwd error "
+                                   f"{r.get('fwd_rel_err')}/{r.get('bwd_rel_err')}")
+        p(f"NCCL, world of one through the training join: {'ok' if r.get('ok') else '**FAILED**'} ({what}).")
+        p()
 
 
 def fmt(x, f="{:.2f}"):

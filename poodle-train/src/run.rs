@@ -62,13 +62,35 @@ pub struct RunSummary {
     pub checkpoint: Option<String>,
 }
 
-/// The device of this rank: `cuda` means `cuda:LOCAL_RANK` (one process per GPU); an
-/// explicit `cuda:N` or `cpu` is taken as given.
+/// The device of this rank: `cuda` means this rank's GPU (one process per GPU, see
+/// [`gpu_index`]); an explicit `cuda:N` or `cpu` is taken as given.
 pub fn device_for_rank(spec: &str, env: &LaunchEnv) -> Result<Device> {
     if spec == "cuda" {
-        return device(&format!("cuda:{}", env.local_rank));
+        let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+        return device(&format!("cuda:{}", gpu_index(env, visible.as_deref())?));
     }
     device(spec)
+}
+
+/// `LOCAL_RANK` among the GPUs this process sees, except where the launcher already gave
+/// each task its own GPU (`srun --gpus-per-task=1`, `--gpu-bind=single:1`: one entry in
+/// `CUDA_VISIBLE_DEVICES`), which is then device 0.
+pub fn gpu_index(env: &LaunchEnv, visible: Option<&str>) -> Result<usize> {
+    let Some(list) = visible.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(env.local_rank);
+    };
+    let count = list.split(',').count();
+    match count {
+        1 => Ok(0),
+        n if env.local_rank < n => Ok(env.local_rank),
+        n => bail!(
+            "rank {} ({}): local rank {} but CUDA_VISIBLE_DEVICES={list} shows {n} GPUs: start \
+             one task per GPU",
+            env.rank,
+            env.source,
+            env.local_rank
+        ),
+    }
 }
 
 pub fn device(spec: &str) -> Result<Device> {
@@ -411,7 +433,8 @@ pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary>
     let group = Arc::new(dist::Counted::new(dist::connect(
         &cfg.dist,
         &env,
-        dev.is_cuda(),
+        &dev,
+        &cfg.run.dir,
     )?));
     let res = train_rank(cfg, resume, quiet, &dev, group.clone());
     if let (Err(e), true) = (&res, group.world() > 1) {
@@ -669,4 +692,29 @@ fn tb_scalars(m: &StepMetrics) -> Vec<(&'static str, f32)> {
         ("speed/pairs_per_s", m.pairs_per_s as f32),
         ("speed/data_wait_s", m.data_wait_s as f32),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_rank_finds_its_own_gpu() {
+        let env = |local_rank| LaunchEnv {
+            rank: 8 + local_rank,
+            world: 16,
+            local_rank,
+            source: "slurm",
+        };
+        // All eight GPUs of the node visible (or no variable): the local rank picks one.
+        assert_eq!(gpu_index(&env(5), None).unwrap(), 5);
+        assert_eq!(gpu_index(&env(5), Some("0,1,2,3,4,5,6,7")).unwrap(), 5);
+        // Slurm bound one GPU to the task: it is device 0 whatever the local rank.
+        assert_eq!(gpu_index(&env(5), Some("5")).unwrap(), 0);
+        let e = gpu_index(&env(5), Some("0,1")).unwrap_err().to_string();
+        assert!(
+            e.contains("rank 13") && e.contains("CUDA_VISIBLE_DEVICES=0,1"),
+            "{e}"
+        );
+    }
 }

@@ -86,6 +86,7 @@ const PAPER: &[(&str, &str)] = &[
     ("dist.sync_bn", r#"true"#), // paper: synchronised BatchNorm over the 32 GPUs
     ("dist.bucket_mb", r#"25.0"#), // PyTorch DDP's bucket_cap_mb
     ("dist.check_every", r#"null"#),
+    ("dist.rendezvous_timeout_s", r#"300"#),
 ];
 
 const ABLATION: &[(&str, &str)] = &[

@@ -15,6 +15,15 @@ rm -f "$out/candle.jsonl" "$out/torch_trunk.jsonl" "$out/torch_anchor.json" "$ou
 # The driver's libcuda, the toolkit's cudart/cublas/curand, cuDNN 9 (../shared/GPU.md).
 export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/cuda/lib64:/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 
+# NCCL (the nccl stage; training with several ranks): PyTorch's wheel brings libnccl.so.2.
+nccl_lib=$(python3 - 2>/dev/null <<'PY'
+import glob, site
+hits = [h for p in site.getsitepackages() for h in glob.glob(p + "/nvidia/**/libnccl.so.2", recursive=True)]
+print(hits[0] if hits else "")
+PY
+)
+[[ -n $nccl_lib ]] && export LD_LIBRARY_PATH=$(dirname "$nccl_lib"):$LD_LIBRARY_PATH
+echo "gpu-check: libnccl ${nccl_lib:-not found (the nccl stage will fail)}" >&2
 # sm_90a code runs on compute capability 9.0 only; the sm_80 build's PTX is JIT-compiled by
 # the driver for any later card.
 cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader -i 0 2>/dev/null | head -1 | tr -d '. ')
@@ -34,9 +43,10 @@ stage() { # seconds, name, command...
 rm -f "$out/stages.jsonl"
 cp "$here/GIT_SHA" "$out/GIT_SHA" 2>/dev/null || true
 stage 50 parity "$bin" gpu-check --out "$out" --only parity
-stage 150 candle-trunk "$bin" gpu-check --out "$out" --only trunk
+stage 20 nccl "$bin" gpu-check --out "$out" --only nccl
+stage 140 candle-trunk "$bin" gpu-check --out "$out" --only trunk
 stage 120 candle-step "$bin" gpu-check --out "$out" --only step
 stage 60 torch-trunk bash -c "python3 '$here/torch_trunk.py' >> '$out/torch_trunk.jsonl'"
-stage 90 torch-step bash -o pipefail -c "OUT='$out' python3 '$here/torch_poodle_step.py' train | tee '$out/torch_step.log'"
+stage 80 torch-step bash -o pipefail -c "OUT='$out' python3 '$here/torch_poodle_step.py' train | tee '$out/torch_step.log'"
 python3 "$here/gpu_check_report.py" "$out" > "$out/RESULTS-section.md"
 cat "$out/RESULTS-section.md"

@@ -30,8 +30,8 @@ pub struct GpuCheckArgs {
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     pub device: usize,
-    /// Parts to run: parity, trunk, step (comma-separated).
-    #[arg(long, default_value = "parity,trunk,step", value_delimiter = ',')]
+    /// Parts to run: parity, nccl, trunk, step (comma-separated).
+    #[arg(long, default_value = "parity,nccl,trunk,step", value_delimiter = ',')]
     pub only: Vec<String>,
     /// Precisions for the benchmarks: f32, tf32, bf16.
     #[arg(long, default_value = "f32,tf32,bf16", value_delimiter = ',')]
@@ -77,6 +77,10 @@ pub fn run(args: &GpuCheckArgs) -> Result<()> {
         parity_ops(&dev, &mut out)?;
         parity_step(&dev, &mut out)?;
     }
+    if wants("nccl") {
+        let r = nccl_world_of_one(&dev, &args.out);
+        out.emit(result_line("nccl", Precision::F32, r))?;
+    }
     for p in &args.precisions {
         let prec = Precision::parse(p)?;
         if wants("trunk") {
@@ -90,6 +94,42 @@ pub fn run(args: &GpuCheckArgs) -> Result<()> {
     }
     anyhow::ensure!(out.failed == 0, "{} check(s) failed", out.failed);
     Ok(())
+}
+
+/// The NCCL engine through training's own join (`dist::connect`: file rendezvous in `dir`,
+/// communicator on candle's stream) in a world of one, the most one GPU allows (NCCL refuses
+/// two ranks on one device): the SyncBatchNorm sum forward and backward and the host-side
+/// collectives must give back what went in.
+fn nccl_world_of_one(dev: &Device, dir: &std::path::Path) -> Result<Value> {
+    use crate::dist::{self, sync_bn::AllReduceSum, Backend, Collective, DistConfig, LaunchEnv};
+    std::env::set_var("POODLE_RENDEZVOUS_KEY", "gpu-check");
+    let cfg = DistConfig {
+        backend: Backend::Nccl,
+        rendezvous_timeout_s: 30,
+        ..DistConfig::default()
+    };
+    let t0 = Instant::now();
+    let group: std::sync::Arc<dyn Collective> =
+        dist::connect(&cfg, &LaunchEnv::single(), dev, dir)?;
+    let join_s = t0.elapsed().as_secs_f64();
+    anyhow::ensure!(group.engine() == "nccl", "engine {}", group.engine());
+    let x = Var::from_tensor(&randn(&[4, 64, 3], 7, dev)?)?;
+    let y = AllReduceSum::apply(x.as_tensor(), &group)?;
+    let fwd = rel_err(&y, x.as_tensor())?;
+    let w = randn(&[4, 64, 3], 8, dev)?;
+    let grads = (y * &w)?.sum_all()?.backward()?;
+    let bwd = rel_err(grads.get(&x).context("no gradient")?, &w)?;
+    let mut host = [1.5f32, -2.0];
+    group.all_reduce_sum(&mut host)?;
+    let gathered = group.all_gather_u64(u64::MAX - 3)?;
+    group.barrier()?;
+    // Rank 0 removes the rendezvous folder once the communicator has formed.
+    let left = dir.join("rendezvous-gpu-check").exists();
+    let ok = fwd == 0.0 && bwd == 0.0 && host == [1.5, -2.0] && gathered == [u64::MAX - 3] && !left;
+    Ok(
+        json!({"ok": ok, "join_s": join_s, "fwd_rel_err": fwd, "bwd_rel_err": bwd,
+        "host": host.to_vec(), "gathered": gathered, "rendezvous_left": left}),
+    )
 }
 
 /// Parsing and applying a precision here; the training step reads it from the config.

@@ -1,6 +1,6 @@
 //! Data-parallel training with PyTorch DDP + SyncBatchNorm semantics, over existing engines:
 //! MPI for CPU processes (`mpi` cargo feature, Open MPI through the `mpi` crate) and, on
-//! CUDA, NCCL (not in this build yet: see [`Backend::Nccl`]).
+//! CUDA, NCCL (the CUDA build, `nccl`; its ranks meet through [`rendezvous`]).
 //!
 //! - [`LaunchEnv`]: rank, world size and local rank from the launcher's environment
 //!   (`mpirun`, Slurm's `srun`, torchrun).
@@ -14,11 +14,15 @@
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "cuda")]
+pub mod nccl;
+pub mod rendezvous;
 pub mod sync_bn;
 
 use crate::optim::Grads;
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var};
 use serde::{Deserialize, Serialize};
+use std::path::Path;
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +33,8 @@ pub enum DistError {
     Unavailable(String),
     #[error("collective {op}: {msg}")]
     Collective { op: &'static str, msg: String },
+    #[error("{0}")]
+    Rendezvous(String),
     #[error("ranks disagree: {0}")]
     Diverged(String),
     #[error(transparent)]
@@ -67,6 +73,10 @@ pub struct DistConfig {
     /// Every this many steps, check that the online and target weights are bit-identical on
     /// every rank (a debugging aid; null: never).
     pub check_every: Option<u64>,
+    /// NCCL: how long the ranks wait for each other at start (rank 0's id, every rank's
+    /// arrival) before the job stops naming the ranks missing. Slurm may start the tasks of
+    /// a large job a minute apart; a stuck node should not hold 32 GPUs for long.
+    pub rendezvous_timeout_s: u64,
 }
 
 impl Default for DistConfig {
@@ -76,6 +86,7 @@ impl Default for DistConfig {
             sync_bn: true,
             bucket_mb: 25.0,
             check_every: None,
+            rendezvous_timeout_s: 300,
         }
     }
 }
@@ -170,6 +181,76 @@ pub trait Collective: Send + Sync {
     fn barrier(&self) -> Result<()>;
     /// Stops every rank of the job (after this rank printed the cause).
     fn abort(&self, code: i32) -> !;
+    /// [`Collective::all_reduce_sum`] of a contiguous f32 buffer in GPU memory. This default
+    /// goes through host memory; NCCL reduces on the GPU.
+    #[cfg(feature = "cuda")]
+    fn all_reduce_sum_cuda(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<candle_core::CudaStorage> {
+        use candle_core::backend::{BackendDevice, BackendStorage};
+        let CpuStorage::F32(host) = s.to_cpu_storage()? else {
+            return Err(DistError::Collective {
+                op: "all_reduce_sum",
+                msg: format!("f32 tensors only, got {:?}", s.dtype()),
+            });
+        };
+        let mut buf = contiguous_part(&host, l)?.to_vec();
+        self.all_reduce_sum(&mut buf)?;
+        Ok(s.device().storage_from_slice(&buf)?)
+    }
+}
+
+fn contiguous_part<'a>(data: &'a [f32], l: &Layout) -> Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((lo, hi)) => Ok(&data[lo..hi]),
+        None => Err(DistError::Collective {
+            op: "all_reduce_sum",
+            msg: "the input must be contiguous".into(),
+        }),
+    }
+}
+
+/// Sum over ranks of an f32 tensor, as a candle op so that it runs where the tensor lives
+/// (GPU tensors stay on the GPU under NCCL). Forward only: [`sync_bn::AllReduceSum`] gives it
+/// a backward.
+pub struct SumOverRanks<'a>(pub &'a dyn Collective);
+
+impl SumOverRanks<'_> {
+    pub fn apply(self, t: &Tensor) -> candle_core::Result<Tensor> {
+        t.contiguous()?.apply_op1_no_bwd(&self)
+    }
+}
+
+fn op_err(e: DistError) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+impl CustomOp1 for SumOverRanks<'_> {
+    fn name(&self) -> &'static str {
+        "sum-over-ranks"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = s else {
+            use candle_core::backend::BackendStorage;
+            candle_core::bail!("sum-over-ranks: f32 tensors only, got {:?}", s.dtype());
+        };
+        let mut buf = contiguous_part(data, l).map_err(op_err)?.to_vec();
+        self.0.all_reduce_sum(&mut buf).map_err(op_err)?;
+        Ok((CpuStorage::F32(buf), l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let out = self.0.all_reduce_sum_cuda(s, l).map_err(op_err)?;
+        Ok((out, l.shape().clone()))
+    }
 }
 
 /// A world of one.
@@ -251,14 +332,32 @@ impl Collective for Counted {
     fn abort(&self, code: i32) -> ! {
         self.inner.abort(code)
     }
+    #[cfg(feature = "cuda")]
+    fn all_reduce_sum_cuda(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<candle_core::CudaStorage> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.bytes
+            .fetch_add(4 * l.shape().elem_count() as u64, Relaxed);
+        self.calls.fetch_add(1, Relaxed);
+        self.inner.all_reduce_sum_cuda(s, l)
+    }
 }
 
-/// Joins the job this process was launched into, per `cfg.backend` and the environment.
-/// `cuda`: whether the training device is a GPU.
-pub fn connect(cfg: &DistConfig, env: &LaunchEnv, cuda: bool) -> Result<Arc<dyn Collective>> {
+/// Joins the job this process was launched into, per `cfg.backend` and the environment, on
+/// the training device `dev`. NCCL's ranks meet in `run_dir` (on a filesystem every node
+/// sees).
+pub fn connect(
+    cfg: &DistConfig,
+    env: &LaunchEnv,
+    dev: &Device,
+    run_dir: &Path,
+) -> Result<Arc<dyn Collective>> {
     let backend = match cfg.backend {
         Backend::Auto if env.world == 1 => return Ok(Arc::new(SingleProcess)),
-        Backend::Auto if cuda => Backend::Nccl,
+        Backend::Auto if dev.is_cuda() => Backend::Nccl,
         Backend::Auto => Backend::Mpi,
         b => b,
     };
@@ -269,12 +368,37 @@ pub fn connect(cfg: &DistConfig, env: &LaunchEnv, cuda: bool) -> Result<Arc<dyn 
         ))),
         Backend::None | Backend::Auto => Ok(Arc::new(SingleProcess)),
         Backend::Mpi => connect_mpi(env),
-        Backend::Nccl => Err(DistError::Unavailable(format!(
-            "rank {} of {} ({}): the NCCL backend is not in this build; CPU processes use \
-             dist.backend = mpi (a build with --features mpi)",
-            env.rank, env.world, env.source
-        ))),
+        Backend::Nccl => connect_nccl(env, dev, run_dir, cfg.rendezvous_timeout_s),
     }
+}
+
+#[cfg(feature = "cuda")]
+fn connect_nccl(
+    env: &LaunchEnv,
+    dev: &Device,
+    run_dir: &Path,
+    secs: u64,
+) -> Result<Arc<dyn Collective>> {
+    let Device::Cuda(cuda) = dev else {
+        return Err(DistError::Unavailable(format!(
+            "rank {} of {} ({}): the NCCL backend needs a CUDA device, not {dev:?}; CPU \
+             processes use dist.backend = mpi",
+            env.rank, env.world, env.source
+        )));
+    };
+    let timeout = std::time::Duration::from_secs(secs);
+    Ok(Arc::new(nccl::NcclGroup::connect(
+        env, cuda, run_dir, timeout,
+    )?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn connect_nccl(env: &LaunchEnv, _: &Device, _: &Path, _: u64) -> Result<Arc<dyn Collective>> {
+    Err(DistError::Unavailable(format!(
+        "rank {} of {} ({}): the NCCL backend is in the CUDA build only (make build-cuda); \
+         CPU processes use dist.backend = mpi (a build with --features mpi)",
+        env.rank, env.world, env.source
+    )))
 }
 
 #[cfg(feature = "mpi")]
@@ -323,21 +447,22 @@ pub fn average_gradients(
             len += entries[end].1.elem_count();
             end += 1;
         }
-        let mut flat = Vec::with_capacity(len);
-        for (_, t) in &entries[start..end] {
-            flat.extend(t.flatten_all()?.to_vec1::<f32>()?);
-        }
-        group.all_reduce_sum(&mut flat)?;
-        stats.bytes += flat.len() * 4;
+        // One flat bucket on the gradients' own device (GPU memory under NCCL).
+        let parts = entries[start..end]
+            .iter()
+            .map(|(_, t)| t.to_dtype(DType::F32)?.flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let flat = (SumOverRanks(group).apply(&Tensor::cat(&parts, 0)?)? * scale as f64)?;
+        stats.bytes += len * 4;
         stats.collectives += 1;
         let mut off = 0;
         for (name, t) in &entries[start..end] {
             let n = t.elem_count();
-            let avg: Vec<f32> = flat[off..off + n].iter().map(|v| v * scale).collect();
-            grads.insert(
-                name.clone(),
-                Tensor::from_vec(avg, t.shape(), t.device())?.to_dtype(t.dtype())?,
-            );
+            let avg = flat
+                .narrow(0, off, n)?
+                .reshape(t.shape())?
+                .to_dtype(t.dtype())?;
+            grads.insert(name.clone(), avg);
             off += n;
         }
         start = end;
@@ -447,15 +572,22 @@ mod tests {
             source: "torchrun",
         };
         let cfg = DistConfig::default();
-        let e = connect(&cfg, &two, true).err().unwrap();
+        let run = std::env::temp_dir();
+        let cpu = Device::Cpu;
+        // Without the CUDA build (CI), a CUDA job's backend says where it lives.
+        let nccl = DistConfig {
+            backend: Backend::Nccl,
+            ..cfg.clone()
+        };
+        let e = connect(&nccl, &two, &cpu, &run).err().unwrap();
         assert!(e.to_string().contains("NCCL"), "{e}");
         let none = DistConfig {
             backend: Backend::None,
             ..cfg.clone()
         };
-        let e = connect(&none, &two, false).err().unwrap();
+        let e = connect(&none, &two, &cpu, &run).err().unwrap();
         assert!(e.to_string().contains("dist.backend = none"), "{e}");
-        let one = connect(&cfg, &LaunchEnv::single(), false).unwrap();
+        let one = connect(&cfg, &LaunchEnv::single(), &cpu, &run).unwrap();
         assert_eq!(one.world(), 1);
     }
 

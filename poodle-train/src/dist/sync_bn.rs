@@ -11,8 +11,7 @@
 //! `dist.sync_bn = true`); BatchNorm layers outside a scope, or in a world of one, use their
 //! own batch.
 
-use super::Collective;
-use candle_core::backend::BackendStorage;
+use super::{Collective, SumOverRanks};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -68,20 +67,16 @@ impl CustomOp1 for AllReduceSum {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!(
-                "all-reduce-sum: f32 tensors only, got {:?}",
-                storage.dtype()
-            );
-        };
-        let Some((lo, hi)) = layout.contiguous_offsets() else {
-            candle_core::bail!("all-reduce-sum: the input must be contiguous");
-        };
-        let mut buf = data[lo..hi].to_vec();
-        self.group
-            .all_reduce_sum(&mut buf)
-            .map_err(|e| candle_core::Error::Msg(format!("SyncBatchNorm: {e}")))?;
-        Ok((CpuStorage::F32(buf), layout.shape().clone()))
+        SumOverRanks(self.group.as_ref()).cpu_fwd(storage, layout)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        SumOverRanks(self.group.as_ref()).cuda_fwd(storage, layout)
     }
 
     fn bwd(
