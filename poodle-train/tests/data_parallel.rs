@@ -223,9 +223,15 @@ fn two_mpi_ranks_train_like_one_process_with_their_union() {
     let d = tmpdir("dp-equiv");
     let store = store(&d);
     // Compared: the losses of two steps and the weights after the first. Two computations of
-    // this run drift apart after that, one process against itself included: on this store's
-    // second batch a 1e-7 relative change of the input views moves the single-process
-    // gradients by 1e-3 (measured), about what the rounding of a two-rank sum does. And
+    // this run drift apart after that, one process against itself included. Measured on this
+    // store: scaling the input views by 1 +- 1e-7 ... 1e-3 leaves the loss equal to 6e-8 (the
+    // stem's BatchNorm makes the network scale-invariant, so only the rounding changes) and
+    // moves the decoder's and dense projector's gradients by 1e-5 (L2, relative) in five of
+    // six cases, but by 1e-3 (1e-2 of the largest entry) in one: a discrete event, such as a
+    // ReLU input at the decoder's 2x4 resolution crossing zero, which one rounding-level
+    // difference triggers in float32 (the rounding of a two-rank sum as well). Measured
+    // two ranks against one process: losses 5e-8, 5e-7, 1.7e-6 apart at steps 1-3, then 0.7%
+    // at step 4; weights 4e-6 after step 1, 2.3e-3 after step 2. And
     // AdamW's first step divides each gradient entry by its own size, so entries near its eps
     // (1e-6 in the presets) turn rounding-level differences into lr-sized steps; eps 0.01
     // keeps that step smooth, so the weights compare the data-parallel machinery.

@@ -73,7 +73,13 @@ impl NcclGroup {
                     v.len()
                 ))
             })?;
-        let comm = Comm::from_rank(dev.cuda_stream(), env.rank, env.world, Id::uninit(internal))
+        // ncclCommInitRank joins on the thread's current device: make it this rank's GPU.
+        let stream = dev.cuda_stream();
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(cuda("bind device"))?;
+        let comm = Comm::from_rank(stream, env.rank, env.world, Id::uninit(internal))
             .map_err(nccl("communicator init"))?;
         let group = NcclGroup {
             comm: Mutex::new(comm),
