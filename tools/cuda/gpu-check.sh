@@ -22,7 +22,11 @@ hits = [h for p in site.getsitepackages() for h in glob.glob(p + "/nvidia/**/lib
 print(hits[0] if hits else "")
 PY
 )
-[[ -n $nccl_lib ]] && export LD_LIBRARY_PATH=$(dirname "$nccl_lib"):$LD_LIBRARY_PATH
+# cudarc opens libnccl.so; the wheel has only libnccl.so.2: a link in a folder of our own.
+if [[ -n $nccl_lib ]]; then
+  mkdir -p "$out/nccl-lib" && ln -sf "$nccl_lib" "$out/nccl-lib/libnccl.so"
+  export LD_LIBRARY_PATH=$out/nccl-lib:$(dirname "$nccl_lib"):$LD_LIBRARY_PATH
+fi
 echo "gpu-check: libnccl ${nccl_lib:-not found (the nccl stage will fail)}" >&2
 # sm_90a code runs on compute capability 9.0 only; the sm_80 build's PTX is JIT-compiled by
 # the driver for any later card.

@@ -53,6 +53,7 @@ impl NcclGroup {
         run_dir: &Path,
         timeout: Duration,
     ) -> Result<Self> {
+        check_library()?;
         let key = job_key(|k| std::env::var(k).ok())?;
         let rdv = FileRendezvous::new(run_dir, &key, env.rank, env.world, timeout);
         let id = match env.rank {
@@ -96,6 +97,25 @@ impl NcclGroup {
         // A panic while holding the lock leaves the communicator usable (no state of ours).
         self.comm.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// cudarc opens NCCL as `libnccl.so`, while NVIDIA's wheel (`nvidia-nccl-cu13`, the one
+/// PyTorch brings) and some installs have only `libnccl.so.2`: say so, naming the fix, where
+/// cudarc's loader would panic.
+fn check_library() -> Result<()> {
+    // SAFETY: opening NCCL runs only its own initialisers, as cudarc's loading of it would.
+    let opens = |name: &str| unsafe { libloading::Library::new(name) }.is_ok();
+    if opens("libnccl.so") {
+        return Ok(());
+    }
+    let hint = if opens("libnccl.so.2") {
+        "only libnccl.so.2 is on the library path and cudarc opens libnccl.so: link it \
+         (ln -s /path/to/libnccl.so.2 DIR/libnccl.so) and put DIR on LD_LIBRARY_PATH"
+    } else {
+        "libnccl.so is not on LD_LIBRARY_PATH (the CUDA toolkit's, a cluster module's, or the \
+         nvidia-nccl-cu13 wheel's nvidia/nccl/lib with a libnccl.so link beside libnccl.so.2)"
+    };
+    Err(DistError::Unavailable(format!("NCCL backend: {hint}")))
 }
 
 impl Collective for NcclGroup {
