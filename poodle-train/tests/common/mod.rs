@@ -13,11 +13,38 @@ pub fn repo() -> PathBuf {
 }
 
 /// A fresh scratch folder, unique per test binary run and tag.
-pub fn tmpdir(tag: &str) -> PathBuf {
+pub fn tmpdir(tag: &str) -> Scratch {
     let d = std::env::temp_dir().join(format!("poodle-train-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    Scratch(d)
+}
+
+/// A test's scratch folder: removed when the test passes (runs and checkpoints take up to a
+/// GiB each, and `make test` is run often), kept for a look when it fails.
+pub struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for Scratch {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test scratch kept: {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// `../shared/data/<rel>` if it exists; `None` (skip, with a message; a failure under
