@@ -268,6 +268,7 @@ mod tests {
             );
             assert!(e.contains("rendezvous-job1"), "{e}");
         }
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]
@@ -301,6 +302,7 @@ mod tests {
         std::fs::write(r1.dir().join("id"), encode(now_ms(), b"new")).unwrap();
         std::fs::write(r1.dir().join("rank-0"), b"joined").unwrap();
         assert_eq!(r1.exchange(None).unwrap(), b"new");
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]
