@@ -240,6 +240,7 @@ mod tests {
             !r0.dir().exists(),
             "rank 0 cleans up after the engine joined"
         );
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]
@@ -287,6 +288,7 @@ mod tests {
                 .display()
                 .to_string()
         ));
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]
