@@ -32,9 +32,11 @@ fn tvl1_default_model_meets_the_accuracy_bars() {
     };
     let rw = row("middlebury-rubberwhale");
     let kitti = row("kitti");
-    // Bars: RubberWhale AEE <= 0.5 px (DIS medium 0.22, Farneback 0.36), KITTI <= 30 px.
+    // Bars of issue 13 item 5: RubberWhale AEE <= 0.5 px (DIS medium 0.22, Farneback 0.36),
+    // KITTI <= 15 px (the default: 14.9; DIS medium 24-38 by OpenCV version, Farneback 46).
+    // Whoever chases the dashcam consistency target trades against exactly these.
     assert!(rw["aee"].as_f64().unwrap() <= 0.5, "{rw}");
-    assert!(kitti["aee"].as_f64().unwrap() <= 30.0, "{kitti}");
+    assert!(kitti["aee"].as_f64().unwrap() <= 15.0, "{kitti}");
     // The flow explains the motion: warping lowers the photometric error well below no motion.
     for r in [&rw, &kitti] {
         let (pred, zero) = (
