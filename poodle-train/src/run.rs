@@ -197,7 +197,8 @@ impl Learner {
         let (mut d_ab, mut d_ba, mut p_ab, mut p_ba) =
             (zero.clone(), zero.clone(), zero.clone(), zero);
         let mut mask_fraction = 0.0;
-        let mut proj_std = 0.0;
+        // Rows of the collapse metric: the pooled projections, else the dense targets' means.
+        let mut collapse_rows = None;
         // Both directions go through each network as one batch, as the authors concatenate
         // [frame t, frame t+dt]: BatchNorm sees 2N images (2NK subcrops).
         let halves = |x: Tensor| -> Result<Vec<Tensor>> { Ok(x.chunk(2, 0)?) };
@@ -224,7 +225,7 @@ impl Learner {
             d_ab = l;
             d_ba = l2;
             mask_fraction = (s.mask_fraction + s2.mask_fraction) / 2.0;
-            proj_std = collapse_std(&t[0].mean((2, 3))?)?;
+            collapse_rows = Some(t[0].mean((2, 3))?);
         }
         if m.pooled {
             // subcrops[d][0] online, subcrops[d][1] target of direction d (t online, then
@@ -237,22 +238,37 @@ impl Learner {
             let z = halves(to_f32(self.target.pooled(&target_in, true)?)?.detach())?;
             p_ab = pooled_loss(&q[0], &z[0])?;
             p_ba = pooled_loss(&q[1], &z[1])?;
-            proj_std = collapse_std(&halves(proj.detach())?[0])?;
+            collapse_rows = Some(halves(proj.detach())?.swap_remove(0));
         }
         let (wd, wp) = (
             if m.dense { m.w_dense } else { 0.0 },
             if m.pooled { m.w_pooled } else { 0.0 },
         );
         let (tot, terms) = total(&d_ab, &d_ba, &p_ab, &p_ba, wd, wp)?;
+        let proj_std = match collapse_rows {
+            Some(rows) => collapse_std(&rows)?,
+            None => 0.0,
+        };
         Ok((tot, terms, mask_fraction, proj_std))
     }
 }
 
-/// Std over the batch of L2-normalised rows, averaged over dimensions.
+/// Std over the batch of L2-normalised rows, averaged over dimensions. In a data-parallel
+/// job with synchronised BatchNorm the batch is every rank's, as BatchNorm's statistics are:
+/// a std of each rank's 2-4 rows alone is biased low by the batch split, so runs with other
+/// world sizes would log other values for the same training.
 fn collapse_std(x: &Tensor) -> Result<f32> {
     let z = crate::loss::l2_normalize(&x.to_dtype(DType::F32)?, 1)?;
-    let mean = z.mean_keepdim(0)?;
-    let var = z.broadcast_sub(&mean)?.sqr()?.mean(0)?;
+    let (n, d) = z.dims2()?;
+    let mut sums = Tensor::cat(&[z.sum(0)?, z.sqr()?.sum(0)?], 0)?;
+    let mut count = n;
+    if let Some(group) = dist::sync_bn::current() {
+        sums = dist::SumOverRanks(group.as_ref()).apply(&sums)?;
+        count = dist::sync_bn::global_count(n, group.as_ref())?;
+    }
+    let mean = (sums.narrow(0, 0, d)? / count as f64)?;
+    let mean_sq = (sums.narrow(0, d, d)? / count as f64)?;
+    let var = (mean_sq - mean.sqr()?)?.relu()?;
     Ok(var.sqrt()?.mean_all()?.to_scalar::<f32>()?)
 }
 
