@@ -21,7 +21,12 @@ fn launch_cfg(items: usize) -> LaunchConfig {
     }
 }
 
-fn f32_view<'a>(op: &'static str, s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
+/// The contiguous f32 part of `s` that `l` describes (also the NCCL engine's send buffer).
+pub(crate) fn f32_view<'a>(
+    op: &'static str,
+    s: &'a CudaStorage,
+    l: &Layout,
+) -> Result<CudaView<'a, f32>> {
     let v = s.as_cuda_slice::<f32>()?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(v.slice(a..b)),

@@ -302,6 +302,13 @@ impl Counted {
         use std::sync::atomic::Ordering::Relaxed;
         (self.bytes.swap(0, Relaxed), self.calls.swap(0, Relaxed))
     }
+
+    /// One collective moving `bytes`.
+    fn count(&self, bytes: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.bytes.fetch_add(bytes as u64, Relaxed);
+        self.calls.fetch_add(1, Relaxed);
+    }
 }
 
 impl Collective for Counted {
@@ -315,15 +322,11 @@ impl Collective for Counted {
         self.inner.engine()
     }
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.bytes.fetch_add(4 * buf.len() as u64, Relaxed);
-        self.calls.fetch_add(1, Relaxed);
+        self.count(4 * buf.len());
         self.inner.all_reduce_sum(buf)
     }
     fn all_gather_u64(&self, v: u64) -> Result<Vec<u64>> {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.bytes.fetch_add(8, Relaxed);
-        self.calls.fetch_add(1, Relaxed);
+        self.count(8);
         self.inner.all_gather_u64(v)
     }
     fn barrier(&self) -> Result<()> {
@@ -338,10 +341,7 @@ impl Collective for Counted {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<candle_core::CudaStorage> {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.bytes
-            .fetch_add(4 * l.shape().elem_count() as u64, Relaxed);
-        self.calls.fetch_add(1, Relaxed);
+        self.count(4 * l.shape().elem_count());
         self.inner.all_reduce_sum_cuda(s, l)
     }
 }

@@ -164,17 +164,11 @@ impl Collective for NcclGroup {
 
     fn all_reduce_sum_cuda(&self, s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
         let op = "all_reduce_sum (GPU)";
-        let Some((lo, hi)) = l.contiguous_offsets() else {
-            return Err(DistError::Collective {
-                op,
-                msg: "the input must be contiguous".into(),
-            });
-        };
-        let src = s.as_cuda_slice::<f32>()?.slice(lo..hi);
+        let src = crate::cuda::kernels::f32_view(op, s, l)?;
         let mut dst = self
             .dev
             .cuda_stream()
-            .alloc_zeros::<f32>(hi - lo)
+            .alloc_zeros::<f32>(src.len())
             .map_err(cuda(op))?;
         self.comm()
             .all_reduce(&src, &mut dst, &ReduceOp::Sum)
