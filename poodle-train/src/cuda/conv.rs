@@ -151,6 +151,38 @@ struct Call {
 }
 
 impl Call {
+    /// The algorithm cached for this call's shapes, or else the fastest one `find` measures
+    /// (cuDNN's benchmark mode, once per shape) in a temporary search workspace, then cached.
+    /// `find(handle, workspace, bytes, results, count)` runs one `cudnnFind*AlgorithmEx` into
+    /// MAX_ALGOS result slots; `fields` reads a result.
+    fn algo<T: Copy>(
+        &self,
+        op: &'static str,
+        ctx: &mut Ctx,
+        find: impl FnOnce(
+            sys::cudnnHandle_t,
+            u64,
+            usize,
+            *mut T,
+            &mut i32,
+        ) -> std::result::Result<(), CudaOpError>,
+        fields: impl Fn(&T) -> (sys::cudnnStatus_t, usize, sys::cudnnMathType_t, AlgoId),
+    ) -> std::result::Result<Algo, CudaOpError> {
+        if let Some(a) = ctx.algos.get(&self.key) {
+            return Ok(*a);
+        }
+        let ws = search_workspace(ctx)?;
+        let (wsp, limit) = ws_ptr(&ws, &ctx.stream);
+        let mut res = Vec::<T>::with_capacity(MAX_ALGOS);
+        let mut n = 0;
+        find(ctx.handle, wsp, limit, res.as_mut_ptr(), &mut n)?;
+        // SAFETY: cuDNN filled the first n <= MAX_ALGOS slots.
+        unsafe { res.set_len(n as usize) };
+        let a = pick(op, self.dt, &res, limit, fields)?;
+        ctx.algos.insert(self.key.clone(), a);
+        Ok(a)
+    }
+
     fn new(
         op: &'static str,
         pass: Pass,
@@ -222,20 +254,16 @@ impl CustomOp2 for Conv2dOp {
             let (xp, _gx) = dptr(op, x, xl, &stream)?;
             let (wp, _gw) = dptr(op, w, wl, &stream)?;
             let (yp, _gy) = dptr_mut(op, &mut y, &stream)?;
-            let algo = match ctx.algos.get(&c.key) {
-                Some(a) => *a,
-                None => {
-                    let ws = search_workspace(ctx)?;
-                    let (wsp, limit) = ws_ptr(&ws, &stream);
-                    let mut res =
-                        Vec::<sys::cudnnConvolutionFwdAlgoPerf_t>::with_capacity(MAX_ALGOS);
-                    let mut n = 0;
+            let algo = c.algo(
+                op,
+                ctx,
+                |handle, wsp, limit, res, n| {
                     // SAFETY: descriptors match the buffers; `res` has MAX_ALGOS slots.
                     unsafe {
                         ck(
                             "cudnnFindConvolutionForwardAlgorithmEx",
                             sys::cudnnFindConvolutionForwardAlgorithmEx(
-                                ctx.handle,
+                                handle,
                                 c.x.0,
                                 xp as _,
                                 c.w.0,
@@ -244,21 +272,18 @@ impl CustomOp2 for Conv2dOp {
                                 c.y.0,
                                 yp as _,
                                 MAX_ALGOS as i32,
-                                &mut n,
-                                res.as_mut_ptr(),
+                                n,
+                                res,
                                 wsp as _,
                                 limit,
                             ),
-                        )?;
-                        res.set_len(n as usize);
+                        )
                     }
-                    let a = pick(op, c.dt, &res, limit, |r| {
-                        (r.status, r.memory, r.mathType, AlgoId::Forward(r.algo))
-                    })?;
-                    ctx.algos.insert(c.key.clone(), a);
-                    a
-                }
-            };
+                },
+                |r: &sys::cudnnConvolutionFwdAlgoPerf_t| {
+                    (r.status, r.memory, r.mathType, AlgoId::Forward(r.algo))
+                },
+            )?;
             let AlgoId::Forward(id) = algo.id else {
                 unreachable!("forward key holds a forward algorithm")
             };
@@ -368,20 +393,16 @@ impl CustomOp2 for ConvBwdDataOp {
             let (dyp, _g1) = dptr(op, dy, dyl, &stream)?;
             let (wp, _g2) = dptr(op, w, wl, &stream)?;
             let (dxp, _g3) = dptr_mut(op, &mut dx, &stream)?;
-            let algo = match ctx.algos.get(&c.key) {
-                Some(a) => *a,
-                None => {
-                    let ws = search_workspace(ctx)?;
-                    let (wsp, limit) = ws_ptr(&ws, &stream);
-                    let mut res =
-                        Vec::<sys::cudnnConvolutionBwdDataAlgoPerf_t>::with_capacity(MAX_ALGOS);
-                    let mut n = 0;
+            let algo = c.algo(
+                op,
+                ctx,
+                |handle, wsp, limit, res, n| {
                     // SAFETY: as for the forward search.
                     unsafe {
                         ck(
                             "cudnnFindConvolutionBackwardDataAlgorithmEx",
                             sys::cudnnFindConvolutionBackwardDataAlgorithmEx(
-                                ctx.handle,
+                                handle,
                                 c.w.0,
                                 wp as _,
                                 c.y.0,
@@ -390,21 +411,18 @@ impl CustomOp2 for ConvBwdDataOp {
                                 c.x.0,
                                 dxp as _,
                                 MAX_ALGOS as i32,
-                                &mut n,
-                                res.as_mut_ptr(),
+                                n,
+                                res,
                                 wsp as _,
                                 limit,
                             ),
-                        )?;
-                        res.set_len(n as usize);
+                        )
                     }
-                    let a = pick(op, c.dt, &res, limit, |r| {
-                        (r.status, r.memory, r.mathType, AlgoId::BackwardData(r.algo))
-                    })?;
-                    ctx.algos.insert(c.key.clone(), a);
-                    a
-                }
-            };
+                },
+                |r: &sys::cudnnConvolutionBwdDataAlgoPerf_t| {
+                    (r.status, r.memory, r.mathType, AlgoId::BackwardData(r.algo))
+                },
+            )?;
             let AlgoId::BackwardData(id) = algo.id else {
                 unreachable!("backward-data key holds a backward-data algorithm")
             };
@@ -476,20 +494,16 @@ impl CustomOp2 for ConvBwdFilterOp {
             let (xp, _g1) = dptr(op, x, xl, &stream)?;
             let (dyp, _g2) = dptr(op, dy, dyl, &stream)?;
             let (dwp, _g3) = dptr_mut(op, &mut dw, &stream)?;
-            let algo = match ctx.algos.get(&c.key) {
-                Some(a) => *a,
-                None => {
-                    let ws = search_workspace(ctx)?;
-                    let (wsp, limit) = ws_ptr(&ws, &stream);
-                    let mut res =
-                        Vec::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>::with_capacity(MAX_ALGOS);
-                    let mut n = 0;
+            let algo = c.algo(
+                op,
+                ctx,
+                |handle, wsp, limit, res, n| {
                     // SAFETY: as for the forward search.
                     unsafe {
                         ck(
                             "cudnnFindConvolutionBackwardFilterAlgorithmEx",
                             sys::cudnnFindConvolutionBackwardFilterAlgorithmEx(
-                                ctx.handle,
+                                handle,
                                 c.x.0,
                                 xp as _,
                                 c.y.0,
@@ -498,26 +512,23 @@ impl CustomOp2 for ConvBwdFilterOp {
                                 c.w.0,
                                 dwp as _,
                                 MAX_ALGOS as i32,
-                                &mut n,
-                                res.as_mut_ptr(),
+                                n,
+                                res,
                                 wsp as _,
                                 limit,
                             ),
-                        )?;
-                        res.set_len(n as usize);
-                    }
-                    let a = pick(op, c.dt, &res, limit, |r| {
-                        (
-                            r.status,
-                            r.memory,
-                            r.mathType,
-                            AlgoId::BackwardFilter(r.algo),
                         )
-                    })?;
-                    ctx.algos.insert(c.key.clone(), a);
-                    a
-                }
-            };
+                    }
+                },
+                |r: &sys::cudnnConvolutionBwdFilterAlgoPerf_t| {
+                    (
+                        r.status,
+                        r.memory,
+                        r.mathType,
+                        AlgoId::BackwardFilter(r.algo),
+                    )
+                },
+            )?;
             let AlgoId::BackwardFilter(id) = algo.id else {
                 unreachable!("backward-filter key holds a backward-filter algorithm")
             };
