@@ -24,6 +24,7 @@ def lines(name):
 
 candle = lines("candle.jsonl")
 torch_trunk = lines("torch_trunk.jsonl")
+torch_dense = lines("torch_dense.jsonl")
 stages = lines("stages.jsonl")
 anchor = {}
 if os.path.exists(os.path.join(out, "torch_anchor.json")):
@@ -75,6 +76,26 @@ for r in candle:
 
 def fmt(x, f="{:.2f}"):
     return f.format(x) if isinstance(x, (int, float)) else "-"
+
+
+# One dense-loss call at the paper's size (4 x 256 channels, 512x1024 crop), forward and
+# backward, f32: poodle's fused compare and its composed form against PyTorch eager.
+dense = next((r for r in candle if r.get("kind") == "dense"), None)
+if dense or torch_dense:
+    p("### Dense loss alone: 4 samples, 256 channels, 512x1024 crop, forward + backward, f32")
+    p()
+    p("| form | ms per call | peak GiB | peak / PyTorch authors' form | loss |")
+    p("| --- | --- | --- | --- | --- |")
+    ref = next((r.get("peak_gib") for r in torch_dense if r.get("form") == "authors"), None)
+    rows = [("candle " + r["form"], r) for r in (dense or {}).get("forms", [])]
+    rows += [("PyTorch " + r["form"], r) for r in torch_dense]
+    for name, r in rows:
+        pk = r.get("peak_gib")
+        p(f"| {name} | {fmt(r.get('s', 0) * 1e3, '{:.1f}')} | {fmt(pk)} | "
+          f"{fmt(pk / ref if pk and ref else None)} | {fmt(r.get('loss'), '{:.4f}')} |")
+    if dense and dense.get("error"):
+        p(f"\ncandle dense stage failed: {dense['error'][:300]}")
+    p()
 
 
 def table(title, kind, rate, torch_rows, unit):

@@ -5,13 +5,13 @@
 # or an out-of-memory in one stage still leaves the others' results. The split is a first
 # guess (nothing has run on a GPU yet): cuDNN's algorithm search at 512x1024 dominates the
 # candle and PyTorch trunk stages' untimed warm-up. Results: OUT (default
-# gpu-check/out): candle.jsonl, torch_trunk.jsonl, torch_anchor.json and RESULTS-section.md,
+# gpu-check/out): candle.jsonl, torch_trunk.jsonl, torch_dense.jsonl, torch_anchor.json and RESULTS-section.md,
 # the section to paste into bench/RESULTS.md.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$here/out}
 mkdir -p "$out"
-rm -f "$out/candle.jsonl" "$out/torch_trunk.jsonl" "$out/torch_anchor.json" "$out/torch_step.log"
+rm -f "$out/candle.jsonl" "$out/torch_trunk.jsonl" "$out/torch_dense.jsonl" "$out/torch_anchor.json" "$out/torch_step.log"
 # The driver's libcuda, the toolkit's cudart/cublas/curand, cuDNN 9 (../shared/GPU.md).
 export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/cuda/lib64:/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 
@@ -48,9 +48,11 @@ rm -f "$out/stages.jsonl"
 cp "$here/GIT_SHA" "$out/GIT_SHA" 2>/dev/null || true
 stage 50 parity "$bin" gpu-check --out "$out" --only parity
 stage 20 nccl "$bin" gpu-check --out "$out" --only nccl
-stage 140 candle-trunk "$bin" gpu-check --out "$out" --only trunk
-stage 120 candle-step "$bin" gpu-check --out "$out" --only step
-stage 60 torch-trunk bash -c "python3 '$here/torch_trunk.py' >> '$out/torch_trunk.jsonl'"
+stage 20 candle-dense "$bin" gpu-check --out "$out" --only dense
+stage 20 torch-dense bash -c "python3 '$here/torch_dense_loss.py' >> '$out/torch_dense.jsonl'"
+stage 125 candle-trunk "$bin" gpu-check --out "$out" --only trunk
+stage 105 candle-step "$bin" gpu-check --out "$out" --only step
+stage 50 torch-trunk bash -c "python3 '$here/torch_trunk.py' >> '$out/torch_trunk.jsonl'"
 stage 80 torch-step bash -o pipefail -c "OUT='$out' python3 '$here/torch_poodle_step.py' train | tee '$out/torch_step.log'"
 python3 "$here/gpu_check_report.py" "$out" > "$out/RESULTS-section.md"
 cat "$out/RESULTS-section.md"

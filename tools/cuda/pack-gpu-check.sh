@@ -18,7 +18,7 @@ done
 [[ $found == 1 ]] || { echo "gpu-check: no dist/cuda-sm*/poodle-train: run make build-cuda" >&2; exit 1; }
 baseline=${TORCH_BASELINE:-../shared/bench/torch_poodle_step.py}
 [[ -f $baseline ]] || { echo "gpu-check: PyTorch baseline $baseline not found (TORCH_BASELINE=...)" >&2; exit 1; }
-cp tools/cuda/gpu-check.sh bench/torch_trunk.py bench/gpu_check_report.py "$baseline" "$stage/"
+cp tools/cuda/gpu-check.sh bench/torch_trunk.py bench/torch_dense_loss.py bench/gpu_check_report.py "$baseline" "$stage/"
 git rev-parse HEAD > "$stage/GIT_SHA" 2>/dev/null || true
 tar -C dist -cf - gpu-check | xz -T2 -6 > dist/gpu-check.tar.xz
 ls -l dist/gpu-check.tar.xz

@@ -170,3 +170,100 @@ pub fn normdiff_bwd(
     unsafe { bl.launch(launch_cfg(n * hw)) }.map_err(CudaOpError::from)?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
+
+/// One plan of the fused dense compare and its taps per pixel.
+pub struct PlanRef<'a> {
+    pub plan: &'a DevicePlan,
+    pub taps: usize,
+}
+
+/// Sizes of the fused dense compare (`loss::fused`): batch, channels, low-resolution pixels
+/// of the online and target maps, outputs of the inner target plan, crop pixels.
+pub struct FusedDims {
+    pub n: usize,
+    pub c: usize,
+    pub hw_o: usize,
+    pub hw_t: usize,
+    pub p_mid: usize,
+    pub p_out: usize,
+}
+
+/// Crop pixels per block (one warp each) of the fused kernels; must match FUSED_WARPS.
+const FUSED_WARPS: usize = 8;
+/// Most taps of one branch, FUSED_MAX_TAPS of kernels.cu.
+const FUSED_MAX_TAPS: usize = 36;
+
+/// The fused dense compare: `grads: None` runs the forward (`m` the mask; output the `(n,)`
+/// sums), `Some(target)` the backward (`m` = mask x upstream gradient; output the
+/// channels-last gradients of `o` and, if `target`, of `t`, one flat buffer).
+pub fn fused_dense(
+    (o, lo): (&CudaStorage, &Layout),
+    (t, lt): (&CudaStorage, &Layout),
+    (m, lm): (&CudaStorage, &Layout),
+    (online, inner, outer): (PlanRef, PlanRef, Option<PlanRef>),
+    d: FusedDims,
+    grads: Option<bool>,
+    eps: f64,
+) -> Result<CudaStorage> {
+    let op = if grads.is_some() {
+        "fused_dense_bwd_f32"
+    } else {
+        "fused_dense_fwd_f32"
+    };
+    let chain = inner.taps * outer.as_ref().map_or(1, |u| u.taps);
+    if online.taps > FUSED_MAX_TAPS || chain > FUSED_MAX_TAPS {
+        return Err(super::unsupported(op, format!("{} / {chain} taps", online.taps)).into());
+    }
+    let dev = &o.device;
+    let (ov, tv, mv) = (
+        f32_view(op, o, lo)?,
+        f32_view(op, t, lt)?,
+        f32_view(op, m, lm)?,
+    );
+    let len = match grads {
+        None => d.n,
+        Some(target) => d.n * d.c * (d.hw_o + if target { d.hw_t } else { 0 }),
+    };
+    let mut out = dev.alloc_zeros::<f32>(len)?;
+    let f = dev.get_or_load_custom_func(op, MODULE, PTX)?;
+    // Without an outer plan the kernel reads none of its buffers (u_taps = 0).
+    let u = outer.as_ref().unwrap_or(&inner);
+    let (o_taps, t_taps) = (int(op, online.taps)?, int(op, inner.taps)?);
+    let u_taps = int(op, outer.as_ref().map_or(0, |u| u.taps))?;
+    let (c, p_mid, p_out) = (int(op, d.c)?, int(op, d.p_mid)?, int(op, d.p_out)?);
+    let (hw_o, hw_t) = (d.hw_o as i64, d.hw_t as i64);
+    let grad_t = i32::from(grads == Some(true));
+    let mut b = f.builder();
+    b.arg(&ov)
+        .arg(&tv)
+        .arg(&mv)
+        .arg(&mut out)
+        .arg(&online.plan.idx)
+        .arg(&online.plan.wts)
+        .arg(&o_taps)
+        .arg(&inner.plan.idx)
+        .arg(&inner.plan.wts)
+        .arg(&t_taps)
+        .arg(&u.plan.idx)
+        .arg(&u.plan.wts)
+        .arg(&u_taps)
+        .arg(&c)
+        .arg(&hw_o)
+        .arg(&hw_t)
+        .arg(&p_mid)
+        .arg(&p_out)
+        .arg(&eps);
+    if grads.is_some() {
+        b.arg(&grad_t);
+    }
+    let blocks = d.p_out.div_ceil(FUSED_WARPS).clamp(1, 2048) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, d.n as u32, 1),
+        block_dim: ((32 * FUSED_WARPS) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: argument order and types match FUSED_ARGS (+ grad_t); the maps hold n*hw*c
+    // values, the plans n*taps*pixels entries, m n*p_out, and `out` the length above.
+    unsafe { b.launch(cfg) }.map_err(CudaOpError::from)?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}

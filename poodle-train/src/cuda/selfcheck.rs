@@ -30,8 +30,12 @@ pub struct GpuCheckArgs {
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     pub device: usize,
-    /// Parts to run: parity, nccl, trunk, step (comma-separated).
-    #[arg(long, default_value = "parity,nccl,trunk,step", value_delimiter = ',')]
+    /// Parts to run: parity, dense, nccl, trunk, step (comma-separated).
+    #[arg(
+        long,
+        default_value = "parity,dense,nccl,trunk,step",
+        value_delimiter = ','
+    )]
     pub only: Vec<String>,
     /// Precisions for the benchmarks: f32, tf32, bf16.
     #[arg(long, default_value = "f32,tf32,bf16", value_delimiter = ',')]
@@ -76,6 +80,10 @@ pub fn run(args: &GpuCheckArgs) -> Result<()> {
     if wants("parity") {
         parity_ops(&dev, &mut out)?;
         parity_step(&dev, &mut out)?;
+    }
+    if wants("dense") {
+        let r = bench_dense(&dev, args.iters);
+        out.emit(result_line("dense", Precision::F32, r))?;
     }
     if wants("nccl") {
         let r = nccl_world_of_one(&dev, &args.out);
@@ -404,7 +412,131 @@ fn parity_ops(cuda: &Device, out: &mut Out) -> Result<()> {
         .map(|(nm, (g, c))| (*nm, g, c))
         .collect();
     compare(out, "normalized sq diff", Precision::F32, &pairs)?;
+    parity_dense(cuda, out)
+}
+
+/// Rotated, zoomed and flipped views, random flow and occlusion for `n` samples of an
+/// `h x w` crop (the dense loss's inputs besides the maps).
+struct DenseCase {
+    a_online: Vec<Affine>,
+    a_target: Vec<Affine>,
+    flow: Tensor,
+    occluded: Tensor,
+    crop: (usize, usize),
+}
+
+impl DenseCase {
+    fn new(n: usize, (h, w): (usize, usize), dev: &Device) -> Result<Self> {
+        let aff = |i: usize, sign: f64| {
+            Affine::about_centre(
+                w,
+                h,
+                sign * 7.0 * i as f64,
+                0.9 + 0.1 * i as f64,
+                i % 2 == 1,
+            )
+        };
+        let occ = (randn(&[n, 1, h, w], 31, dev)?.ge(1.0)?).to_dtype(DType::F32)?;
+        Ok(Self {
+            a_online: (0..n).map(|i| aff(i, 1.0)).collect(),
+            a_target: (0..n).map(|i| aff(i + 1, -1.0)).collect(),
+            flow: (randn(&[n, 2, h, w], 30, dev)? * 3.0)?,
+            occluded: occ,
+            crop: (h, w),
+        })
+    }
+
+    fn corr(
+        &self,
+        order: crate::loss::dense::TargetOrder,
+    ) -> crate::loss::dense::Correspondence<'_> {
+        crate::loss::dense::Correspondence::new(
+            &self.a_online,
+            &self.a_target,
+            &self.flow,
+            &self.occluded,
+            self.crop,
+            order,
+        )
+    }
+}
+
+/// The dense loss through the fused compare (loss/fused.rs) on CUDA against the CPU, in both
+/// target orders: loss and the gradients of both maps.
+fn parity_dense(cuda: &Device, out: &mut Out) -> Result<()> {
+    use crate::loss::dense::{dense_loss_with_target_grad, TargetOrder};
+    let cpu = Device::Cpu;
+    let (o, t) = (
+        randn(&[3, 8, 5, 7], 600, &cpu)?,
+        randn(&[3, 8, 5, 7], 601, &cpu)?,
+    );
+    for order in [TargetOrder::Authors, TargetOrder::Paper] {
+        let run = |dev: &Device| -> Result<Vec<Tensor>> {
+            let case = DenseCase::new(3, (19, 30), dev)?;
+            let (ov, tv) = (
+                Var::from_tensor(&o.to_device(dev)?)?,
+                Var::from_tensor(&t.to_device(dev)?)?,
+            );
+            let (l, _) =
+                dense_loss_with_target_grad(ov.as_tensor(), tv.as_tensor(), &case.corr(order))?;
+            let g = l.backward()?;
+            Ok(vec![
+                l,
+                g.get(ov.as_tensor()).context("do")?.clone(),
+                g.get(tv.as_tensor()).context("dt")?.clone(),
+            ])
+        };
+        let (rc, rg) = (run(&cpu)?, run(cuda)?);
+        let pairs: Vec<_> = ["loss", "d_online", "d_target"]
+            .iter()
+            .zip(rg.into_iter().zip(rc))
+            .map(|(nm, (g, c))| (*nm, g, c))
+            .collect();
+        compare(
+            out,
+            &format!("dense loss, fused ({order:?} order)"),
+            Precision::F32,
+            &pairs,
+        )?;
+    }
     Ok(())
+}
+
+/// One dense-loss call at the paper's size (4 samples, 256 channels, stride-8 maps of a
+/// 512x1024 crop, the authors' order), forward and backward, in the fused form and the
+/// composed one (aligned (N, 256, 512, 1024) maps): seconds and peak memory of each.
+fn bench_dense(dev: &Device, iters: usize) -> Result<Value> {
+    use crate::loss::dense::{dense_loss, dense_loss_composed, TargetOrder};
+    let (n, c, h, w) = (4, 256, 512, 1024);
+    let case = DenseCase::new(n, (h, w), dev)?;
+    let corr = case.corr(TargetOrder::Authors);
+    let o = Var::from_tensor(&randn(&[n, c, h / 8, w / 8], 700, dev)?)?;
+    let t = randn(&[n, c, h / 8, w / 8], 701, dev)?;
+    let mut rows = Vec::new();
+    for fused in [true, false] {
+        let mut loss = f32::NAN;
+        let secs = time_it(dev, iters, PeakFrom::Start, || {
+            let (l, _) = if fused {
+                dense_loss(o.as_tensor(), &t, &corr)?
+            } else {
+                dense_loss_composed(o.as_tensor(), &t, &corr, false)?
+            };
+            loss = l.to_scalar::<f32>()?;
+            drop(l.backward()?);
+            Ok(())
+        })?;
+        rows.push(
+            json!({"form": if fused { "fused" } else { "composed" }, "s": secs,
+            "peak_gib": peak_gib(dev)?, "loss": loss}),
+        );
+    }
+    let (pf, pc) = (rows[0]["peak_gib"].as_f64(), rows[1]["peak_gib"].as_f64());
+    let (lf, lc) = (rows[0]["loss"].as_f64(), rows[1]["loss"].as_f64());
+    let same = matches!((lf, lc), (Some(a), Some(b)) if (a - b).abs() <= 1e-4 * b.abs());
+    Ok(
+        json!({"n": n, "c": c, "crop": [h, w], "forms": rows, "ok": same,
+        "peak_ratio": pf.zip(pc).map(|(a, b)| a / b)}),
+    )
 }
 
 /// A batch of random content with identity geometry (the loss still samples, warps and

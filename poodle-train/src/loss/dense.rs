@@ -31,12 +31,17 @@
 //! differ by about `|(M - I) flow|` pixels otherwise.
 //!
 //! Implementation: `up` is never materialised; each branch is one [`SampleGrid`] plan that
-//! composes the upsampling with the sampling exactly (taps into the stride-8 map), and the
-//! normalise-and-compare step is one fused op ([`super::normdiff`]). Peak memory is about
-//! two full-resolution `(N, C, H, W)` maps (`z_o`, `z_t`) plus the plans (~38 MB per sample
-//! at 512 x 1024). Coordinates and masks are computed in f64 on the CPU from the affines and
-//! the flow (which is read back from its tensor).
+//! composes the upsampling with the sampling exactly (taps into the stride-8 map), the
+//! authors' order a chain of two (warp, then undo). [`dense_loss`] then compares the branches
+//! with one fused op ([`super::fused`]) that gathers each crop pixel's two vectors through the
+//! plans' taps, so no `(N, C, H, W)` map exists at crop resolution: memory is the stride-8
+//! maps, their gradients and the plans (~38 MB per plan and sample at 512 x 1024).
+//! [`dense_loss_composed`] builds the aligned maps ([`dense_aligned`]) and compares them with
+//! [`super::normdiff`]; it is the reference of the fused form. Coordinates and masks are
+//! computed in f64 on the CPU from the affines and the flow (which is read back from its
+//! tensor).
 
+use super::fused;
 use super::normdiff::normalized_sq_diff;
 use super::sample::SampleGrid;
 use crate::geom::Affine;
@@ -114,7 +119,7 @@ pub fn dense_loss(
     proj_target: &Tensor,
     c: &Correspondence,
 ) -> Result<(Tensor, DenseStats)> {
-    dense_loss_impl(pred_online, &proj_target.detach(), c)
+    dense_loss_impl(pred_online, &proj_target.detach(), c, Form::Fused, false)
 }
 
 /// [`dense_loss`] without the stop-gradient: gradients also flow into `proj_target` (for
@@ -124,7 +129,74 @@ pub fn dense_loss_with_target_grad(
     proj_target: &Tensor,
     c: &Correspondence,
 ) -> Result<(Tensor, DenseStats)> {
-    dense_loss_impl(pred_online, proj_target, c)
+    dense_loss_impl(pred_online, proj_target, c, Form::Fused, true)
+}
+
+/// [`dense_loss`] (or, `target_grad`, [`dense_loss_with_target_grad`]) computed the composed
+/// way: both aligned maps built at crop resolution ([`dense_aligned`]), then compared. The
+/// reference the fused form is tested against, and the baseline of its benchmark.
+pub fn dense_loss_composed(
+    pred_online: &Tensor,
+    proj_target: &Tensor,
+    c: &Correspondence,
+    target_grad: bool,
+) -> Result<(Tensor, DenseStats)> {
+    let t = if target_grad {
+        proj_target.clone()
+    } else {
+        proj_target.detach()
+    };
+    dense_loss_impl(pred_online, &t, c, Form::Composed, target_grad)
+}
+
+/// How the compare step runs: one op from the low-resolution maps ([`super::fused`], where it
+/// has a kernel for the device and dtype) or through the aligned maps.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Form {
+    Fused,
+    Composed,
+}
+
+/// The sampling plans and the mask of one call: what both forms share.
+struct Plans {
+    online: SampleGrid,
+    /// The target chain, innermost first (one plan, or warp then undo).
+    target: Vec<SampleGrid>,
+    /// `(N, 1, H, W)` f32.
+    m: Tensor,
+    stats: DenseStats,
+}
+
+fn plans(pred_online: &Tensor, proj_target: &Tensor, c: &Correspondence) -> Result<Plans> {
+    let (h, w) = c.crop;
+    let (n, _, _, _) = pred_online.dims4()?;
+    check_shapes(pred_online, proj_target, c)?;
+    let dev = pred_online.device();
+
+    // Online branch: crop pixel y samples the upsampled view at A_o^-1 y. The plan composes
+    // the bilinear upsampling to the crop with the sampling (exact, see `sample`).
+    let (h_o, w_o) = (pred_online.dim(2)?, pred_online.dim(3)?);
+    let inv_o: Vec<Affine> = c.a_online.iter().map(Affine::inverse).collect();
+    let online = SampleGrid::from_fn_upsampled(n, (h_o, w_o), (h, w), (h, w), |b, y, x| {
+        Some(inv_o[b].apply(x as f64, y as f64))
+    });
+    let mask_o = online.mask(dev)?;
+
+    let (target, mask_t, target_valid) = target_branch(proj_target, c)?;
+    let visible = c.occluded.to_dtype(DType::F32)?.affine(-1.0, 1.0)?;
+    let m = mask_o.mul(&mask_t)?.mul(&visible)?;
+    let stats = DenseStats {
+        mask_fraction: m.mean_all()?.to_scalar::<f32>()?,
+        online_valid: online.valid_fraction() as f32,
+        target_valid,
+        non_occluded: visible.mean_all()?.to_scalar::<f32>()?,
+    };
+    Ok(Plans {
+        online,
+        target,
+        m,
+        stats,
+    })
 }
 
 /// The aligned, *unnormalised* maps and the mask of the dense loss, for inspection and tests:
@@ -136,37 +208,30 @@ pub fn dense_aligned(
     proj_target: &Tensor,
     c: &Correspondence,
 ) -> Result<(Tensor, Tensor, Tensor, DenseStats)> {
-    let (h, w) = c.crop;
-    let (n, _, _, _) = pred_online.dims4()?;
-    check_shapes(pred_online, proj_target, c)?;
-    let dev = pred_online.device();
-
-    // Online branch: crop pixel y samples the upsampled view at A_o^-1 y. The plan composes
-    // the bilinear upsampling to the crop with the sampling (exact, see `sample`).
-    let (h_o, w_o) = (pred_online.dim(2)?, pred_online.dim(3)?);
-    let inv_o: Vec<Affine> = c.a_online.iter().map(Affine::inverse).collect();
-    let grid_o = SampleGrid::from_fn_upsampled(n, (h_o, w_o), (h, w), (h, w), |b, y, x| {
-        Some(inv_o[b].apply(x as f64, y as f64))
-    });
-    let z_o = grid_o.sample(pred_online)?;
-    let mask_o = grid_o.mask(dev)?;
-
-    let (z_t, mask_t, target_valid) = target_branch(proj_target, c)?;
-    let visible = c.occluded.to_dtype(DType::F32)?.affine(-1.0, 1.0)?;
-    let m = mask_o.mul(&mask_t)?.mul(&visible)?;
-    let stats = DenseStats {
-        mask_fraction: m.mean_all()?.to_scalar::<f32>()?,
-        online_valid: grid_o.valid_fraction() as f32,
-        target_valid,
-        non_occluded: visible.mean_all()?.to_scalar::<f32>()?,
-    };
-    let m = m.to_dtype(z_o.dtype())?;
-    Ok((z_o, z_t, m, stats))
+    let p = plans(pred_online, proj_target, c)?;
+    let (z_o, z_t) = p.aligned(pred_online, proj_target)?;
+    let m = p.m.to_dtype(z_o.dtype())?;
+    Ok((z_o, z_t, m, p.stats))
 }
 
-/// The target map aligned to the online frame, its validity mask `(N, 1, H, W)` and the
-/// valid fraction, in the configured order (module docs).
-fn target_branch(proj_target: &Tensor, c: &Correspondence) -> Result<(Tensor, Tensor, f32)> {
+impl Plans {
+    /// `(z_o, z_t)`: both maps resampled to the crop and aligned to the online frame.
+    fn aligned(&self, pred_online: &Tensor, proj_target: &Tensor) -> Result<(Tensor, Tensor)> {
+        let z_o = self.online.sample(pred_online)?;
+        let mut z_t = proj_target.clone();
+        for grid in &self.target {
+            z_t = grid.sample(&z_t)?;
+        }
+        Ok((z_o, z_t))
+    }
+}
+
+/// The target branch's sampling chain (innermost first), its validity mask `(N, 1, H, W)`
+/// and the valid fraction, in the configured order (module docs).
+fn target_branch(
+    proj_target: &Tensor,
+    c: &Correspondence,
+) -> Result<(Vec<SampleGrid>, Tensor, f32)> {
     let (h, w) = c.crop;
     let n = c.a_target.len();
     let dev = proj_target.device();
@@ -197,7 +262,8 @@ fn target_branch(proj_target: &Tensor, c: &Correspondence) -> Result<(Tensor, Te
                 inside(q).then(|| inv_t[b].apply(q.0, q.1))
             });
             let valid = grid.valid_fraction() as f32;
-            Ok((grid.sample(proj_target)?, grid.mask(dev)?, valid))
+            let mask = grid.mask(dev)?;
+            Ok((vec![grid], mask, valid))
         }
         TargetOrder::Authors => {
             // The authors undo the flip on the features first, then warp by the flow, then
@@ -213,13 +279,12 @@ fn target_branch(proj_target: &Tensor, c: &Correspondence) -> Result<(Tensor, Te
             let warp = SampleGrid::from_fn_upsampled(n, low, (h, w), (h, w), |b, y, x| {
                 Some(mirror(b, moved(b, y, x)))
             });
-            let warped = warp.sample(proj_target)?;
             let undo = SampleGrid::from_fn(n, (h, w), (h, w), |b, y, x| {
                 Some(mirror(b, inv_t[b].apply(x as f64, y as f64)))
             });
             let mask = warp.mask(dev)?.mul(&undo.mask(dev)?)?;
             let valid = mask.mean_all()?.to_scalar::<f32>()?;
-            Ok((undo.sample(&warped)?, mask, valid))
+            Ok((vec![warp, undo], mask, valid))
         }
     }
 }
@@ -228,13 +293,32 @@ fn dense_loss_impl(
     pred_online: &Tensor,
     proj_target: &Tensor,
     c: &Correspondence,
+    form: Form,
+    target_grad: bool,
 ) -> Result<(Tensor, DenseStats)> {
-    let (z_o, z_t, m, stats) = dense_aligned(pred_online, proj_target, c)?;
-    let d = normalized_sq_diff(&z_o, &z_t)?; // (N, 1, H, W)
-    let num = d.mul(&m)?.sum((1, 2, 3))?; // (N,)
+    let p = plans(pred_online, proj_target, c)?;
+    let fused = form == Form::Fused
+        && fused::supported(pred_online)
+        && proj_target.dtype() == pred_online.dtype();
+    let num = if fused {
+        let chain: Vec<&SampleGrid> = p.target.iter().collect();
+        fused::masked_sq_diff_sums(
+            pred_online,
+            proj_target,
+            &p.online,
+            &chain,
+            &p.m,
+            target_grad,
+        )?
+    } else {
+        let (z_o, z_t) = p.aligned(pred_online, proj_target)?;
+        let m = p.m.to_dtype(z_o.dtype())?;
+        normalized_sq_diff(&z_o, &z_t)?.mul(&m)?.sum((1, 2, 3))? // (N,)
+    };
+    let m = p.m.to_dtype(num.dtype())?;
     let den = m.sum((1, 2, 3))?.affine(1.0, DENSE_DEN_EPS)?;
     let loss = num.div(&den)?.mean_all()?;
-    Ok((loss, stats))
+    Ok((loss, p.stats))
 }
 
 fn check_shapes(pred_online: &Tensor, proj_target: &Tensor, corr: &Correspondence) -> Result<()> {
@@ -349,6 +433,118 @@ mod tests {
         // x = 13 moves to 16, outside the crop: masked in both.
         assert_eq!(value(TargetOrder::Authors, &zoom, 13, 5).1, 0.0);
         assert_eq!(value(TargetOrder::Paper, &zoom, 13, 5).1, 0.0);
+    }
+
+    /// The fused compare (one op from the stride-8 maps) against the composed form (aligned
+    /// maps at crop size, then normalise and compare): loss and both gradients, in both
+    /// target orders, with rotation, zoom and flips, flow moving points out of the crop,
+    /// occlusion, a zero feature vector (out-of-view samples are zero too) and a non-square
+    /// upsampling (5 x 7 -> 19 x 30), in f32 and f64.
+    #[test]
+    fn fused_compare_equals_composed_form() {
+        let (n, c, h, w, lo) = (3, 6, 19, 30, (5, 7));
+        let a_on = [
+            Affine::about_centre(w, h, 7.0, 0.9, false),
+            Affine::about_centre(w, h, -12.0, 1.15, true),
+            Affine::IDENTITY,
+        ];
+        let a_tg = [
+            Affine::about_centre(w, h, -5.0, 1.1, true),
+            Affine::about_centre(w, h, 20.0, 0.8, false),
+            Affine::about_centre(w, h, 0.0, 1.0, true),
+        ];
+        let fl: Vec<f32> = (0..n * 2 * h * w)
+            .map(|i| ((i as f32 * 0.731).sin() * 2.5) + if i % 3 == 0 { 4.0 } else { -1.5 })
+            .collect();
+        let occ: Vec<f32> = (0..n * h * w)
+            .map(|i| if i % 7 == 3 { 1.0 } else { 0.0 })
+            .collect();
+        for dt in [DType::F32, DType::F64] {
+            let flow = Tensor::from_vec(fl.clone(), (n, 2, h, w), &DEV).unwrap();
+            let occluded = Tensor::from_vec(occ.clone(), (n, 1, h, w), &DEV).unwrap();
+            let mut o = feats(n, c, lo.0, lo.1, 3).to_dtype(dt).unwrap();
+            // Zero vector at low-res pixel (1, 2) of sample 0.
+            let mut ov: Vec<f64> = o
+                .flatten_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for ch in 0..c {
+                ov[ch * lo.0 * lo.1 + lo.1 + 2] = 0.0;
+            }
+            o = Tensor::from_vec(ov, (n, c, lo.0, lo.1), &DEV)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let t = feats(n, c, lo.0, lo.1, 8).to_dtype(dt).unwrap();
+            for order in [TargetOrder::Authors, TargetOrder::Paper] {
+                let corr = Correspondence::new(&a_on, &a_tg, &flow, &occluded, (h, w), order);
+                for target_grad in [false, true] {
+                    let run = |fused: bool| {
+                        let (ov, tv) =
+                            (Var::from_tensor(&o).unwrap(), Var::from_tensor(&t).unwrap());
+                        let (l, st) = if fused {
+                            let f = if target_grad {
+                                dense_loss_with_target_grad
+                            } else {
+                                dense_loss
+                            };
+                            f(ov.as_tensor(), tv.as_tensor(), &corr).unwrap()
+                        } else {
+                            dense_loss_composed(ov.as_tensor(), tv.as_tensor(), &corr, target_grad)
+                                .unwrap()
+                        };
+                        let g = l.backward().unwrap();
+                        let v = |x: &Tensor| -> Vec<f64> {
+                            x.flatten_all()
+                                .unwrap()
+                                .to_dtype(DType::F64)
+                                .unwrap()
+                                .to_vec1()
+                                .unwrap()
+                        };
+                        let gt = g.get(tv.as_tensor()).map(v);
+                        (v(&l)[0], v(g.get(ov.as_tensor()).unwrap()), gt, st)
+                    };
+                    let (f, r) = (run(true), run(false));
+                    let tol = if dt == DType::F32 { 2e-5 } else { 1e-10 };
+                    assert_eq!(f.3, r.3, "{order:?}");
+                    assert!(
+                        f.3.mask_fraction > 0.3 && f.3.mask_fraction < 0.9,
+                        "{:?}",
+                        f.3
+                    );
+                    assert!(
+                        f.0 > 0.1 && (f.0 - r.0).abs() <= tol * r.0,
+                        "{order:?} {dt:?}: loss {} vs {}",
+                        f.0,
+                        r.0
+                    );
+                    let close = |a: &[f64], b: &[f64], what: &str| {
+                        let scale = b.iter().fold(0f64, |m, x| m.max(x.abs()));
+                        assert!(scale > 0.0, "{what}: zero gradient");
+                        for (x, y) in a.iter().zip(b) {
+                            assert!(
+                                (x - y).abs() <= tol * scale,
+                                "{order:?} {dt:?} {what}: {x} vs {y}"
+                            );
+                        }
+                    };
+                    close(&f.1, &r.1, "d/d online");
+                    match (f.2, r.2) {
+                        (Some(a), Some(b)) => close(&a, &b, "d/d target"),
+                        (None, None) => assert!(!target_grad),
+                        (a, b) => panic!(
+                            "target grad present: fused {} composed {}",
+                            a.is_some(),
+                            b.is_some()
+                        ),
+                    }
+                }
+            }
+        }
     }
 
     /// A smooth random-looking feature map (N, C, h, w).

@@ -4,7 +4,9 @@
 //! - [`pooled`]: the subcrop BYOL loss (paper Eq. (2)).
 //! - [`sample`]: the differentiable bilinear sampler (optionally composed with an exact
 //!   bilinear upsampling) the dense loss uses.
-//! - [`normdiff`]: the fused per-pixel `|normalize(a) - normalize(b)|^2` of the dense loss.
+//! - [`normdiff`]: the per-pixel `|normalize(a) - normalize(b)|^2` of aligned maps.
+//! - [`fused`]: the dense loss's compare straight from the stride-8 maps through the sampling
+//!   plans (no crop-resolution maps); what [`dense::dense_loss`] uses.
 //! - here: the symmetric weighted total, per-term logging values and a finiteness check.
 //!
 //! Stop-gradient: [`dense::dense_loss`] and [`pooled::pooled_loss`] detach their target
@@ -12,6 +14,7 @@
 //! `tests/loss_parity.rs` against fixtures written by `tools/torch_reference_losses.py`.
 
 pub mod dense;
+pub mod fused;
 pub mod normdiff;
 pub mod pooled;
 pub mod sample;

@@ -45,7 +45,7 @@ pub fn normalized_sq_diff_composed(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         .sum_keepdim(1)
 }
 
-trait Elem: Copy + Send + Sync + Default {
+pub(super) trait Elem: Copy + Send + Sync + Default {
     fn f(self) -> f64;
     fn from_f(v: f64) -> Self;
 }

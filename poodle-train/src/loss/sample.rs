@@ -72,15 +72,15 @@ fn axis_weights(table: &[(usize, usize, f64, f64)], p: f64, k: usize) -> [(usize
 
 /// Taps (indices into one input plane, weights), tap-major: `[tap][pixel]`.
 #[derive(Debug)]
-struct Plan {
-    n: usize,
-    h_in: usize,
-    w_in: usize,
-    h_out: usize,
-    w_out: usize,
-    taps: usize,
-    idx: Vec<Vec<u32>>,
-    wts: Vec<Vec<f32>>,
+pub(super) struct Plan {
+    pub(super) n: usize,
+    pub(super) h_in: usize,
+    pub(super) w_in: usize,
+    pub(super) h_out: usize,
+    pub(super) w_out: usize,
+    pub(super) taps: usize,
+    pub(super) idx: Vec<Vec<u32>>,
+    pub(super) wts: Vec<Vec<f32>>,
     /// The taps on the GPU, uploaded at first use there (crate::cuda::kernels).
     #[cfg(feature = "cuda")]
     device: std::sync::OnceLock<crate::cuda::kernels::DevicePlan>,
@@ -88,7 +88,7 @@ struct Plan {
 
 #[cfg(feature = "cuda")]
 impl Plan {
-    fn device_plan(
+    pub(super) fn device_plan(
         &self,
         dev: &candle_core::CudaDevice,
     ) -> Result<&crate::cuda::kernels::DevicePlan> {
@@ -234,6 +234,11 @@ impl SampleGrid {
                 Some((px as f64, py as f64))
             },
         ))
+    }
+
+    /// The taps, for the fused dense comparison ([`super::fused`]).
+    pub(super) fn plan(&self) -> &Arc<Plan> {
+        &self.plan
     }
 
     /// Output size `(h_out, w_out)`.
