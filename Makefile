@@ -12,7 +12,7 @@ DEVICE ?= cpu
 PREP_ARGS ?=
 CARGO_RELEASE := cargo build --release -p poodle-prep
 
-.PHONY: setup build build-train build-cuda gpu-check demo prep train experiment-camvid test fmt clippy bench bench-dp bench-prep-gpu clean
+.PHONY: setup build build-train build-cuda clippy-cuda gpu-check demo prep train experiment-camvid test fmt clippy bench bench-dp bench-prep-gpu clean
 
 ## setup: ffmpeg/ffprobe (apt-get where it can, else the command to run), and a Python venv with
 ## PyPI's ONNX Runtime (the library ort loads) and zarr (interop tests).
@@ -49,6 +49,11 @@ build-train:
 CUDA_CAPS ?= 90 80
 build-cuda:
 	CUDA_CAPS="$(CUDA_CAPS)" nice -n 19 tools/cuda/build.sh
+
+## clippy-cuda: cargo clippy -D warnings with the cuda feature (the code CI cannot build), in
+## the first cap's target-cuda dir: about a minute after a build-cuda (cold: as slow as one).
+clippy-cuda:
+	CUDA_CAPS="$(CUDA_CAPS)" nice -n 19 tools/cuda/build.sh clippy
 
 ## gpu-check: dist/gpu-check.tar.xz for a GPU machine (binaries, tools/cuda/gpu-check.sh, the
 ## PyTorch baselines); there, `tar -xJf gpu-check.tar.xz && gpu-check/gpu-check.sh` runs op and

@@ -5,7 +5,10 @@
 #                      its static MoE library for a single cap per build), each in its own
 #                      target dir so that switching caps never rebuilds the other.
 # Output: dist/cuda-sm<cap>/{poodle-train,poodle-prep} (stripped) and build-time.txt (appended).
+# `build.sh clippy` (`make clippy-cuda`): cargo clippy -D warnings on the CUDA code instead,
+# first cap only, in the same target dir (the dependencies' build scripts are reused).
 set -euo pipefail
+mode=${1:-build}
 cd "$(dirname "$0")/../.."
 root=$PWD
 venv=${CUDA_VENV:-$root/.venv-cuda}
@@ -34,6 +37,15 @@ export RUSTFLAGS="-L native=$tdir/link"
 # The patch rewrites candle-core's entry in Cargo.lock: keep the committed lock as it is.
 cp Cargo.lock "$tdir/Cargo.lock.keep"
 trap 'cp "$tdir/Cargo.lock.keep" "$root/Cargo.lock"' EXIT
+
+if [[ $mode == clippy ]]; then
+  cap=${caps%% *}
+  CUDA_COMPUTE_CAP=$cap cargo clippy --release -p poodle-train -p poodle-prep \
+    --features poodle-train/cuda \
+    --config "patch.crates-io.candle-core.path=\"$patched\"" \
+    --target-dir "$tdir/sm$cap" -- -D warnings
+  exit 0
+fi
 
 for cap in $caps; do
   start=$(date +%s)
