@@ -4,16 +4,23 @@
 What it does
 ------------
 1. Builds torchvision's ``raft_large`` or ``raft_small`` (pretrained weights with
-   ``--pretrained``, which needs internet; otherwise random weights from ``--seed``).
+   ``--pretrained``, which downloads them and needs internet, or ``--weights FILE``, the same
+   state dict saved beforehand, for offline machines; otherwise random weights from
+   ``--seed``).
 2. Wraps it in a small module that runs ``--iters`` refinement iterations and returns
-   only the last (upsampled) flow.
+   only the last (upsampled) flow. The default, 24, is the authors' setting (their
+   configs run torchvision RAFT-large with 24 updates). Whether 12 is close enough on the
+   shared pairs is measured by ``bench/raft_iters.py`` where the pretrained weights can be
+   had; until it has been measured, 24 stays the default.
 3. Exports it to ONNX with inputs ``image1``/``image2`` (float32, N x 3 x H x W, RGB in
-   [-1, 1], H and W multiples of 8) and output ``flow`` (float32, N x 2 x H x W, pixels
+   [-1, 1], H and W multiples of ``--size-multiple``, 8 or a multiple of 8, which the card
+   records so that poodle-prep resizes frames to it) and output ``flow`` (float32,
+   N x 2 x H x W, pixels
    of the input, channel 0 = u = dx, channel 1 = v = dy). Batch, height and width are
    dynamic axes. The file is re-saved without external data so it is one file.
 4. Checks the ONNX model against PyTorch before anything is published: both are run
    (onnxruntime on CPU) on a real frame pair resized to the trace size, and again on
-   the pair padded to a multiple of 8 at its native size with batch 2, which proves
+   the pair padded to the size multiple at its native size with batch 2, which proves
    the dynamic axes. If any relative L2 error exceeds ``--tolerance`` the script deletes
    the .onnx, writes no card and exits non-zero.
 5. Only after the check passes, writes the model card ``<out stem>.json`` beside the
@@ -77,10 +84,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pretrained", action="store_true",
                    help="load torchvision's pretrained weights (C_T_SKHT_V2 for large, C_T_V2 "
                         "for small; downloads, needs internet). Default: random weights")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="a local copy of torchvision's pretrained state dict (.pth, e.g. "
+                        "raft_large_C_T_SKHT_V2-ff5fadd5.pth), for machines without internet")
     p.add_argument("--seed", type=int, default=0,
-                   help="torch seed for the random weights (ignored with --pretrained)")
-    p.add_argument("--iters", type=int, default=12,
-                   help="refinement iterations baked into the graph (the loop is unrolled)")
+                   help="torch seed for the random weights (ignored with --pretrained/--weights)")
+    p.add_argument("--iters", type=int, default=24,
+                   help="refinement iterations baked into the graph (the loop is unrolled); "
+                        "24 is the authors' setting")
+    p.add_argument("--size-multiple", type=int, default=8,
+                   help="frames are resized to multiples of this (8 or a multiple of 8); "
+                        "written into the card")
     p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset; default 16 for large, 17 for small")
     p.add_argument("--height", type=int, default=128,
@@ -100,10 +114,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     if args.opset is None:
         args.opset = DEFAULT_OPSET[args.arch]
+    if args.size_multiple < 8 or args.size_multiple % 8:
+        p.error(f"--size-multiple must be a multiple of 8 (RAFT works at 1/8 scale), "
+                f"got {args.size_multiple}")
     for name in ("height", "width"):
         v = getattr(args, name)
-        if v % 8 or v < MIN_SIZE:
-            p.error(f"--{name} must be a multiple of 8 and >= {MIN_SIZE}, got {v}")
+        if v % args.size_multiple or v < MIN_SIZE:
+            p.error(f"--{name} must be a multiple of --size-multiple ({args.size_multiple}) "
+                    f"and >= {MIN_SIZE}, got {v}")
+    if args.pretrained and args.weights:
+        p.error("--pretrained and --weights are exclusive")
+    if args.weights and not args.weights.is_file():
+        p.error(f"--weights: no file {args.weights}")
     if args.iters < 1:
         p.error("--iters must be >= 1")
     if args.out.suffix != ".onnx":
@@ -111,7 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build_model(arch: str, pretrained: bool, seed: int) -> nn.Module:
+def build_model(arch: str, pretrained: bool, seed: int, weights: Path | None = None) -> nn.Module:
+    """torchvision RAFT: pretrained (download), a local state dict, or random from seed."""
     from torchvision.models.optical_flow import (
         Raft_Large_Weights, Raft_Small_Weights, raft_large, raft_small)
 
@@ -120,6 +143,9 @@ def build_model(arch: str, pretrained: bool, seed: int) -> nn.Module:
         model = raft_large(weights=Raft_Large_Weights.C_T_SKHT_V2 if pretrained else None)
     else:
         model = raft_small(weights=Raft_Small_Weights.C_T_V2 if pretrained else None)
+    if weights is not None:
+        # strict: a file for the other architecture fails here, naming the keys.
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.eval()
 
 
@@ -193,11 +219,12 @@ def parity_checks(wrapper: nn.Module, out: Path, args: argparse.Namespace) -> fl
     if f1.shape != f2.shape:
         raise SystemExit(f"check pair frames differ in size: {tuple(f1.shape)} vs {tuple(f2.shape)}")
 
-    a = pad_to_multiple(f1)
-    b = pad_to_multiple(f2)
+    a = pad_to_multiple(f1, args.size_multiple)
+    b = pad_to_multiple(f2, args.size_multiple)
     if a.shape[-2:] == (args.height, args.width):
         # Native size equals trace size: take a second, smaller size instead.
-        a, b = (resize_to(x, args.height + 8, args.width + 16) for x in (f1, f2))
+        m = args.size_multiple
+        a, b = (resize_to(x, args.height + m, args.width + 2 * m) for x in (f1, f2))
     cases = [
         # (label, image1, image2)
         ("trace size, batch 1",
@@ -238,7 +265,8 @@ def main(argv=None) -> int:
     if card_path.exists():
         card_path.unlink()  # never leave a stale card beside a new model
 
-    wrapper = LastFlow(build_model(args.arch, args.pretrained, args.seed), args.iters).eval()
+    model = build_model(args.arch, args.pretrained, args.seed, args.weights)
+    wrapper = LastFlow(model, args.iters).eval()
     print(f"exporting raft_{args.arch} (pretrained={args.pretrained}, iters={args.iters}, "
           f"opset={args.opset}, trace {args.height}x{args.width}) -> {out}")
     export_onnx(wrapper, args.height, args.width, args.opset, out)
@@ -255,7 +283,13 @@ def main(argv=None) -> int:
               f"deleted {out}, no card written", file=sys.stderr)
         return 1
 
-    weights = "pretrained torchvision weights" if args.pretrained else f"random weights (seed {args.seed})"
+    trained = args.pretrained or args.weights is not None
+    if args.pretrained:
+        weights = "pretrained torchvision weights"
+    elif args.weights is not None:
+        weights = f"pretrained torchvision weights from {args.weights.name}"
+    else:
+        weights = f"random weights (seed {args.seed})"
     card = {
         "name": out.stem,
         "architecture": f"torchvision raft_{args.arch}",
@@ -264,13 +298,13 @@ def main(argv=None) -> int:
         "input_layout": "NCHW",
         "channel_order": "RGB",
         "value_range": [-1.0, 1.0],
-        "size_multiple": 8,
+        "size_multiple": args.size_multiple,
         "min_size": 128,
         "output": "flow",
         "output_layout": "N2HW",
         "units": "pixels",
         "iterations": args.iters,
-        "pretrained": bool(args.pretrained),
+        "pretrained": trained,
         "opset": args.opset,
         "sha256": sha256_of(out),
         "parity_rel_l2": worst,
