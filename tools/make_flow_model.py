@@ -49,6 +49,51 @@ output  flow:          float32 N x 2 x H x W, (u, v) = (dx, dy) in input pixels,
    mu 2 0.602 / 0.250 / 15.27. Zero flow is perfectly consistent, so the consistency figure
    only means something beside the AEE bars (bench/flow_vs_opencv.py, bench/dashcam_chain.py).
 
+7. Off by default (--prior none): a global parametric motion prior at the matching level
+   (issue 13 item 5's idea: dashcam motion at the sample gaps is mostly ego-motion, the road
+   a plane and the far scene a rotation, whose flows are homographies). The census matches
+   of every pixel (and with --prior-sym >= 1 also image2's matches in image1, reversed) are
+   fitted by iteratively reweighted least squares (--prior-irls rounds, Cauchy weights of
+   scale 4, 2, then --prior-scale level px, times the match confidence relu(mean volume cost
+   - best cost - --prior-conf)) with an affine, "quadratic" (a plane's instantaneous motion,
+   8 parameters) or homography model (linear DLT equations, 8 parameters), per region
+   (--prior-regions 2: top and bottom halves, blended over h/8). The 6x6/8x8 normal equations
+   (ridge --prior-ridge x the summed weights toward zero motion) are solved in the graph by
+   an unrolled Gauss-Jordan elimination (Slice, Mul, Sub, Div; ONNX has no solve op).
+   --prior-sym 2 fits the map of a canonical order of the pair (image "A" = the one with the
+   larger mean grey) and inverts the 3x3 matrix (adjugate) when the inputs come swapped, so
+   the forward and backward calls get exactly inverse priors. Fits made per call disagree
+   enough to fail the consistency check: H2 below with --prior-sym 1, the prior alone as the
+   answer, 0.680 occluded; with --prior-sym 2, 0.140 (bench/flow_prior_eval.py --prior-only).
+   The field replaces the flow where its census cost < the flow's + --prior-margin (or, with
+   --prior-flat > 0, wherever the match confidence is below that); --prior-first 1 fuses the
+   prior first (init) and the census matches into it afterwards. A variant with the prior
+   costs ~330 KB and 0.77 s per 720p pair against the default's 216 KB and 0.56 s.
+   Measured 2026-12-07 on a 2-core AMD EPYC, no GPU (bench/flow_prior_eval.py; sample store
+   median occluded / RubberWhale / KITTI AEE, card resize; H2 = --prior homography
+   --prior-regions 2 --prior-conf 1.5 --prior-irls 8 --prior-sym 2):
+       default (no prior)                                   0.671 / 0.176 / 14.89
+       quadratic, forward matches only (--prior-sym 0)      0.779 / 0.176 / 16.13
+       homography, one region, both directions' matches     0.727 / 0.176 / 16.08
+       homography, two regions                              0.665 / 0.176 / 15.72
+       H2 (prior where its cost < the flow's + 0.5)         0.591 / 0.176 / 15.89
+       H2 --prior-margin 6 (the prior everywhere)           0.398 / 0.176 / 36.44
+       H2 --prior-ridge 1e-5 --prior-flat 1.5               0.591 / 0.176 / 15.85
+       H2 --prior-ridge 1e-5 --prior-first 1 --prior-margin 100, --match-margin 0.5 / 1.5 / 3:
+                                                            0.706 / 0.176 / 14.64
+                                                            0.535 / 0.176 / 16.78
+                                                            0.441 / 0.176 / 26.24
+   The same trade as the zero prior: no setting meets the dashcam bar (< 0.4) with KITTI
+   <= 15 px, so the default leaves the prior out. Why: with --prior-sym 2 the priors alone
+   are consistent (median occluded 0.14 when the upsampled level-1/8 prior is the whole
+   answer, see above), but they are not the scene's motion where it matters for KITTI: the KITTI
+   pixels moving > 60 px (92% of them in the left third, a near object off the road plane)
+   get a prior 12 level px (~100 px) off while their census matches are 2 px off, and on the
+   dashcam pairs the matches and the finer TV-L1 levels beat the prior's cost in most places
+   and bring the inconsistency back. A homography fitted by RANSAC to KITTI's ground truth
+   explains only 70% of its bottom half (3 px); one fitted to the census matches, 21%
+   (one-off diagnostics with OpenCV's findHomography, not kept).
+
 All in standard ONNX ops at opset 17 (Conv, Pad, Slice, Resize, GridSample, ArgMin, Loop,
 Min/Max, ...); no custom ops, no learned weights, a few hundred KB.
 
@@ -193,6 +238,22 @@ DEFAULTS = dict(
     zero_prior_max_level=99,  # the prior acts on levels 0..this only
     match_margin=0.5,  # take the match where its cost is below the current flow's by this (cost:
                        # census L1 summed over channels, averaged over the window)
+    prior="none",      # global parametric motion prior at the matching level: none, affine,
+                       # quadratic or homography (see parametric_prior)
+    prior_regions=1,   # 1: one model for the image; 2: top and bottom halves separately
+    prior_irls=5,      # reweighted least-squares rounds
+    prior_scale=1.0,   # Cauchy scale of the last rounds (pixels of the matching level)
+    prior_conf=0.0,    # match confidence = relu(mean volume cost - best cost - this)
+    prior_ridge=1e-3,  # ridge toward zero motion, relative to the summed weights
+    prior_margin=0.5,  # the prior replaces the flow where its census cost < the flow's + this
+    prior_flat=0.0,    # > 0: the prior also replaces the flow wherever the match confidence
+                       # (mean volume cost - best cost) is below this (no evidence either way)
+    prior_first=0,     # 1: fuse the prior into the flow first, then the census matches into
+                       # that (where they beat it by match_margin); 0: the prior last
+    prior_fit=0,       # fit to 0: the raw census matches, 1: the fused flow
+    prior_sym=1,       # 1: fit to the matches of both directions; 2: also in a canonical order
+                       # of the pair, inverted when the inputs come swapped (exactly inverse
+                       # forward and backward priors; affine or homography)
 )
 
 
@@ -213,6 +274,11 @@ def build(p: dict) -> onnx.ModelProto:
         return g.mul(g.sub(a, lo), scale), g.mul(g.sub(b, lo), scale)
 
     i0, i1 = stretch(*gray)
+    # canonical order of the pair (for the parametric prior with prior_sym 2): image1 is "A"
+    # when its mean grey is at least image2's; swapping the inputs swaps the roles exactly
+    canon = None if p["prior"] == "none" else g.op("Reshape", g.op("GreaterOrEqual", g.op("ReduceSum", i0, g.c([1, 2, 3], np.int64), keepdims=1),
+                                 g.op("ReduceSum", i1, g.c([1, 2, 3], np.int64), keepdims=1)),
+                 g.c([-1, 1, 1], np.int64))                          # N x 1 x 1, bool
 
     # ---- pyramid (both frames in one tensor: channel 0 = image1, 1 = image2) ----------
     pair = g.op("Concat", i0, i1, axis=1)
@@ -264,8 +330,10 @@ def build(p: dict) -> onnx.ModelProto:
             gm2 = g.sep_blur(g.op("ReduceSum", g.mul(d1, d1), g.c([1], np.int64), keepdims=1), 2.0, 1)
             mu_w = g.op("Exp", g.mul(gm2, g.c(-1.0 / p["zero_prior_grad"] ** 2)))
         if lev == p["match_level"]:   # on the plain images: the car-sized structure matters
+            info = {"canon": canon}
             flow = match_and_fuse(g, p, g.slice(Lplain, [0], [1], [1]), g.slice(Lplain, [1], [2], [1]),
-                                  flow, shp)
+                                  flow, shp, info)
+
 
         # derivatives of image2 (centred, replicated border), stacked with it: N x 3 x H x W
         I1d = g.conv(g.pad(I1, [0, 0, 1, 1, 0, 0, 1, 1]), deriv_w)
@@ -351,24 +419,49 @@ def census(g: Graph, img: str, delta: float, n: int = 8) -> str:
     return g.op("Tanh", g.mul(g.conv(g.pad(img, [0, 0, 1, 1, 0, 0, 1, 1]), w), g.c(1.0 / delta)))
 
 
-def match_and_fuse(g: Graph, p, I0, I1, flow, shp) -> str:
+def match_and_fuse(g: Graph, p, I0, I1, flow, shp, info=None) -> str:
     """Global search of displacements in [-rx, rx] x [-ry, ry] on soft-census features with
     a win x win aggregated L1 cost (sum over the census channels, mean over the window;
     outside the image the census is 0). Where the best match beats the cost of the current
     flow (image2's census warped bilinearly by it) by match_margin, it replaces the flow;
-    then a median filter removes isolated picks."""
-    rx, ry, win = p["match_rx"], p["match_ry"], p["match_win"]
-    D = 2 * rx + 1
+    then a median filter removes isolated picks. info (a dict), when given, receives the
+    census images, the matches and their costs for the parametric prior, and with
+    p["prior_sym"] also the matches of image2 in image1."""
+    win = p["match_win"]
     nc = p["census_n"]
     ca = census(g, I0, p["census_delta"], nc)           # N x nc x h x w
     cb = census(g, I1, p["census_delta"], nc)
+    pool = dict(kernel_shape=[win, win], pads=[win // 2] * 4, count_include_pad=0)
+    want = info is not None and p["prior"] != "none"
+    mflow, best, mean = census_match(g, p, ca, cb, shp, pool, want)
+    if info is not None:
+        info.update(ca=ca, cb=cb, pool=pool, mflow=mflow, best=best, mean=mean)
+        if want and p["prior_sym"]:
+            info["mflow_b"], info["best_b"], info["mean_b"] = census_match(g, p, cb, ca, shp, pool)
+    if want and p["prior_first"]:   # the prior is the start; the matches then fuse into it
+        flow = parametric_prior(g, p, flow, shp, info)
+    # cost of the current flow: warp image2's census with it
+    cur = census_cost(g, ca, cb, flow, shp, pool)
+    take = g.op("Less", g.add(best, g.c(p["match_margin"])), cur)
+    fused = g.op("Where", take, mflow, flow)
+    fused = median(g, fused, p["median"]) if p["median"] else fused
+    if want and not p["prior_first"]:
+        fused = parametric_prior(g, p, fused, shp, info)
+    return fused
+
+
+def census_match(g: Graph, p, ca, cb, shp, pool, want_mean=True):
+    """Best displacement (N x 2 x h x w, level px) of every pixel of census image ca in cb
+    over [-rx, rx] x [-ry, ry], its cost and the mean cost over the search volume."""
+    rx, ry = p["match_rx"], p["match_ry"]
+    D = 2 * rx + 1
+    nc = p["census_n"]
     cbp = g.pad(cb, [0, 0, ry, rx, 0, 0, ry, rx], mode="constant")
     ca5 = g.op("Unsqueeze", ca, g.c([2], np.int64))    # N x nc x 1 x h x w
     onehot = np.zeros((nc * D, 1, 1, D), np.float32)
     for c in range(nc):
         for j in range(D):
             onehot[c * D + j, 0, 0, j] = 1.0
-    pool = dict(kernel_shape=[win, win], pads=[win // 2] * 4, count_include_pad=0)
     vshape = g.op("Concat", g.slice(shp, [0], [1], [0]), g.c([nc, D], np.int64), g.slice(shp, [2], [4], [0]), axis=0)
     costs = []
     for dy in range(-ry, ry + 1):
@@ -388,20 +481,213 @@ def match_and_fuse(g: Graph, p, I0, I1, flow, shp) -> str:
     mdy = g.op("Floor", g.div(kf, g.c(float(D))))
     mdx = g.sub(kf, g.mul(mdy, g.c(float(D))))
     mflow = g.op("Concat", g.sub(mdx, g.c(float(rx))), g.sub(mdy, g.c(float(ry))), axis=1)
-    # cost of the current flow: warp image2's census with it
+    mean = g.op("ReduceMean", vol, axes=[1], keepdims=1) if want_mean else None
+    return mflow, best, mean
+
+
+def pixel_grid(g: Graph, shp):
+    """(xs 1x1x1xW, ys 1x1xHx1, h_f, w_f) pixel coordinates of a level of shape shp."""
     h_f = g.op("Cast", g.slice(shp, [2], [3], [0]), to=TensorProto.FLOAT)
     w_f = g.op("Cast", g.slice(shp, [3], [4], [0]), to=TensorProto.FLOAT)
     xs = g.op("Reshape", g.op("Range", g.c(0.0), g.op("Squeeze", w_f), g.c(1.0)), g.c([1, 1, 1, -1], np.int64))
     ys = g.op("Reshape", g.op("Range", g.c(0.0), g.op("Squeeze", h_f), g.c(1.0)), g.c([1, 1, -1, 1], np.int64))
+    return xs, ys, h_f, w_f
+
+
+def census_cost(g: Graph, ca, cb, flow, shp, pool):
+    """Window-aggregated census L1 cost of a flow: image2's census warped by it (bilinear,
+    0 outside) against image1's."""
+    xs, ys, h_f, w_f = pixel_grid(g, shp)
     gx = g.sub(g.div(g.add(g.mul(g.add(xs, g.slice(flow, [0], [1], [1])), g.c(2.0)), g.c(1.0)), w_f), g.c(1.0))
     gy = g.sub(g.div(g.add(g.mul(g.add(ys, g.slice(flow, [1], [2], [1])), g.c(2.0)), g.c(1.0)), h_f), g.c(1.0))
     grid = g.op("Transpose", g.op("Concat", gx, gy, axis=1), perm=[0, 2, 3, 1])
     cbw = g.op("GridSample", cb, grid, mode="bilinear", padding_mode="zeros", align_corners=0)
     cur = g.op("ReduceSum", g.op("Abs", g.sub(cbw, ca)), g.c([1], np.int64), keepdims=1)
-    cur = g.op("AveragePool", cur, **pool)
-    take = g.op("Less", g.add(best, g.c(p["match_margin"])), cur)
-    fused = g.op("Where", take, mflow, flow)
+    return g.op("AveragePool", cur, **pool)
+
+
+def _solve_gauss_jordan(g: Graph, A, b, K: int):
+    """x = A^-1 b for a batch of small SPD systems (A: N x K x K, b: N x K x 1) by an unrolled
+    Gauss-Jordan elimination without pivoting (A carries a ridge, so the pivots stay positive):
+    per column k, with r = row k / pivot and c = column k, M <- M - (c - e_k) r, which zeroes
+    column k off the diagonal and replaces row k by r. Elementwise ops and Slice only."""
+    M = g.op("Concat", A, b, axis=2)                               # N x K x (K + 1)
+    for k in range(K):
+        piv = g.slice(M, [k, k], [k + 1, k + 1], [1, 2])           # N x 1 x 1
+        r = g.div(g.slice(M, [k], [k + 1], [1]), piv)             # N x 1 x (K + 1)
+        ek = np.zeros((1, K, 1), np.float32)
+        ek[0, k, 0] = 1.0
+        col = g.sub(g.slice(M, [k], [k + 1], [2]), g.c(ek))        # N x K x 1
+        M = g.sub(M, g.mul(col, r))
+    return g.slice(M, [K], [K + 1], [2])                           # N x K x 1
+
+
+DEBUG: dict = {}   # tensor names of the prior, for diagnostics (bench/flow_prior_eval.py)
+PRIOR_K = {"affine": 6, "quadratic": 8, "homography": 8}
+
+
+def parametric_prior(g: Graph, p, flow, shp, info) -> str:
+    """A global parametric motion field fitted to the census matches of the matching level by
+    iteratively reweighted least squares, per image region (1: whole image; 2: top and bottom
+    halves, blended over a band of h/8), and fused into the flow where its census cost is below
+    the current flow's + prior_margin (a large margin: the prior everywhere).
+
+    Models, in coordinates centred on the image and divided by s = max(h, w) / 2: affine
+    u = a0 + a1 x + a2 y, v = a3 + a4 x + a5 y; quadratic (a plane's instantaneous motion) adds
+    a6 x^2 + a7 x y to u and a6 x y + a7 y^2 to v; homography x' = (h0 x + h1 y + h2) /
+    (h6 x + h7 y + 1), y' = (h3 x + h4 y + h5) / (h6 x + h7 y + 1) (a plane's or a rotation's
+    exact motion), fitted by the linear DLT equations.
+
+    Correspondences: every pixel's best census match (x -> x + m(x)); with prior_sym also
+    every pixel of image2's match in image1, reversed (y + m'(y) -> y). With both sets the
+    fit sees the same correspondences whichever frame comes first, so the forward and the
+    backward call fit (nearly) inverse maps: consistent by construction, which independent
+    fits are not. A correspondence's region is decided by the mean height of its two ends
+    (the same in both calls). Weights: confidence relu(mean cost over the search volume -
+    best cost - prior_conf), times Cauchy weights 1 / (1 + r^2 / s_k^2) of the previous
+    round's residual r (level px), s_k halving from 4 prior_scale down to prior_scale. The
+    normal equations get a ridge prior_ridge * sum(w) toward zero motion and are solved by
+    an unrolled Gauss-Jordan elimination (no linear-solve op in ONNX)."""
+    model, K = p["prior"], PRIOR_K[p["prior"]]
+    xs, ys, h_f, w_f = pixel_grid(g, shp)
+    u_cur = g.slice(flow, [0], [1], [1])
+    one4 = g.add(g.mul(u_cur, g.c(0.0)), g.c(1.0))                 # N x 1 x H x W of ones
+    s = g.div(g.op("Max", h_f, w_f), g.c(2.0))
+    flat = lambda t: g.op("Reshape", t, g.c([0, 0, -1], np.int64))    # N x C x M
+    gx = flat(g.mul(g.div(g.sub(xs, g.div(g.sub(w_f, g.c(1.0)), g.c(2.0))), s), one4))
+    gy = flat(g.mul(g.div(g.sub(ys, g.div(g.sub(h_f, g.c(1.0)), g.c(2.0))), s), one4))
+    conf = lambda mean, best: flat(g.op("Relu", g.sub(g.sub(mean, best), g.c(p["prior_conf"]))))
+    mf = info["mflow"] if p["prior_fit"] == 0 else flow
+    fu, fv = flat(g.div(g.slice(mf, [0], [1], [1]), s)), flat(g.div(g.slice(mf, [1], [2], [1]), s))
+    sx, sy, dx, dy = gx, gy, g.add(gx, fu), g.add(gy, fv)
+    w0 = conf(info["mean"], info["best"])
+    if p["prior_sym"]:
+        bu = flat(g.div(g.slice(info["mflow_b"], [0], [1], [1]), s))
+        bv = flat(g.div(g.slice(info["mflow_b"], [1], [2], [1]), s))
+        cat2 = lambda a, b: g.op("Concat", a, b, axis=2)
+        sx, sy = cat2(sx, g.add(gx, bu)), cat2(sy, g.add(gy, bv))
+        dx, dy = cat2(dx, gx), cat2(dy, gy)
+        w0 = cat2(w0, conf(info["mean_b"], info["best_b"]))
+    canon = info["canon"] if p["prior_sym"] == 2 else None
+    if canon is not None:   # fit the map A -> B whichever input is A; invert it at the end
+        if model == "quadratic":
+            raise ValueError("prior_sym 2 needs an invertible model (affine or homography)")
+        sx, sy, dx, dy = (g.op("Where", canon, sx, dx), g.op("Where", canon, sy, dy),
+                          g.op("Where", canon, dx, sx), g.op("Where", canon, dy, sy))
+    one, zero = g.add(g.mul(sx, g.c(0.0)), g.c(1.0)), g.mul(sx, g.c(0.0))   # N x 1 x M
+
+    def basis(x, y):
+        """Rows of the model's linear part at points (x, y): (BU, BV, BD), N x K x M; the
+        model maps (x, y) to (x + a.BU, y + a.BV) (affine/quadratic) or to
+        (a.BU / (1 + a.BD), a.BV / (1 + a.BD)) (homography)."""
+        o, z = g.add(g.mul(x, g.c(0.0)), g.c(1.0)), g.mul(x, g.c(0.0))
+        cat = lambda ts: g.op("Concat", *ts, axis=1)
+        if model == "homography":
+            return (cat([x, y, o, z, z, z, z, z]), cat([z, z, z, x, y, o, z, z]),
+                    cat([z, z, z, z, z, z, x, y]))
+        return (cat([o, x, y, z, z, z, g.mul(x, x), g.mul(x, y)][:K]),
+                cat([z, z, z, o, x, y, g.mul(x, y), g.mul(y, y)][:K]), None)
+
+    def apply(a, x, y):
+        """Where the model with parameters a (N x K x 1) maps the points (x, y)."""
+        BU, BV, BD = basis(x, y)
+        at = g.op("Transpose", a, perm=[0, 2, 1])                   # N x 1 x K
+        if model == "homography":
+            den = g.op("Max", g.add(g.op("MatMul", at, BD), g.c(1.0)), g.c(0.2))
+            return g.div(g.op("MatMul", at, BU), den), g.div(g.op("MatMul", at, BV), den)
+        return g.add(x, g.op("MatMul", at, BU)), g.add(y, g.op("MatMul", at, BV))
+
+    # least-squares rows: JU a = TU, JV a = TV
+    BU, BV, BD = basis(sx, sy)
+    if model == "homography":   # h.BU - x' h.BD = x'
+        JU, JV, TU, TV = g.sub(BU, g.mul(BD, dx)), g.sub(BV, g.mul(BD, dy)), dx, dy
+        ref = np.array([1, 0, 0, 0, 1, 0, 0, 0], np.float32).reshape(1, K, 1)
+    else:
+        JU, JV, TU, TV = BU, BV, g.sub(dx, sx), g.sub(dy, sy)
+        ref = np.zeros((1, K, 1), np.float32)
+    tr = lambda t: g.op("Transpose", t, perm=[0, 2, 1])
+    JUt, JVt, TUt, TVt = tr(JU), tr(JV), tr(TU), tr(TV)
+
+    def band_mask(y):
+        """Weight of the bottom region at normalised heights y (0.5 at the middle row)."""
+        half_h = g.div(g.div(h_f, s), g.c(2.0))                     # normalised half height
+        return g.op("Clip", g.add(g.div(y, g.div(half_h, g.c(4.0))), g.c(0.5)), g.c(0.0), g.c(1.0))
+
+    if p["prior_regions"] == 2:
+        mb = band_mask(g.div(g.add(sy, dy), g.c(2.0)))
+        fit_masks = [g.sub(one, mb), mb]
+        mg = band_mask(gy)
+        out_masks = [g.sub(g.add(g.mul(gy, g.c(0.0)), g.c(1.0)), mg), mg]
+    else:
+        fit_masks, out_masks = [one], [None]
+    eye = np.eye(K, dtype=np.float32)[None]
+    pu = pv = None
+    for fmask, omask in zip(fit_masks, out_masks):
+        w_r = g.mul(w0, fmask)
+        a = None
+        for it in range(p["prior_irls"]):
+            w = w_r
+            if a is not None:
+                px, py = apply(a, sx, sy)
+                ex, ey = g.sub(px, dx), g.sub(py, dy)
+                r2 = g.mul(g.add(g.mul(ex, ex), g.mul(ey, ey)), g.mul(s, s))   # level px ^ 2
+                sk = p["prior_scale"] * 2.0 ** max(0, 2 - (it - 1))
+                w = g.div(w_r, g.add(g.c(1.0), g.mul(r2, g.c(1.0 / sk ** 2))))
+            A = g.add(g.op("MatMul", g.mul(JU, w), JUt), g.op("MatMul", g.mul(JV, w), JVt))
+            b = g.add(g.op("MatMul", g.mul(JU, w), TUt), g.op("MatMul", g.mul(JV, w), TVt))
+            lam_r = g.mul(g.add(g.op("ReduceSum", w, g.c([1, 2], np.int64), keepdims=1), g.c(1e-3)),
+                          g.c(p["prior_ridge"]))                     # N x 1 x 1
+            A = g.add(A, g.mul(lam_r, g.c(eye)))
+            b = g.add(b, g.mul(lam_r, g.c(ref)))
+            a = _solve_gauss_jordan(g, A, b, K)
+        if canon is not None:
+            px, py = apply_h(g, invert_h(g, as_h(g, a, model), canon), gx, gy)
+        else:
+            px, py = apply(a, gx, gy)
+        fu_, fv_ = g.sub(px, gx), g.sub(py, gy)
+        if omask is not None:
+            fu_, fv_ = g.mul(fu_, omask), g.mul(fv_, omask)
+        pu = fu_ if pu is None else g.add(pu, fu_)
+        pv = fv_ if pv is None else g.add(pv, fv_)
+    shape_u = g.op("Shape", u_cur)
+    prior = g.mul(g.op("Concat", g.op("Reshape", pu, shape_u), g.op("Reshape", pv, shape_u), axis=1), s)
+    c_prior = census_cost(g, info["ca"], info["cb"], prior, shp, info["pool"])
+    c_cur = census_cost(g, info["ca"], info["cb"], flow, shp, info["pool"])
+    take = g.op("Less", c_prior, g.add(c_cur, g.c(p["prior_margin"])))
+    if p["prior_flat"] > 0:   # and wherever the census volume is too flat to say anything
+        flat_vol = g.op("Less", g.sub(info["mean"], info["best"]), g.c(p["prior_flat"]))
+        take = g.op("Or", take, flat_vol)
+    fused = g.op("Where", take, prior, flow)
+    DEBUG.update(prior=prior, mflow=info["mflow"], flow_in=flow, take=take)
     return median(g, fused, p["median"]) if p["median"] else fused
+
+def as_h(g: Graph, a, model):
+    """The 3 x 3 matrix (nine N x 1 x 1 entries, row-major) of affine or homography parameters."""
+    e = [g.slice(a, [k], [k + 1], [1]) for k in range(PRIOR_K[model])]
+    if model == "homography":
+        return e + [g.add(g.mul(e[0], g.c(0.0)), g.c(1.0))]
+    o, z = g.add(g.mul(e[0], g.c(0.0)), g.c(1.0)), g.mul(e[0], g.c(0.0))
+    return [g.add(e[1], g.c(1.0)), e[2], e[0], e[4], g.add(e[5], g.c(1.0)), e[3], z, z, o]
+
+
+def invert_h(g: Graph, h, keep):
+    """h where keep (N x 1 x 1 bool), else its inverse (adjugate / determinant)."""
+    m = lambda i, j: h[3 * i + j]
+    cof = lambda i, j: g.sub(g.mul(m((i + 1) % 3, (j + 1) % 3), m((i + 2) % 3, (j + 2) % 3)),
+                             g.mul(m((i + 1) % 3, (j + 2) % 3), m((i + 2) % 3, (j + 1) % 3)))
+    adj = [cof(j, i) for i in range(3) for j in range(3)]      # adj[i][j] = cofactor(j, i)
+    det = g.add(g.add(g.mul(m(0, 0), cof(0, 0)), g.mul(m(0, 1), cof(0, 1))), g.mul(m(0, 2), cof(0, 2)))
+    det = g.op("Where", g.op("Less", g.op("Abs", det), g.c(1e-6)), g.c(1e-6), det)
+    return [g.op("Where", keep, h[k], g.div(adj[k], det)) for k in range(9)]
+
+
+def apply_h(g: Graph, h, x, y):
+    """Where the 3 x 3 matrix h maps the points (x, y) (the denominator kept >= 0.2 of its
+    value at the identity)."""
+    row = lambda i: g.add(g.add(g.mul(h[3 * i], x), g.mul(h[3 * i + 1], y)), h[3 * i + 2])
+    den = row(2)
+    den = g.op("Where", g.op("Less", g.op("Abs", den), g.c(0.2)), g.c(0.2), den)
+    return g.div(row(0), den), g.div(row(1), den)
 
 
 def _shifted(g: Graph, x: str, k: int, axis: int) -> list:
