@@ -26,9 +26,24 @@ fn main() {
         }
     }
     println!("cargo:rerun-if-changed=build.rs");
+    plan_taps_host();
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
         cuda_kernels();
     }
+}
+
+/// A host build of the CUDA plan kernel's per-pixel code (src/cuda/plan_taps.cuh), which the
+/// tests of `loss::sample` compare with the CPU's taps: the kernel's arithmetic is checked on
+/// every build, GPU or not. No FMA contraction, as in the kernel.
+fn plan_taps_host() {
+    for f in ["src/cuda/plan_taps.cuh", "src/cuda/plan_taps_host.c"] {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    cc::Build::new()
+        .file("src/cuda/plan_taps_host.c")
+        .flag_if_supported("-ffp-contract=off")
+        .opt_level(2)
+        .compile("poodle_plan_taps_host");
 }
 
 /// The `cuda` feature's own kernels (src/cuda/kernels.cu): PTX for compute_80 (the driver

@@ -4,7 +4,8 @@
 //!
 //!     cargo run --release -p poodle-train --example dense_loss_memory -- FORM [N C H W ITERS]
 //!
-//! FORM is `fused` or `composed`; defaults 2 256 256 512 2 (two samples of the paper's 256
+//! FORM is `fused`, `composed` or `plans` (only building the call's sampling plans and mask
+//! from the affines and the flow: the host work of a call on the GPU); defaults 2 256 256 512 2 (two samples of the paper's 256
 //! channels at half the paper's crop). Maps are stride 8; the target order is the authors';
 //! views are rotated, zoomed and flipped, the flow random. Prints seconds per call, the loss
 //! and the process's peak resident memory (VmHWM). Run each form in its own process to
@@ -12,7 +13,9 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use poodle_train::geom::Affine;
-use poodle_train::loss::dense::{dense_loss, dense_loss_composed, Correspondence, TargetOrder};
+use poodle_train::loss::dense::{
+    dense_loss, dense_loss_composed, Correspondence, DensePlans, TargetOrder,
+};
 use std::time::Instant;
 
 fn peak_rss_mib() -> Option<f64> {
@@ -42,8 +45,8 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let form = args.first().map(String::as_str).unwrap_or("fused");
     anyhow::ensure!(
-        matches!(form, "fused" | "composed"),
-        "FORM must be fused or composed, got {form}"
+        matches!(form, "fused" | "composed" | "plans"),
+        "FORM must be fused, composed or plans, got {form}"
     );
     let num = |i: usize, d: usize| -> anyhow::Result<usize> {
         Ok(args.get(i).map_or(Ok(d), |s| s.parse())?)
@@ -77,6 +80,11 @@ fn main() -> anyhow::Result<()> {
     let mut loss = f32::NAN;
     let start = Instant::now();
     for _ in 0..iters.max(1) {
+        if form == "plans" {
+            let p = DensePlans::new(o.as_tensor(), &t, &corr)?;
+            loss = p.stats().mask_fraction;
+            continue;
+        }
         let (l, _) = if form == "fused" {
             dense_loss(o.as_tensor(), &t, &corr)?
         } else {

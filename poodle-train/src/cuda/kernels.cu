@@ -4,11 +4,23 @@
 // ptxas on it for sm_80 and sm_90 so that errors show on the build machine.
 //
 // Layouts: maps are contiguous (n, c, positions); a sampling plan holds, per sample b, tap
-// t and output pixel p, an input index idx[(b * taps + t) * p_out + p] and a weight wts[...].
+// t and output pixel p, an input index idx[(b * taps + t) * p_out + p] and a weight wts[...],
+// formed on the device from the plan's points by plan_taps_f32.
+
+#include "plan_taps.cuh"
 
 #define GRID_STRIDE(i, total)                                                              \
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (total);       \
          i += (long long)blockDim.x * gridDim.x)
+
+// The taps of a sampling plan from its points (plan_taps.cuh), a thread per output pixel.
+extern "C" __global__ void plan_taps_f32(const float *pts, unsigned int *idx, float *wts, int n,
+                                         long long p_out, int h_in, int w_in, int h_up,
+                                         int w_up, int ky, int kx) {
+    GRID_STRIDE(i, (long long)n * p_out) {
+        plan_taps_pixel(pts, idx, wts, i, p_out, h_in, w_in, h_up, w_up, ky, kx);
+    }
+}
 
 // out[b, ch, p] = sum_t w[b, t, p] * x[b, ch, idx[b, t, p]]
 extern "C" __global__ void taps_gather_f32(const float *x, const unsigned int *idx,

@@ -38,8 +38,8 @@ fn int(op: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| super::unsupported(op, format!("size {v} over i32")).into())
 }
 
-/// A sampling plan (tap indices and weights, `[sample][tap][pixel]`) on the device, uploaded
-/// once per plan.
+/// A sampling plan's taps on the device (tap indices and weights, `[sample][tap][pixel]`),
+/// formed there from the plan's points by `plan_taps_f32`.
 pub struct DevicePlan {
     idx: CudaSlice<u32>,
     wts: CudaSlice<f32>,
@@ -51,14 +51,64 @@ impl std::fmt::Debug for DevicePlan {
     }
 }
 
+/// What the tap-forming kernel needs to know of a plan (`loss::sample::Plan`).
+pub struct PlanShape {
+    /// Samples and output pixels per sample.
+    pub n: usize,
+    pub p_out: usize,
+    /// The sampled map `(h, w)` and the upsampled size the points live in.
+    pub input: (usize, usize),
+    pub up: (usize, usize),
+    /// Taps per row and per column.
+    pub taps: (usize, usize),
+}
+
 impl DevicePlan {
-    pub fn upload(dev: &CudaDevice, idx: &[Vec<u32>], wts: &[Vec<f32>]) -> Result<Self> {
+    /// Uploads the points (`[sample][2 * pixel]`, NaN where invalid: 8 bytes a pixel instead
+    /// of 8 bytes a tap) and forms the taps on the device.
+    pub fn from_points(dev: &CudaDevice, s: &PlanShape, points: &[Vec<f32>]) -> Result<Self> {
+        let op = "plan_taps_f32";
         let stream = dev.cuda_stream();
         let up = |e| -> candle_core::Error { CudaOpError::from(e).into() };
-        Ok(Self {
-            idx: stream.clone_htod(&idx.concat()).map_err(up)?,
-            wts: stream.clone_htod(&wts.concat()).map_err(up)?,
-        })
+        if points.len() != s.n || points.iter().any(|p| p.len() != 2 * s.p_out) {
+            return Err(super::unsupported(op, "points do not match the plan's size").into());
+        }
+        let pts = stream.clone_htod(&points.concat()).map_err(up)?;
+        let len = s.n * s.taps.0 * s.taps.1 * s.p_out;
+        // SAFETY: the kernel writes every tap of every pixel.
+        let (mut idx, mut wts) = unsafe { (dev.alloc::<u32>(len)?, dev.alloc::<f32>(len)?) };
+        let f = dev.get_or_load_custom_func(op, MODULE, PTX)?;
+        let (n, p_out) = (int(op, s.n)?, s.p_out as i64);
+        let (h_in, w_in) = (int(op, s.input.0)?, int(op, s.input.1)?);
+        let (h_up, w_up) = (int(op, s.up.0)?, int(op, s.up.1)?);
+        let (ky, kx) = (int(op, s.taps.0)?, int(op, s.taps.1)?);
+        let mut b = f.builder();
+        b.arg(&pts)
+            .arg(&mut idx)
+            .arg(&mut wts)
+            .arg(&n)
+            .arg(&p_out)
+            .arg(&h_in)
+            .arg(&w_in)
+            .arg(&h_up)
+            .arg(&w_up)
+            .arg(&ky)
+            .arg(&kx);
+        // SAFETY: argument order and types match the kernel; `pts` holds 2 n p_out values,
+        // `idx` and `wts` n ky kx p_out each.
+        unsafe { b.launch(launch_cfg(s.n * s.p_out)) }.map_err(CudaOpError::from)?;
+        Ok(Self { idx, wts })
+    }
+
+    /// The taps back on the host, `[sample][tap][pixel]` flattened (gpu-check compares them
+    /// with the CPU's).
+    pub fn download(&self, dev: &CudaDevice) -> Result<(Vec<u32>, Vec<f32>)> {
+        let stream = dev.cuda_stream();
+        let up = |e| -> candle_core::Error { CudaOpError::from(e).into() };
+        Ok((
+            stream.clone_dtoh(&self.idx).map_err(up)?,
+            stream.clone_dtoh(&self.wts).map_err(up)?,
+        ))
     }
 }
 

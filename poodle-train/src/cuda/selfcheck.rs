@@ -466,6 +466,7 @@ impl DenseCase {
 fn parity_dense(cuda: &Device, out: &mut Out) -> Result<()> {
     use crate::loss::dense::{dense_loss_with_target_grad, TargetOrder};
     let cpu = Device::Cpu;
+    parity_plan_taps(cuda, out)?;
     let (o, t) = (
         randn(&[3, 8, 5, 7], 600, &cpu)?,
         randn(&[3, 8, 5, 7], 601, &cpu)?,
@@ -497,6 +498,31 @@ fn parity_dense(cuda: &Device, out: &mut Out) -> Result<()> {
             &format!("dense loss, fused ({order:?} order)"),
             Precision::F32,
             &pairs,
+        )?;
+    }
+    Ok(())
+}
+
+/// The taps the GPU forms from a plan's points against the CPU's, bit for bit: a rotated,
+/// zoomed, flipped view of a stride-8 map upsampled to a 256x512 crop (3x3 taps a pixel, some
+/// pixels outside the view).
+fn parity_plan_taps(cuda: &Device, out: &mut Out) -> Result<()> {
+    let Device::Cuda(dev) = cuda else {
+        anyhow::bail!("parity_plan_taps: not a CUDA device");
+    };
+    let (h, w) = (256, 512);
+    let inv: Vec<Affine> = (0..2)
+        .map(|i| Affine::about_centre(w, h, 9.0 + i as f64, 0.8, i == 1).inverse())
+        .collect();
+    let grid =
+        crate::loss::SampleGrid::from_fn_upsampled(2, (h / 8, w / 8), (h, w), (h, w), |b, y, x| {
+            Some(inv[b].apply(x as f64, y as f64))
+        });
+    let (bad_idx, bad_wts) = crate::loss::sample::device_taps_mismatch(&grid, dev)?;
+    for (what, bad) in [("idx", bad_idx), ("wts", bad_wts)] {
+        out.emit(
+            json!({"kind": "parity", "op": "plan taps (exact)", "precision": "f32",
+            "tensor": what, "rel_err": bad as f64, "tol": 0.0, "ok": bad == 0}),
         )?;
     }
     Ok(())

@@ -35,11 +35,12 @@
 //! authors' order a chain of two (warp, then undo). [`dense_loss`] then compares the branches
 //! with one fused op ([`super::fused`]) that gathers each crop pixel's two vectors through the
 //! plans' taps, so no `(N, C, H, W)` map exists at crop resolution: memory is the stride-8
-//! maps, their gradients and the plans (~38 MB per plan and sample at 512 x 1024).
-//! [`dense_loss_composed`] builds the aligned maps ([`dense_aligned`]) and compares them with
-//! [`super::normdiff`]; it is the reference of the fused form. Coordinates and masks are
-//! computed in f64 on the CPU from the affines and the flow (which is read back from its
-//! tensor).
+//! maps, their gradients and the plans' taps (~38 MB per 9-tap plan and sample at 512 x
+//! 1024, formed on the device that uses them). [`dense_loss_composed`] builds the aligned maps
+//! ([`dense_aligned`]) and compares them with [`super::normdiff`]; it is the reference of the
+//! fused form. Coordinates and masks are computed in f64 on the CPU from the affines and the
+//! flow (which is read back from its tensor) and kept as f32 points, 8 bytes a pixel: the
+//! host work of a call ([`DensePlans`]).
 
 use super::fused;
 use super::normdiff::normalized_sq_diff;
@@ -157,8 +158,9 @@ enum Form {
     Composed,
 }
 
-/// The sampling plans and the mask of one call: what both forms share.
-struct Plans {
+/// The sampling plans and the mask of one dense-loss call: what both forms share, and all
+/// the host work of a call on the GPU (the coordinates and masks are computed on the CPU).
+pub struct DensePlans {
     online: SampleGrid,
     /// The target chain, innermost first (one plan, or warp then undo).
     target: Vec<SampleGrid>,
@@ -167,36 +169,45 @@ struct Plans {
     stats: DenseStats,
 }
 
-fn plans(pred_online: &Tensor, proj_target: &Tensor, c: &Correspondence) -> Result<Plans> {
-    let (h, w) = c.crop;
-    let (n, _, _, _) = pred_online.dims4()?;
-    check_shapes(pred_online, proj_target, c)?;
-    let dev = pred_online.device();
+impl DensePlans {
+    /// The plans of comparing `pred_online` with `proj_target` (only their shapes and device
+    /// are read) through `c`.
+    pub fn new(pred_online: &Tensor, proj_target: &Tensor, c: &Correspondence) -> Result<Self> {
+        let (h, w) = c.crop;
+        let (n, _, _, _) = pred_online.dims4()?;
+        check_shapes(pred_online, proj_target, c)?;
+        let dev = pred_online.device();
 
-    // Online branch: crop pixel y samples the upsampled view at A_o^-1 y. The plan composes
-    // the bilinear upsampling to the crop with the sampling (exact, see `sample`).
-    let (h_o, w_o) = (pred_online.dim(2)?, pred_online.dim(3)?);
-    let inv_o: Vec<Affine> = c.a_online.iter().map(Affine::inverse).collect();
-    let online = SampleGrid::from_fn_upsampled(n, (h_o, w_o), (h, w), (h, w), |b, y, x| {
-        Some(inv_o[b].apply(x as f64, y as f64))
-    });
-    let mask_o = online.mask(dev)?;
+        // Online branch: crop pixel y samples the upsampled view at A_o^-1 y. The plan composes
+        // the bilinear upsampling to the crop with the sampling (exact, see `sample`).
+        let (h_o, w_o) = (pred_online.dim(2)?, pred_online.dim(3)?);
+        let inv_o: Vec<Affine> = c.a_online.iter().map(Affine::inverse).collect();
+        let online = SampleGrid::from_fn_upsampled(n, (h_o, w_o), (h, w), (h, w), |b, y, x| {
+            Some(inv_o[b].apply(x as f64, y as f64))
+        });
+        let mask_o = online.mask(dev)?;
 
-    let (target, mask_t, target_valid) = target_branch(proj_target, c)?;
-    let visible = c.occluded.to_dtype(DType::F32)?.affine(-1.0, 1.0)?;
-    let m = mask_o.mul(&mask_t)?.mul(&visible)?;
-    let stats = DenseStats {
-        mask_fraction: m.mean_all()?.to_scalar::<f32>()?,
-        online_valid: online.valid_fraction() as f32,
-        target_valid,
-        non_occluded: visible.mean_all()?.to_scalar::<f32>()?,
-    };
-    Ok(Plans {
-        online,
-        target,
-        m,
-        stats,
-    })
+        let (target, mask_t, target_valid) = target_branch(proj_target, c)?;
+        let visible = c.occluded.to_dtype(DType::F32)?.affine(-1.0, 1.0)?;
+        let m = mask_o.mul(&mask_t)?.mul(&visible)?;
+        let stats = DenseStats {
+            mask_fraction: m.mean_all()?.to_scalar::<f32>()?,
+            online_valid: online.valid_fraction() as f32,
+            target_valid,
+            non_occluded: visible.mean_all()?.to_scalar::<f32>()?,
+        };
+        Ok(DensePlans {
+            online,
+            target,
+            m,
+            stats,
+        })
+    }
+
+    /// Mask statistics of the call.
+    pub fn stats(&self) -> DenseStats {
+        self.stats
+    }
 }
 
 /// The aligned, *unnormalised* maps and the mask of the dense loss, for inspection and tests:
@@ -208,13 +219,13 @@ pub fn dense_aligned(
     proj_target: &Tensor,
     c: &Correspondence,
 ) -> Result<(Tensor, Tensor, Tensor, DenseStats)> {
-    let p = plans(pred_online, proj_target, c)?;
+    let p = DensePlans::new(pred_online, proj_target, c)?;
     let (z_o, z_t) = p.aligned(pred_online, proj_target)?;
     let m = p.m.to_dtype(z_o.dtype())?;
     Ok((z_o, z_t, m, p.stats))
 }
 
-impl Plans {
+impl DensePlans {
     /// `(z_o, z_t)`: both maps resampled to the crop and aligned to the online frame.
     fn aligned(&self, pred_online: &Tensor, proj_target: &Tensor) -> Result<(Tensor, Tensor)> {
         let z_o = self.online.sample(pred_online)?;
@@ -296,7 +307,7 @@ fn dense_loss_impl(
     form: Form,
     target_grad: bool,
 ) -> Result<(Tensor, DenseStats)> {
-    let p = plans(pred_online, proj_target, c)?;
+    let p = DensePlans::new(pred_online, proj_target, c)?;
     let fused = form == Form::Fused
         && fused::supported(pred_online)
         && proj_target.dtype() == pred_online.dtype();

@@ -147,10 +147,10 @@ impl FusedDense {
 
 /// The non-zero taps `(input index, weight)` of output pixel `p` of sample `b` of one plan.
 fn plan_taps(plan: &Plan, b: usize, p: usize) -> impl Iterator<Item = (usize, f64)> + '_ {
-    let np = plan.h_out * plan.w_out;
+    let (np, tt) = (plan.h_out * plan.w_out, plan.cpu_taps());
     (0..plan.taps).filter_map(move |k| {
-        let w = plan.wts[b][k * np + p];
-        (w != 0.0).then(|| (plan.idx[b][k * np + p] as usize, w as f64))
+        let w = tt.wts[b][k * np + p];
+        (w != 0.0).then(|| (tt.idx[b][k * np + p] as usize, w as f64))
     })
 }
 

@@ -70,20 +70,84 @@ fn axis_weights(table: &[(usize, usize, f64, f64)], p: f64, k: usize) -> [(usize
     out
 }
 
-/// Taps (indices into one input plane, weights), tap-major: `[tap][pixel]`.
+/// Taps (indices into one input plane, weights), per sample tap-major: `idx[b][t * p + k]`
+/// for output pixel `k` of `p`.
+#[derive(Debug)]
+pub(super) struct TapTable {
+    pub(super) idx: Vec<Vec<u32>>,
+    pub(super) wts: Vec<Vec<f32>>,
+}
+
+/// A sampling plan: the point every output pixel samples, from which its taps follow. The
+/// points are what a plan costs to build and to move (8 bytes a pixel, against 8 bytes a tap
+/// for the taps: 9 taps for an upsampled lookup); the taps are formed where they are used, on
+/// the CPU by [`Plan::cpu_taps`] and on the GPU by a kernel (`plan_taps_f32`) that repeats
+/// [`axis_weights`] in the same IEEE double arithmetic, so both devices see the same taps.
 #[derive(Debug)]
 pub(super) struct Plan {
     pub(super) n: usize,
     pub(super) h_in: usize,
     pub(super) w_in: usize,
+    h_up: usize,
+    w_up: usize,
     pub(super) h_out: usize,
     pub(super) w_out: usize,
     pub(super) taps: usize,
-    pub(super) idx: Vec<Vec<u32>>,
-    pub(super) wts: Vec<Vec<f32>>,
-    /// The taps on the GPU, uploaded at first use there (crate::cuda::kernels).
+    /// Per sample, `(x, y)` of each output pixel in `up` pixel coordinates (`[2 * k]`,
+    /// `[2 * k + 1]`); NaN where the pixel is invalid (mask 0; its taps have weight 0).
+    points: Vec<Vec<f32>>,
+    cpu: std::sync::OnceLock<TapTable>,
+    /// The taps on the GPU, formed there at first use (crate::cuda::kernels).
     #[cfg(feature = "cuda")]
     device: std::sync::OnceLock<crate::cuda::kernels::DevicePlan>,
+}
+
+impl Plan {
+    /// Taps per axis (rows, columns).
+    fn axis_taps(&self) -> (usize, usize) {
+        (
+            taps_per_axis(self.h_in, self.h_up),
+            taps_per_axis(self.w_in, self.w_up),
+        )
+    }
+
+    /// The taps on the CPU, formed at first use.
+    pub(super) fn cpu_taps(&self) -> &TapTable {
+        self.cpu.get_or_init(|| self.form_taps())
+    }
+
+    fn form_taps(&self) -> TapTable {
+        let (ty, tx) = (
+            axis_table(self.h_in, self.h_up),
+            axis_table(self.w_in, self.w_up),
+        );
+        let (ky, kx) = self.axis_taps();
+        let p = self.h_out * self.w_out;
+        let (idx, wts) = self
+            .points
+            .par_iter()
+            .map(|pts| {
+                let mut idx = vec![0u32; self.taps * p];
+                let mut wts = vec![0f32; self.taps * p];
+                for (k, xy) in pts.chunks_exact(2).enumerate() {
+                    let (x, y) = (xy[0] as f64, xy[1] as f64);
+                    if x.is_nan() || y.is_nan() {
+                        continue;
+                    }
+                    let (rows, cols) = (axis_weights(&ty, y, ky), axis_weights(&tx, x, kx));
+                    for (r, &(iy, wy)) in rows[..ky].iter().enumerate() {
+                        for (c, &(ix, wx)) in cols[..kx].iter().enumerate() {
+                            let t = r * kx + c;
+                            idx[t * p + k] = (iy * self.w_in + ix) as u32;
+                            wts[t * p + k] = (wy * wx) as f32;
+                        }
+                    }
+                }
+                (idx, wts)
+            })
+            .unzip();
+        TapTable { idx, wts }
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -95,7 +159,15 @@ impl Plan {
         if let Some(p) = self.device.get() {
             return Ok(p);
         }
-        let p = crate::cuda::kernels::DevicePlan::upload(dev, &self.idx, &self.wts)?;
+        let (ky, kx) = self.axis_taps();
+        let shape = crate::cuda::kernels::PlanShape {
+            n: self.n,
+            p_out: self.h_out * self.w_out,
+            input: (self.h_in, self.w_in),
+            up: (self.h_up, self.w_up),
+            taps: (ky, kx),
+        };
+        let p = crate::cuda::kernels::DevicePlan::from_points(dev, &shape, &self.points)?;
         // Another thread may have set it meanwhile; either copy is the same plan.
         let _ = self.device.set(p);
         Ok(self.device.get().expect("set above"))
@@ -103,9 +175,9 @@ impl Plan {
 }
 
 /// A precomputed bilinear sampling plan: for each of `n` samples and each output pixel, the
-/// taps (indices and weights) into an `h_in x w_in` map, and a validity mask. Build it once on
-/// the CPU from coordinates (affines, flow), then [`SampleGrid::sample`] any `(n, C, h_in,
-/// w_in)` tensor, differentiably w.r.t. that tensor.
+/// point it samples in an `h_in x w_in` map (or in that map's bilinear upsampling) and a
+/// validity mask. Build it once on the CPU from coordinates (affines, flow), then
+/// [`SampleGrid::sample`] any `(n, C, h_in, w_in)` tensor, differentiably w.r.t. that tensor.
 ///
 /// On the CPU (f32/f64) sampling is a candle custom op whose backward is the exact adjoint
 /// (scatter-add of the tap weights), parallel over `(n, C)` planes; with the `cuda` feature the
@@ -135,6 +207,9 @@ impl SampleGrid {
     /// (h, w)` map `x` to `up = (H, W)`, without materialising `up(x)`: the plan's taps index
     /// `x` itself. Points and the mask are in `up` pixel coordinates (`[0, W-1] x [0, H-1]`).
     /// [`SampleGrid::sample`] then takes the low-resolution `(n, C, h, w)` tensor.
+    ///
+    /// Points are kept in f32 (as PyTorch's `grid_sample` grid): an in-bounds f64 point stays
+    /// in bounds when rounded, since the bounds are integers.
     pub fn from_fn_upsampled<F>(
         n: usize,
         (h_lo, w_lo): (usize, usize),
@@ -153,56 +228,48 @@ impl SampleGrid {
             h_lo * w_lo <= u32::MAX as usize,
             "SampleGrid: input too large for u32 indices"
         );
-        let (ty, tx) = (axis_table(h_lo, h_up), axis_table(w_lo, w_up));
-        let (ky, kx) = (taps_per_axis(h_lo, h_up), taps_per_axis(w_lo, w_up));
-        let taps = ky * kx;
         let (hf, wf) = (h_up as f64 - 1.0, w_up as f64 - 1.0);
         let p = h_out * w_out;
-        let per: Vec<(Vec<u32>, Vec<f32>, Vec<f32>)> = (0..n)
-            .into_par_iter()
-            .map(|b| {
-                let mut idx = vec![0u32; taps * p];
-                let mut wts = vec![0f32; taps * p];
-                let mut mask = vec![0f32; p];
-                for yo in 0..h_out {
-                    for xo in 0..w_out {
-                        let k = yo * w_out + xo;
-                        let Some((x, y)) = point(b, yo, xo) else {
-                            continue;
-                        };
-                        if !(x >= 0.0 && y >= 0.0 && x <= wf && y <= hf) {
-                            continue; // also rejects NaN
-                        }
-                        let (rows, cols) = (axis_weights(&ty, y, ky), axis_weights(&tx, x, kx));
-                        for (r, &(iy, wy)) in rows[..ky].iter().enumerate() {
-                            for (c, &(ix, wx)) in cols[..kx].iter().enumerate() {
-                                let t = r * kx + c;
-                                idx[t * p + k] = (iy * w_lo + ix) as u32;
-                                wts[t * p + k] = (wy * wx) as f32;
-                            }
-                        }
-                        mask[k] = 1.0;
-                    }
-                }
-                (idx, wts, mask)
+        let mut points = vec![vec![f32::NAN; 2 * p]; n];
+        let mut mask = vec![vec![0f32; p]; n];
+        // Parallel over every row of every sample (a sample alone would keep n cores busy).
+        let rows = points
+            .iter_mut()
+            .zip(mask.iter_mut())
+            .enumerate()
+            .flat_map(|(b, (pts, m))| {
+                pts.chunks_mut(2 * w_out.max(1))
+                    .zip(m.chunks_mut(w_out.max(1)))
+                    .enumerate()
+                    .map(move |(yo, row)| (b, yo, row))
             })
-            .collect();
-        let (mut idx, mut wts, mut mask) = (Vec::new(), Vec::new(), Vec::new());
-        for (i, w, m) in per {
-            idx.push(i);
-            wts.push(w);
-            mask.push(m);
-        }
+            .collect::<Vec<_>>();
+        rows.into_par_iter().for_each(|(b, yo, (pts, m))| {
+            for xo in 0..w_out {
+                let Some((x, y)) = point(b, yo, xo) else {
+                    continue;
+                };
+                if !(x >= 0.0 && y >= 0.0 && x <= wf && y <= hf) {
+                    continue; // also rejects NaN
+                }
+                pts[2 * xo] = x as f32;
+                pts[2 * xo + 1] = y as f32;
+                m[xo] = 1.0;
+            }
+        });
+        let taps = taps_per_axis(h_lo, h_up) * taps_per_axis(w_lo, w_up);
         SampleGrid {
             plan: Arc::new(Plan {
                 n,
                 h_in: h_lo,
                 w_in: w_lo,
+                h_up,
+                w_up,
                 h_out,
                 w_out,
                 taps,
-                idx,
-                wts,
+                points,
+                cpu: std::sync::OnceLock::new(),
                 #[cfg(feature = "cuda")]
                 device: std::sync::OnceLock::new(),
             }),
@@ -297,19 +364,42 @@ impl SampleGrid {
         self.check_input(x)?;
         let (n, c, h, w) = x.dims4()?;
         let plan = &self.plan;
+        let tt = plan.cpu_taps();
         let (p, k) = (plan.h_out * plan.w_out, plan.taps);
         let dev = x.device();
         let mut outs = Vec::with_capacity(n);
         for b in 0..n {
             let plane = x.get(b)?.reshape((c, h * w))?;
-            let idx = Tensor::from_slice(&plan.idx[b], k * p, dev)?;
-            let wts = Tensor::from_slice(&plan.wts[b], (1, k, p), dev)?.to_dtype(x.dtype())?;
+            let idx = Tensor::from_slice(&tt.idx[b], k * p, dev)?;
+            let wts = Tensor::from_slice(&tt.wts[b], (1, k, p), dev)?.to_dtype(x.dtype())?;
             let picked = plane.index_select(&idx, 1)?.reshape((c, k, p))?;
             let out = picked.broadcast_mul(&wts)?.sum(1)?;
             outs.push(out.reshape((c, plan.h_out, plan.w_out))?);
         }
         Tensor::stack(&outs, 0)
     }
+}
+
+/// gpu-check: the taps the GPU forms for `grid` (kernels.cu `plan_taps_f32`) against the
+/// CPU's: the number of differing indices and of weights that differ in any bit (both 0 when
+/// the two devices agree exactly, as they should).
+#[cfg(feature = "cuda")]
+pub(crate) fn device_taps_mismatch(
+    grid: &SampleGrid,
+    dev: &candle_core::CudaDevice,
+) -> Result<(usize, usize)> {
+    let plan = &grid.plan;
+    let (idx, wts) = plan.device_plan(dev)?.download(dev)?;
+    let cpu = plan.cpu_taps();
+    let bad_idx = idx
+        .iter()
+        .zip(cpu.idx.concat())
+        .filter(|(a, b)| **a != *b)
+        .count();
+    let bad_wts = (wts.iter().zip(cpu.wts.concat()))
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    Ok((bad_idx, bad_wts))
 }
 
 /// Element types of the CPU kernels.
@@ -339,8 +429,9 @@ fn gather_kernel<T: Elem>(plan: &Plan, c: usize, x: &[T]) -> Vec<T> {
     if p == 0 || c == 0 {
         return out;
     }
+    let tt = plan.cpu_taps();
     out.par_chunks_mut(c * p).enumerate().for_each(|(b, ob)| {
-        let (idx, wts) = (&plan.idx[b], &plan.wts[b]);
+        let (idx, wts) = (&tt.idx[b], &tt.wts[b]);
         ob.par_chunks_mut(CH_BLOCK * p)
             .enumerate()
             .for_each(|(blk, o)| {
@@ -373,10 +464,11 @@ fn scatter_kernel<T: Elem>(plan: &Plan, c: usize, g: &[T]) -> Vec<T> {
     if p == 0 || c == 0 {
         return out;
     }
+    let tt = plan.cpu_taps();
     out.par_chunks_mut(c * hw_in)
         .enumerate()
         .for_each(|(b, ob)| {
-            let (idx, wts) = (&plan.idx[b], &plan.wts[b]);
+            let (idx, wts) = (&tt.idx[b], &tt.wts[b]);
             ob.par_chunks_mut(CH_BLOCK * hw_in)
                 .enumerate()
                 .for_each(|(blk, o)| {
@@ -627,6 +719,89 @@ mod tests {
                 assert!((x - y).abs() < 1e-4, "grad {h}x{w}->{uh}x{uw}: {x} vs {y}");
             }
             assert!(ga.iter().any(|v| v.abs() > 0.1));
+        }
+    }
+
+    extern "C" {
+        /// src/cuda/plan_taps_host.c: the CUDA kernel `plan_taps_f32`'s per-pixel code, built
+        /// for the host by build.rs.
+        fn poodle_plan_taps_host(
+            pts: *const f32,
+            idx: *mut u32,
+            wts: *mut f32,
+            n: i32,
+            p_out: i64,
+            h_in: i32,
+            w_in: i32,
+            h_up: i32,
+            w_up: i32,
+            ky: i32,
+            kx: i32,
+        );
+    }
+
+    #[test]
+    fn cuda_tap_formation_equals_cpu_taps_bit_for_bit() {
+        // The GPU forms a plan's taps from its points (kernels.cu `plan_taps_f32`, code in
+        // plan_taps.cuh); its host build must give exactly the CPU's indices and weights, for
+        // upsampling (3 taps an axis), downsampling (4) and equal sizes (2), at points on the
+        // borders, on integers, just below integers and invalid ones.
+        for &((h, w), (uh, uw), (oh, ow)) in &[
+            ((64, 128), (512, 1024), (37, 53)),
+            ((5, 7), (13, 17), (13, 17)),
+            ((6, 9), (4, 5), (7, 6)),
+            ((4, 6), (4, 6), (9, 11)),
+            ((1, 3), (5, 8), (4, 4)),
+        ] {
+            let n = 3;
+            let (hf, wf) = (uh as f64 - 1.0, uw as f64 - 1.0);
+            let point = |b: usize, y: usize, x: usize| -> Option<(f64, f64)> {
+                let k = (b * oh + y) * ow + x;
+                let frac = |v: f64| v - v.floor();
+                let (u, v) = (frac(k as f64 * 0.6180339887), frac(k as f64 * 0.7548776662));
+                match k % 7 {
+                    0 => None,
+                    1 => Some((wf, hf)),
+                    2 => Some((0.0, (v * hf).round())),
+                    3 => Some(((u * wf).floor() - 1e-9, (v * hf).ceil())),
+                    4 => Some((u * (wf + 2.0) - 1.0, v * hf)), // some outside
+                    _ => Some((u * wf, v * hf)),
+                }
+            };
+            let g = SampleGrid::from_fn_upsampled(n, (h, w), (uh, uw), (oh, ow), point);
+            let plan = &g.plan;
+            let (ky, kx) = plan.axis_taps();
+            let p = oh * ow;
+            let pts: Vec<f32> = plan.points.concat();
+            let (mut idx, mut wts) = (
+                vec![7u32; n * plan.taps * p],
+                vec![f32::NAN; n * plan.taps * p],
+            );
+            // SAFETY: the buffers hold 2 n p points and n taps p entries, as the C code reads
+            // and writes.
+            unsafe {
+                poodle_plan_taps_host(
+                    pts.as_ptr(),
+                    idx.as_mut_ptr(),
+                    wts.as_mut_ptr(),
+                    n as i32,
+                    p as i64,
+                    h as i32,
+                    w as i32,
+                    uh as i32,
+                    uw as i32,
+                    ky as i32,
+                    kx as i32,
+                )
+            };
+            let cpu = plan.cpu_taps();
+            assert_eq!(idx, cpu.idx.concat(), "indices {h}x{w} -> {uh}x{uw}");
+            let (a, b): (Vec<u32>, Vec<u32>) = (
+                wts.iter().map(|v| v.to_bits()).collect(),
+                cpu.wts.concat().iter().map(|v| v.to_bits()).collect(),
+            );
+            assert_eq!(a, b, "weights {h}x{w} -> {uh}x{uw}");
+            assert!(g.valid_fraction() > 0.5 && g.valid_fraction() < 0.95);
         }
     }
 
