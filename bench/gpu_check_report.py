@@ -1,5 +1,8 @@
-"""Turns a gpu-check run (OUT/candle.jsonl, torch_trunk.jsonl, torch_anchor.json, stages.jsonl)
-into the markdown section that goes into bench/RESULTS.md. Ratios are candle / PyTorch on the
+"""Turns a gpu-check run (OUT/candle.jsonl, torch_dense.jsonl, torch_trunk.jsonl, torch_step.log
+or torch_anchor.json, stages.jsonl) into the markdown section that goes into bench/RESULTS.md.
+Any file may be missing or cut short (a stage that hit its limit): the rows it would give are
+left out or marked. GPU_CHECK_CARD and GPU_CHECK_SHA (from tools/cuda/gpu-check.sh) name the
+card and the bundle's commit when the results do not. Ratios are candle / PyTorch on the
 same card in the same run: throughput ratio (> 1 is faster than PyTorch) and peak-memory ratio
 (< 1 is less memory)."""
 import datetime, json, os, subprocess, sys
@@ -27,34 +30,54 @@ torch_trunk = lines("torch_trunk.jsonl")
 torch_dense = lines("torch_dense.jsonl")
 stages = lines("stages.jsonl")
 anchor = {}
-if os.path.exists(os.path.join(out, "torch_anchor.json")):
+try:
     anchor = json.load(open(os.path.join(out, "torch_anchor.json")))
+except (OSError, ValueError):
+    pass
 torch_step = {r["mode"].replace("fp32", "f32"): r for r in anchor.get("runs", []) if "mode" in r}
-# torch_poodle_step.py reports a failed mode (an out-of-memory on a smaller card) on stdout only.
+# The step baseline prints each mode as it ends: "TRAIN {json}", or "TRAIN-FAIL mode error" (an
+# out-of-memory on a smaller card). gpu-check.sh keeps only this log; a stage cut at its limit
+# keeps the modes that finished.
 log = os.path.join(out, "torch_step.log")
 if os.path.exists(log):
-    for line in open(log):
-        if line.startswith("TRAIN-FAIL"):
+    for line in open(log, errors="replace"):
+        if line.startswith("TRAIN {"):
+            try:
+                r = json.loads(line[len("TRAIN "):])
+                torch_step.setdefault(r["mode"].replace("fp32", "f32"), r)
+            except (ValueError, KeyError, AttributeError):
+                pass
+        elif line.startswith("TRAIN-FAIL"):
             _, mode, msg = (line.rstrip("\n").split(" ", 2) + ["", ""])[:3]
             torch_step.setdefault(mode.replace("fp32", "f32"), {"error": msg})
 
-try:
-    card = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,compute_cap", "--format=csv,noheader"],
-                          capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
-except Exception:
-    card = anchor.get("device", "unknown card")
+card = os.environ.get("GPU_CHECK_CARD", "").strip()
+if not card:
+    try:
+        card = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,compute_cap", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+    except Exception:
+        card = anchor.get("device") or next((r["device"] for r in torch_trunk if "device" in r), "unknown card")
+torch_version = anchor.get("torch") or next((r["torch"] for r in torch_trunk if "torch" in r), "?")
 info = next((r for r in candle if r.get("kind") == "info"), {})
-if "git_sha" not in info and os.path.exists(os.path.join(out, "GIT_SHA")):
-    info["git_sha"] = open(os.path.join(out, "GIT_SHA")).read().strip()
+info.setdefault("git_sha", os.environ.get("GPU_CHECK_SHA") or "?")
 date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 p = print
 p(f"## gpu-check on {card}, {date}")
 p()
-p(f"git {info.get('git_sha', '?')}, cuDNN {info.get('cudnn_version', '?')}, PyTorch {anchor.get('torch', '?')}.")
+p(f"git {info['git_sha']}, cuDNN {info.get('cudnn_version', '?')}, PyTorch {torch_version}.")
 p()
-p("Stages (limit, seconds, exit code): " + ", ".join(
-    f"{s['stage']} {s['limit']}/{s['seconds']}/{s['rc']}" for s in stages))
+p("Stages (limit s / seconds / exit code; 124: hit the limit, 137: killed): " + (", ".join(
+    f"{s.get('stage')} {s.get('limit')}/{s.get('seconds')}/{s.get('rc')}" for s in stages) or "none recorded"))
 p()
+
+
+def cell(x, n=300):
+    """Text for a table cell: one line, no pipes, at most n characters."""
+    return " ".join(str(x).split()).replace("|", "/")[:n]
+
+
+failed = []
 p("### Parity, CUDA against the CPU reference (relative L2 error)")
 p()
 p("| op | precision | tensor | rel. error | tolerance | ok |")
@@ -62,9 +85,20 @@ p("| --- | --- | --- | --- | --- | --- |")
 for r in candle:
     if r.get("kind") == "parity":
         err = r.get("rel_err")
-        err = f"{err:.2e}" if isinstance(err, (int, float)) else json.dumps(r.get("cached"))
+        if r.get("error"):
+            err = "error: " + cell(r["error"])
+        elif isinstance(err, (int, float)):
+            err = f"{err:.2e}"
+        else:  # NaN comes as null; the algorithm-cache row has counts instead
+            err = json.dumps(r.get("cached")) if "cached" in r else "NaN"
+        extra = [f"{k} {json.dumps(r[k])}" for k in ("compared", "floored", "missing", "unused", "worst",
+                                                       "elements", "left_out") if r.get(k) not in (None, [], "")]
+        tensor = cell(r.get("tensor", "")) + (f" ({cell(', '.join(extra), 200)})" if extra else "")
         tol = r.get("tol")
-        p(f"| {r['op']} | {r['precision']} | {r['tensor']} | {err} | {tol if tol is not None else ''} | {'yes' if r.get('ok') else '**NO**'} |")
+        ok = bool(r.get("ok"))
+        if not ok:
+            failed.append(f"{r.get('op')} {r.get('precision')} {tensor}: {err}")
+        p(f"| {cell(r.get('op', '?'))} | {r.get('precision', '-')} | {tensor} | {err} | {tol if tol is not None else ''} | {'yes' if ok else '**NO**'} |")
 p()
 for r in candle:
     if r.get("kind") == "nccl":
@@ -90,11 +124,14 @@ if dense or torch_dense:
     rows = [("candle " + r["form"], r) for r in (dense or {}).get("forms", [])]
     rows += [("PyTorch " + r["form"], r) for r in torch_dense]
     for name, r in rows:
-        pk = r.get("peak_gib")
-        p(f"| {name} | {fmt(r.get('s', 0) * 1e3, '{:.1f}')} | {fmt(pk)} | "
+        if r.get("error"):
+            p(f"| {name} | error: {cell(r['error'], 200)} | | | |")
+            continue
+        pk, sec = r.get("peak_gib"), r.get("s")
+        p(f"| {name} | {fmt(sec * 1e3 if isinstance(sec, (int, float)) else None, '{:.1f}')} | {fmt(pk)} | "
           f"{fmt(pk / ref if pk and ref else None)} | {fmt(r.get('loss'), '{:.4f}')} |")
     if dense and dense.get("error"):
-        p(f"\ncandle dense stage failed: {dense['error'][:300]}")
+        p(f"\ncandle dense stage failed: {cell(dense['error'])}")
     p()
 
 
@@ -121,8 +158,29 @@ def table(title, kind, rate, torch_rows, unit):
     p()
 
 
+if not any(r.get("kind") == "parity" for r in candle):
+    failed.append("parity: no results (the parity stage wrote none; see stages.log)")
+for r in candle:
+    if r.get("kind") in ("trunk", "step", "dense", "nccl") and (r.get("error") or r.get("ok") is False):
+        failed.append(f"{r['kind']} {r.get('precision', '')}: {cell(r.get('error') or 'ok: false', 200)}")
 table("ResNet-50 trunk, batch 8 at 512x1024, forward + backward, training BatchNorm", "trunk", "img_per_s",
       {r["precision"]: r for r in torch_trunk}, "img/s")
-# bench/torch_poodle_step.py reports pairs_per_s and peak_gib per mode; failures only on stdout.
 table("Full PooDLe step: 4 pairs at 512x1024, K = 6, symmetric, EMA, AdamW", "step", "pairs_per_s",
       torch_step, "pairs/s")
+step = next((r for r in candle if r.get("kind") == "step" and "decoder_order" in r), None)
+p("Same work on both sides: the decoder in the paper's order (upsample, then the bottleneck), "
+  f"as torch_poodle_step.py runs it (candle: decoder {step['decoder_order'] if step else '?'}). "
+  f"The dense loss differs: candle {step['dense_order'] if step else '?'}, PyTorch the plain form "
+  "(upsample, warp, cosine, mean; no undo, no mask), so the memory ratio mostly measures the loss "
+  "form (the dense-loss table compares the forms alone).")
+p()
+bad_stages = [s for s in stages if s.get("rc") != 0]
+p(f"### Summary: {len(failed)} failed check(s), {len(bad_stages)} stage(s) with a non-zero exit")
+p()
+for f in failed:
+    p(f"- {cell(f, 400)}")
+for s in bad_stages:
+    if s.get("rc") == "skipped":
+        p(f"- stage {s.get('stage')}: skipped, the script's time budget was spent")
+    else:
+        p(f"- stage {s.get('stage')}: rc {s.get('rc')} after {s.get('seconds')} s (limit {s.get('limit')}); its output is in stages.log")

@@ -11,7 +11,7 @@ is detached), f32 on CUDA. Two forms:
   upsample, warp the target by the flow, undo the target view's affine with a second
   grid_sample, F.normalize, masked squared difference, per-sample masked mean.
 
-Prints one JSON line per form: seconds per call and peak allocated GiB
+Prints one JSON line per form (`error` instead where the form failed): seconds per call and peak allocated GiB
 (torch.cuda.max_memory_allocated after reset_peak_memory_stats with the inputs allocated,
 as the candle stage measures from its inputs). Needs torch with CUDA.
 """
@@ -95,4 +95,10 @@ if __name__ == "__main__":
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     for name, fn in (("baseline", baseline), ("authors", authors)):
-        bench(name, fn)
+        # One form's failure (an out-of-memory, say) must not cost the other its row: the
+        # report takes its memory ratio against `authors`.
+        try:
+            bench(name, fn)
+        except Exception as e:
+            print(json.dumps({"kind": "torch_dense", "form": name, "error": repr(e)[:300]}), flush=True)
+        torch.cuda.empty_cache()
