@@ -1,5 +1,6 @@
-//! Records the git commit at build time (`POODLE_GIT_SHA`), so that a run launched from a
-//! copied binary, outside the source tree, still writes which code it is.
+//! Records the git commit at build time (`POODLE_GIT_SHA`, `git describe --always --dirty`:
+//! `-dirty` when tracked files differ from it), so that a run launched from a copied binary,
+//! outside the source tree, still writes which code it is.
 
 use std::process::Command;
 
@@ -11,8 +12,14 @@ fn git(args: &[&str]) -> Option<String> {
 }
 
 fn main() {
-    let sha = git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let sha = git(&["describe", "--always", "--dirty"]).unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=POODLE_GIT_SHA={sha}");
+    // `-dirty` follows edits of the code compiled into the binary: this crate's and the
+    // workspace library's sources (directories: cargo scans them for any change). Edits
+    // elsewhere (docs) leave the recorded state as it was at the last rerun.
+    for dir in ["src", "Cargo.toml", "../poodle-common/src", "../poodle-common/Cargo.toml"] {
+        println!("cargo:rerun-if-changed={dir}");
+    }
     // Rebuild when HEAD moves: HEAD itself (branch switches) and the branch's ref file.
     if let Some(head) = git(&["rev-parse", "--git-path", "HEAD"]) {
         println!("cargo:rerun-if-changed={head}");
