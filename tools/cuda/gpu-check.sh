@@ -47,6 +47,8 @@ cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader -i 0 2>/dev/null 
 bin=$here/bin/sm80/poodle-train
 [[ $cap == 90 && -x $here/bin/sm90/poodle-train ]] && bin=$here/bin/sm90/poodle-train
 [[ -x $bin ]] || bin=$(ls "$here"/bin/sm*/poodle-train 2>/dev/null | head -1)
+# An extraction without tar (python's tarfile, docs/cuda.md) may not keep the mode bits.
+chmod +x "$here"/bin/sm*/poodle-train 2>/dev/null
 echo "gpu-check: compute capability ${cap:-unknown}, ${bin:-no poodle-train in $here/bin}" >&2
 candle=(env "LD_LIBRARY_PATH=$cuda_ld" "$bin" gpu-check --out "$out")
 
@@ -92,7 +94,7 @@ for mode in (\"bf16\", \"tf32\", \"fp32\"):
     except Exception as e:
         print(\"TRAIN-FAIL\", mode, repr(e)[:300], flush=True)
 ' | tee '$out/torch_step.log'"
-GPU_CHECK_CARD=$(nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader 2>/dev/null | head -1) \
+GPU_CHECK_SHA=$(cat "$here/GIT_SHA" 2>/dev/null) GPU_CHECK_CARD=$(nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader 2>/dev/null | head -1) \
   python3 "$here/gpu_check_report.py" "$out" > "$out/RESULTS-section.md" 2>> "$out/stages.log" \
   || echo "gpu-check: gpu_check_report.py failed (see stages.log)" >&2
 [[ -n ${nccl_dir:-} ]] && rm -rf "$nccl_dir"
