@@ -81,10 +81,14 @@ def prep_rate(bundle, out, card, batch, pairs_per_video):
         "sampling": {"kind": "per_video", "pairs_per_video": pairs_per_video,
                      "dt_min": 15, "dt_max": 20},
         "height": 720, "width": 1280, "pairs_per_shard": 16, "seed": 0}))
+    # The ORT library of the wheel that run.sh installs into bundle/site (the Python API's own).
+    libs = sorted((bundle / "site" / "onnxruntime" / "capi").glob("libonnxruntime.so.*"))
+    if not libs:
+        sys.exit(f"prep_gpu.py: no libonnxruntime.so.* in {bundle / 'site/onnxruntime/capi'} (run.sh installs the wheel there)")
     cmd = [str(bundle / "poodle-prep"), "prep", "--config", str(cfg), "--root",
            str(bundle / "video"), "--out", str(out / "prep"), "--model", str(card),
            "--device", "cuda:0", "--batch-size", str(batch), "--decode-workers", "8",
-           "--ort-lib", str(bundle / "ort" / "libonnxruntime.so.1.31.1"), "--quiet"]
+           "--ort-lib", str(libs[0]), "--quiet"]
     s = json.loads(subprocess.run(cmd, capture_output=True, check=True, text=True).stdout)
     return s["pairs_written"] / s["wall_s"], s
 
