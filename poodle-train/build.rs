@@ -17,8 +17,13 @@ fn main() {
     // `-dirty` follows edits of the code compiled into the binary: this crate's and the
     // workspace library's sources (directories: cargo scans them for any change). Edits
     // elsewhere (docs) leave the recorded state as it was at the last rerun.
-    for dir in ["src", "Cargo.toml", "../poodle-common/src", "../poodle-common/Cargo.toml"] {
-        println!("cargo:rerun-if-changed={dir}");
+    for path in [
+        "src",
+        "Cargo.toml",
+        "../poodle-common/src",
+        "../poodle-common/Cargo.toml",
+    ] {
+        println!("cargo:rerun-if-changed={path}");
     }
     // Rebuild when HEAD moves: HEAD itself (branch switches) and the branch's ref file.
     if let Some(head) = git(&["rev-parse", "--git-path", "HEAD"]) {
