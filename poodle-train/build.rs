@@ -1,5 +1,5 @@
-//! Records the git commit at build time (`POODLE_GIT_SHA`, `git describe --always --dirty`:
-//! `-dirty` when tracked files differ from it), so that a run launched from a copied binary,
+//! Records the git commit at build time (`POODLE_GIT_SHA`, `git describe --always` with
+//! `-dirty` when tracked files other than Cargo.lock differ from it), so that a run launched from a copied binary,
 //! outside the source tree, still writes which code it is.
 
 use std::process::Command;
@@ -12,7 +12,27 @@ fn git(args: &[&str]) -> Option<String> {
 }
 
 fn main() {
-    let sha = git(&["describe", "--always", "--dirty"]).unwrap_or_else(|| "unknown".into());
+    // `git describe --always --dirty`, except that Cargo.lock does not count: `make
+    // build-cuda` rewrites it while cargo runs (tools/cuda/build.sh puts it back after), which
+    // would mark every CUDA build dirty.
+    let sha = git(&["describe", "--always"]).map_or_else(
+        || "unknown".into(),
+        |s| {
+            let clean = git(&[
+                "diff",
+                "--quiet",
+                "HEAD",
+                "--",
+                ":/",
+                ":(top,exclude)Cargo.lock",
+            ]);
+            if clean.is_some() {
+                s
+            } else {
+                format!("{s}-dirty")
+            }
+        },
+    );
     println!("cargo:rustc-env=POODLE_GIT_SHA={sha}");
     // `-dirty` follows edits of the code compiled into the binary: this crate's and the
     // workspace library's sources (directories: cargo scans them for any change). Edits
