@@ -810,6 +810,9 @@ fn pack(
             subcrops.push(Tensor::from_vec(v, (n * k, 3, s, s), device)?);
         }
     }
+    // On CUDA this thread's uploads went to its own per-thread stream (candle's), which
+    // nothing orders with the training thread's: wait for them here, off the training thread.
+    device.synchronize()?;
     let pair = |v: Vec<Tensor>| -> [Tensor; 2] { v.try_into().expect("two tensors") };
     let affines = [0, 1].map(|i| samples.iter().map(|(a, _)| a.affines[i]).collect());
     let target_affines = [0, 1].map(|i| samples.iter().map(|(a, _)| a.target_affines[i]).collect());
