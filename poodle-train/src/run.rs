@@ -205,13 +205,32 @@ impl Learner {
         // Networks run in the activation dtype, the losses in f32.
         let act = self.cfg.precision.activation_dtype();
         let to_f32 = |x: Tensor| x.to_dtype(DType::F32);
-        if m.dense {
+        // Both branches' forward passes first, then the losses: on a GPU the forwards run
+        // while the host builds the dense loss's sampling plans.
+        let dense = if m.dense {
             let online_in = Tensor::cat(&[&b.views[0], &b.views[1]], 0)?.to_dtype(act)?;
             let target_in = Tensor::cat(&[&b.target_views[0], &b.target_views[1]], 0)?;
             let p = self.online.encoder.dense(&online_in, true)?;
             let q = halves(to_f32(self.online.predictors.dense(&p, true)?)?)?;
             let t = self.target.dense(&target_in.to_dtype(act)?, true)?;
-            let t = halves(to_f32(t)?.detach())?;
+            Some((q, halves(to_f32(t)?.detach())?))
+        } else {
+            None
+        };
+        let pooled = if m.pooled {
+            // subcrops[d][0] online, subcrops[d][1] target of direction d (t online, then
+            // t+dt online): each direction has its own K pairs.
+            let sc = &b.subcrops;
+            let online_in = Tensor::cat(&[&sc[0][0], &sc[1][0]], 0)?.to_dtype(act)?;
+            let target_in = Tensor::cat(&[&sc[0][1], &sc[1][1]], 0)?.to_dtype(act)?;
+            let proj = self.online.encoder.pooled(&online_in, true)?;
+            let q = halves(to_f32(self.online.predictors.pooled(&proj, true)?)?)?;
+            let z = halves(to_f32(self.target.pooled(&target_in, true)?)?.detach())?;
+            Some((q, z, proj))
+        } else {
+            None
+        };
+        if let Some((q, t)) = dense {
             let corr = |d: usize| Correspondence {
                 a_online: &b.affines[d],
                 a_target: &b.target_affines[1 - d],
@@ -227,15 +246,7 @@ impl Learner {
             mask_fraction = (s.mask_fraction + s2.mask_fraction) / 2.0;
             collapse_rows = Some(t[0].mean((2, 3))?);
         }
-        if m.pooled {
-            // subcrops[d][0] online, subcrops[d][1] target of direction d (t online, then
-            // t+dt online): each direction has its own K pairs.
-            let sc = &b.subcrops;
-            let online_in = Tensor::cat(&[&sc[0][0], &sc[1][0]], 0)?.to_dtype(act)?;
-            let target_in = Tensor::cat(&[&sc[0][1], &sc[1][1]], 0)?.to_dtype(act)?;
-            let proj = self.online.encoder.pooled(&online_in, true)?;
-            let q = halves(to_f32(self.online.predictors.pooled(&proj, true)?)?)?;
-            let z = halves(to_f32(self.target.pooled(&target_in, true)?)?.detach())?;
+        if let Some((q, z, proj)) = pooled {
             p_ab = pooled_loss(&q[0], &z[0])?;
             p_ba = pooled_loss(&q[1], &z[1])?;
             collapse_rows = Some(halves(proj.detach())?.swap_remove(0));

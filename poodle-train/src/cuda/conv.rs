@@ -3,8 +3,8 @@
 //! cached, and the context's shared workspace.
 
 use super::handle::{
-    search_limit, tf32, with_ctx, Algo, AlgoId, ConvDesc, ConvKey, Ctx, FilterDesc, Pass,
-    TensorDesc,
+    align_class, search_limit, tf32, with_ctx, Algo, AlgoId, ConvDesc, ConvKey, Ctx, FilterDesc,
+    Pass, TensorDesc,
 };
 use super::{
     alloc, ck, cpu_refused, cudnn_dtype, dptr, dptr_mut, one, unsupported, zero, CudaOpError,
@@ -117,7 +117,9 @@ fn search_workspace(
 const MAX_ALGOS: usize = 8;
 
 /// Picks the fastest successful result that fits the search workspace; results come sorted
-/// by time.
+/// by time. Under strict f32 a result measured with FMA math comes first: the run forces FMA
+/// math ([`exec_math`]), and a result measured with another math type may be neither the
+/// fastest FMA kernel nor need the same workspace (PyTorch asserts FMA results instead).
 fn pick<T: Copy>(
     op: &'static str,
     dt: sys::cudnnDataType_t,
@@ -125,18 +127,33 @@ fn pick<T: Copy>(
     limit: usize,
     fields: impl Fn(&T) -> (sys::cudnnStatus_t, usize, sys::cudnnMathType_t, AlgoId),
 ) -> std::result::Result<Algo, CudaOpError> {
-    results
+    let strict = dt == sys::cudnnDataType_t::CUDNN_DATA_FLOAT && !tf32();
+    let fits: Vec<_> = results
         .iter()
         .map(fields)
-        .find(|(status, mem, _, _)| {
+        .filter(|(status, mem, _, _)| {
             *status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && *mem <= limit
         })
-        .map(|(_, workspace, math, id)| Algo {
+        .collect();
+    let fma = |r: &&(_, _, sys::cudnnMathType_t, _)| r.2 == sys::cudnnMathType_t::CUDNN_FMA_MATH;
+    fits.iter()
+        .find(|r| !strict || fma(r))
+        .or(fits.first())
+        .map(|&(_, workspace, math, id)| Algo {
             id,
             workspace,
             math: exec_math(dt, math),
         })
         .ok_or(CudaOpError::NoAlgorithm { op, limit })
+}
+
+/// The two buffers of one cuDNN call share the descriptors' dtype (a mismatch would make
+/// cuDNN read the wrong number of bytes).
+fn same_dtype(op: &'static str, a: &CudaStorage, b: &CudaStorage) -> Result<()> {
+    if a.dtype() != b.dtype() {
+        return Err(unsupported(op, format!("dtypes {:?} and {:?}", a.dtype(), b.dtype())).into());
+    }
+    Ok(())
 }
 
 /// Everything one convolution call needs: descriptors for x, w, y (packed NCHW) and the
@@ -159,6 +176,7 @@ impl Call {
         &self,
         op: &'static str,
         ctx: &mut Ctx,
+        ptrs: [u64; 3],
         find: impl FnOnce(
             sys::cudnnHandle_t,
             u64,
@@ -168,7 +186,11 @@ impl Call {
         ) -> std::result::Result<(), CudaOpError>,
         fields: impl Fn(&T) -> (sys::cudnnStatus_t, usize, sys::cudnnMathType_t, AlgoId),
     ) -> std::result::Result<Algo, CudaOpError> {
-        if let Some(a) = ctx.algos.get(&self.key) {
+        let key = ConvKey {
+            align: align_class(&ptrs),
+            ..self.key.clone()
+        };
+        if let Some(a) = ctx.algos.get(&key) {
             return Ok(*a);
         }
         let ws = search_workspace(ctx)?;
@@ -178,9 +200,65 @@ impl Call {
         find(ctx.handle, wsp, limit, res.as_mut_ptr(), &mut n)?;
         // SAFETY: cuDNN filled the first n <= MAX_ALGOS slots.
         unsafe { res.set_len(n as usize) };
-        let a = pick(op, self.dt, &res, limit, fields)?;
-        ctx.algos.insert(self.key.clone(), a);
+        let mut a = pick(op, self.dt, &res, limit, fields)?;
+        // The workspace the algorithm needs under the math type it will run with, which may
+        // differ from the measured one (the measured size alone failed elsewhere:
+        // sony/nnabla-ext-cuda#118).
+        self.conv.set_math(a.math)?;
+        a.workspace = a.workspace.max(self.workspace_size(ctx.handle, a.id)?);
+        ctx.algos.insert(key, a);
         Ok(a)
+    }
+
+    /// cuDNN's workspace size for running `id` on this call's descriptors.
+    fn workspace_size(
+        &self,
+        handle: sys::cudnnHandle_t,
+        id: AlgoId,
+    ) -> std::result::Result<usize, CudaOpError> {
+        let mut bytes = 0usize;
+        // SAFETY: live descriptors of this call; `bytes` outlives the calls.
+        unsafe {
+            match id {
+                AlgoId::Forward(a) => ck(
+                    "cudnnGetConvolutionForwardWorkspaceSize",
+                    sys::cudnnGetConvolutionForwardWorkspaceSize(
+                        handle,
+                        self.x.0,
+                        self.w.0,
+                        self.conv.0,
+                        self.y.0,
+                        a,
+                        &mut bytes,
+                    ),
+                ),
+                AlgoId::BackwardData(a) => ck(
+                    "cudnnGetConvolutionBackwardDataWorkspaceSize",
+                    sys::cudnnGetConvolutionBackwardDataWorkspaceSize(
+                        handle,
+                        self.w.0,
+                        self.y.0,
+                        self.conv.0,
+                        self.x.0,
+                        a,
+                        &mut bytes,
+                    ),
+                ),
+                AlgoId::BackwardFilter(a) => ck(
+                    "cudnnGetConvolutionBackwardFilterWorkspaceSize",
+                    sys::cudnnGetConvolutionBackwardFilterWorkspaceSize(
+                        handle,
+                        self.x.0,
+                        self.y.0,
+                        self.conv.0,
+                        self.w.0,
+                        a,
+                        &mut bytes,
+                    ),
+                ),
+            }?;
+        }
+        Ok(bytes)
     }
 
     fn new(
@@ -208,6 +286,8 @@ impl Call {
                 stride: g.stride,
                 dilation: g.dilation,
                 tf32: tf32(),
+                // Set from the pointers at the call (`Call::algo`).
+                align: 8,
             },
         })
     }
@@ -241,11 +321,7 @@ impl CustomOp2 for Conv2dOp {
     ) -> Result<(CudaStorage, Shape)> {
         let op = self.name();
         let (xd, wd) = (dims4(op, xl)?, dims4(op, wl)?);
-        if x.dtype() != w.dtype() {
-            return Err(
-                unsupported(op, format!("input {:?}, filter {:?}", x.dtype(), w.dtype())).into(),
-            );
-        }
+        same_dtype(op, x, w)?;
         let yd = out_dims(op, xd, wd, self.geom)?;
         let mut y = alloc(&x.device, x.dtype(), yd.iter().product())?;
         let c = Call::new(op, Pass::Forward, x.dtype(), xd, wd, self.geom)?;
@@ -257,6 +333,7 @@ impl CustomOp2 for Conv2dOp {
             let algo = c.algo(
                 op,
                 ctx,
+                [xp, wp, yp],
                 |handle, wsp, limit, res, n| {
                     // SAFETY: descriptors match the buffers; `res` has MAX_ALGOS slots.
                     unsafe {
@@ -322,22 +399,39 @@ impl CustomOp2 for Conv2dOp {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
+        if dy.dtype() != x.dtype() {
+            return Err(unsupported(
+                self.name(),
+                format!("gradient {:?} for input {:?}", dy.dtype(), x.dtype()),
+            )
+            .into());
+        }
         let (xd, wd) = (x.dims4()?, w.dims4()?);
-        let dx = dy.apply_op2_no_bwd(
-            w,
-            &ConvBwdDataOp {
-                geom: self.geom,
-                x: [xd.0, xd.1, xd.2, xd.3],
-            },
-        )?;
-        let dw = x.apply_op2_no_bwd(
-            &dy,
-            &ConvBwdFilterOp {
-                geom: self.geom,
-                w: [wd.0, wd.1, wd.2, wd.3],
-            },
-        )?;
-        Ok((Some(dx), Some(dw)))
+        // Only what the graph needs: the stem's input is the image, whose gradient (a 7x7
+        // backward-data pass at full resolution) nobody reads.
+        let dx = if x.track_op() {
+            Some(dy.apply_op2_no_bwd(
+                w,
+                &ConvBwdDataOp {
+                    geom: self.geom,
+                    x: [xd.0, xd.1, xd.2, xd.3],
+                },
+            )?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(x.apply_op2_no_bwd(
+                &dy,
+                &ConvBwdFilterOp {
+                    geom: self.geom,
+                    w: [wd.0, wd.1, wd.2, wd.3],
+                },
+            )?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
     }
 }
 
@@ -382,6 +476,7 @@ impl CustomOp2 for ConvBwdDataOp {
         wl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let op = self.name();
+        same_dtype(op, dy, w)?;
         let wd = dims4(op, wl)?;
         let c = Call::new(op, Pass::BackwardData, dy.dtype(), self.x, wd, self.geom)?;
         if dims4(op, dyl)? != out_dims(op, self.x, wd, self.geom)? {
@@ -396,6 +491,7 @@ impl CustomOp2 for ConvBwdDataOp {
             let algo = c.algo(
                 op,
                 ctx,
+                [dyp, wp, dxp],
                 |handle, wsp, limit, res, n| {
                     // SAFETY: as for the forward search.
                     unsafe {
@@ -483,6 +579,7 @@ impl CustomOp2 for ConvBwdFilterOp {
         dyl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let op = self.name();
+        same_dtype(op, x, dy)?;
         let xd = dims4(op, xl)?;
         let c = Call::new(op, Pass::BackwardFilter, x.dtype(), xd, self.w, self.geom)?;
         if dims4(op, dyl)? != out_dims(op, xd, self.w, self.geom)? {
@@ -497,6 +594,7 @@ impl CustomOp2 for ConvBwdFilterOp {
             let algo = c.algo(
                 op,
                 ctx,
+                [xp, dyp, dwp],
                 |handle, wsp, limit, res, n| {
                     // SAFETY: as for the forward search.
                     unsafe {

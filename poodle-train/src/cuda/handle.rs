@@ -45,6 +45,18 @@ pub(super) struct ConvKey {
     pub stride: usize,
     pub dilation: usize,
     pub tf32: bool,
+    /// The buffers' common pointer alignment (log2 bytes, at most 8): cuDNN measures with
+    /// the real pointers, and a kernel found on 256-byte aligned buffers may need an
+    /// alignment that an offset view (`narrow`, `chunk`) lacks. PyTorch keys on it too.
+    pub align: u32,
+}
+
+/// The alignment class of a call's device pointers, [`ConvKey::align`].
+pub(super) fn align_class(ptrs: &[u64]) -> u32 {
+    ptrs.iter()
+        .map(|p| p.trailing_zeros().min(8))
+        .min()
+        .unwrap_or(8)
 }
 
 /// A chosen algorithm of one of the three passes.

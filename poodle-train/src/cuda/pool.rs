@@ -112,6 +112,9 @@ impl CustomOp3 for MaxPoolBwdOp {
                 unsupported(op, "output or gradient shape differs from the forward").into(),
             );
         }
+        if y.dtype() != x.dtype() || dy.dtype() != x.dtype() {
+            return Err(unsupported(op, "output or gradient dtype differs from the input").into());
+        }
         let dt = cudnn_dtype(op, x.dtype())?;
         let mut dx = alloc(&x.device, x.dtype(), xd.iter().product())?;
         let (xdesc, ydesc) = (TensorDesc::nchw(op, dt, xd)?, TensorDesc::nchw(op, dt, yd)?);

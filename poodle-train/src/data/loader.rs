@@ -160,9 +160,12 @@ pub struct Batch {
     /// = crop_i(target_affines[i][n] x)`.
     pub target_views: [Tensor; 2],
     pub target_affines: [Vec<Affine>; 2],
-    /// (N, 2, H, W) crop pixels, not affine-transformed: [0] t -> t+dt, [1] t+dt -> t.
+    /// (N, 2, H, W) crop pixels, not affine-transformed: [0] t -> t+dt, [1] t+dt -> t. On
+    /// the CPU whatever the training device: only the dense loss's sampling plans read it,
+    /// on the host, so a GPU step neither uploads it nor waits to read it back.
     pub flow: [Tensor; 2],
-    /// (N, 1, H, W), 1.0 = occluded: [0] pixels of frame t, [1] pixels of frame t+dt.
+    /// (N, 1, H, W), 1.0 = occluded: [0] pixels of frame t, [1] pixels of frame t+dt. On the
+    /// CPU, as `flow`.
     pub occluded: [Tensor; 2],
     /// `subcrops[d][r]` (N*K, 3, S, S): direction `d` (0: frame t online, 1: frame t+dt
     /// online), role `r` (0 online, 1 target); pair k of sample n at index n*K + k.
@@ -796,11 +799,11 @@ fn pack(
         });
         target_views.push(Tensor::from_vec(v, (n, 3, h, w), device)?);
         let v = stack(n * 2 * h * w, &|a, v| v.extend_from_slice(&a.flow[i].data));
-        flow.push(Tensor::from_vec(v, (n, 2, h, w), device)?);
+        flow.push(Tensor::from_vec(v, (n, 2, h, w), &Device::Cpu)?);
         let v = stack(n * h * w, &|a, v| {
             v.extend(a.occluded[i].iter().map(|&o| f32::from(u8::from(o))))
         });
-        occluded.push(Tensor::from_vec(v, (n, 1, h, w), device)?);
+        occluded.push(Tensor::from_vec(v, (n, 1, h, w), &Device::Cpu)?);
         for role in 0..2 {
             let v = stack(n * k * 3 * s * s, &|a, v| {
                 for m in &a.subcrops[i][role] {
@@ -810,6 +813,9 @@ fn pack(
             subcrops.push(Tensor::from_vec(v, (n * k, 3, s, s), device)?);
         }
     }
+    // On CUDA this thread's uploads went to its own per-thread stream (candle's), which
+    // nothing orders with the training thread's: wait for them here, off the training thread.
+    device.synchronize()?;
     let pair = |v: Vec<Tensor>| -> [Tensor; 2] { v.try_into().expect("two tensors") };
     let affines = [0, 1].map(|i| samples.iter().map(|(a, _)| a.affines[i]).collect());
     let target_affines = [0, 1].map(|i| samples.iter().map(|(a, _)| a.target_affines[i]).collect());

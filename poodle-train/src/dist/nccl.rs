@@ -25,7 +25,10 @@ pub struct NcclGroup {
 }
 
 // SAFETY: an NCCL communicator is a handle any thread may use as long as calls on it do not
-// overlap; every call goes through the mutex.
+// overlap; every call goes through the mutex. Ordering is another matter: candle queues work
+// on the calling thread's own stream, so a collective is ordered after the kernels that made
+// its input only when it is called from the thread that launched them (the training thread,
+// as every call is today).
 unsafe impl Send for NcclGroup {}
 unsafe impl Sync for NcclGroup {}
 
@@ -165,11 +168,9 @@ impl Collective for NcclGroup {
     fn all_reduce_sum_cuda(&self, s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
         let op = "all_reduce_sum (GPU)";
         let src = crate::cuda::kernels::f32_view(op, s, l)?;
-        let mut dst = self
-            .dev
-            .cuda_stream()
-            .alloc_zeros::<f32>(src.len())
-            .map_err(cuda(op))?;
+        // SAFETY: the all-reduce writes every element.
+        let mut dst =
+            unsafe { self.dev.cuda_stream().alloc::<f32>(src.len()) }.map_err(cuda(op))?;
         self.comm()
             .all_reduce(&src, &mut dst, &ReduceOp::Sum)
             .map_err(nccl(op))?;

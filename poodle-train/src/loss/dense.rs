@@ -47,6 +47,7 @@ use super::normdiff::normalized_sq_diff;
 use super::sample::SampleGrid;
 use crate::geom::Affine;
 use candle_core::{DType, Result, Tensor};
+use rayon::prelude::*;
 
 /// Denominator guard of the per-sample mean (paper Eq. (1)).
 pub const DENSE_DEN_EPS: f64 = 1e-7;
@@ -68,9 +69,11 @@ pub enum TargetOrder {
 pub struct Correspondence<'a> {
     pub a_online: &'a [Affine],
     pub a_target: &'a [Affine],
-    /// `(N, 2, H, W)`, crop pixels, online frame -> target frame.
+    /// `(N, 2, H, W)`, crop pixels, online frame -> target frame. Read on the host: pass a
+    /// CPU tensor (as the loader does) so that a GPU step does not wait to read it back.
     pub flow: &'a Tensor,
-    /// `(N, 1, H, W)`, 1 = occluded (fractional values act as weights).
+    /// `(N, 1, H, W)`, 1 = occluded (fractional values act as weights); read on the host,
+    /// as `flow`.
     pub occluded: &'a Tensor,
     /// `(H, W)`.
     pub crop: (usize, usize),
@@ -185,17 +188,25 @@ impl DensePlans {
         let online = SampleGrid::from_fn_upsampled(n, (h_o, w_o), (h, w), (h, w), |b, y, x| {
             Some(inv_o[b].apply(x as f64, y as f64))
         });
-        let mask_o = online.mask(dev)?;
-
-        let (target, mask_t, target_valid) = target_branch(proj_target, c)?;
-        let visible = c.occluded.to_dtype(DType::F32)?.affine(-1.0, 1.0)?;
-        let m = mask_o.mul(&mask_t)?.mul(&visible)?;
-        let stats = DenseStats {
-            mask_fraction: m.mean_all()?.to_scalar::<f32>()?,
-            online_valid: online.valid_fraction() as f32,
-            target_valid,
-            non_occluded: visible.mean_all()?.to_scalar::<f32>()?,
+        // The mask and its statistics on the host, uploaded once: nothing here waits for the
+        // GPU (the flow and occlusion of a training batch are CPU tensors), so on a GPU this
+        // host work runs while the networks' forward pass does.
+        let (target, mask_t) = target_branch(proj_target, c)?;
+        let occ: Vec<f32> = c.occluded.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let mask_o = online.mask_host().concat();
+        let m: Vec<f32> = (mask_o.par_iter().zip(&mask_t).zip(&occ))
+            .map(|((a, b), o)| a * b * (1.0 - o))
+            .collect();
+        let mean = |v: &mut dyn Iterator<Item = f32>| {
+            (v.map(f64::from).sum::<f64>() / (n * h * w).max(1) as f64) as f32
         };
+        let stats = DenseStats {
+            mask_fraction: mean(&mut m.iter().copied()),
+            online_valid: online.valid_fraction() as f32,
+            target_valid: mean(&mut mask_t.iter().copied()),
+            non_occluded: mean(&mut occ.iter().map(|o| 1.0 - o)),
+        };
+        let m = Tensor::from_vec(m, (n, 1, h, w), dev)?;
         Ok(DensePlans {
             online,
             target,
@@ -237,15 +248,11 @@ impl DensePlans {
     }
 }
 
-/// The target branch's sampling chain (innermost first), its validity mask `(N, 1, H, W)`
-/// and the valid fraction, in the configured order (module docs).
-fn target_branch(
-    proj_target: &Tensor,
-    c: &Correspondence,
-) -> Result<(Vec<SampleGrid>, Tensor, f32)> {
+/// The target branch's sampling chain (innermost first) and its validity mask (`N * H * W`
+/// values of 0 / 1, on the host), in the configured order (module docs).
+fn target_branch(proj_target: &Tensor, c: &Correspondence) -> Result<(Vec<SampleGrid>, Vec<f32>)> {
     let (h, w) = c.crop;
     let n = c.a_target.len();
-    let dev = proj_target.device();
     let fl: Vec<f32> = c.flow.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let inv_t: Vec<Affine> = c.a_target.iter().map(Affine::inverse).collect();
     // A mirrored affine (negative determinant) holds a horizontal flip about the centre.
@@ -272,9 +279,8 @@ fn target_branch(
                 let q = moved(b, y, x);
                 inside(q).then(|| inv_t[b].apply(q.0, q.1))
             });
-            let valid = grid.valid_fraction() as f32;
-            let mask = grid.mask(dev)?;
-            Ok((vec![grid], mask, valid))
+            let mask = grid.mask_host().concat();
+            Ok((vec![grid], mask))
         }
         TargetOrder::Authors => {
             // The authors undo the flip on the features first, then warp by the flow, then
@@ -293,9 +299,9 @@ fn target_branch(
             let undo = SampleGrid::from_fn(n, (h, w), (h, w), |b, y, x| {
                 Some(mirror(b, inv_t[b].apply(x as f64, y as f64)))
             });
-            let mask = warp.mask(dev)?.mul(&undo.mask(dev)?)?;
-            let valid = mask.mean_all()?.to_scalar::<f32>()?;
-            Ok((vec![warp, undo], mask, valid))
+            let (a, b) = (warp.mask_host().concat(), undo.mask_host().concat());
+            let mask = a.iter().zip(&b).map(|(x, y)| x * y).collect();
+            Ok((vec![warp, undo], mask))
         }
     }
 }

@@ -313,6 +313,11 @@ impl SampleGrid {
         (self.plan.h_out, self.plan.w_out)
     }
 
+    /// The validity mask on the host, per sample `h_out * w_out` values of 0 / 1.
+    pub fn mask_host(&self) -> &[Vec<f32>] {
+        &self.mask
+    }
+
     /// The validity mask as an `(n, 1, h_out, w_out)` f32 tensor of 0 / 1.
     pub fn mask(&self, device: &Device) -> Result<Tensor> {
         let flat: Vec<f32> = self.mask.iter().flatten().copied().collect();

@@ -300,6 +300,14 @@ impl ModuleT for BatchNorm {
         if train && x.device().is_cuda() && crate::dist::sync_bn::current().is_none() {
             return self.forward_train_cuda(x);
         }
+        // The path below (statistics, their all-reduce, the affine) is f32, as the parameters
+        // and statistics are: a bf16 activation (synchronised BatchNorm, or eval) runs through
+        // it in f32 and gets its dtype back, the gradient flowing through both casts.
+        if x.dtype() != DType::F32 {
+            return self
+                .forward_t(&x.to_dtype(DType::F32)?, train)?
+                .to_dtype(x.dtype());
+        }
         let weight = per_channel(&self.weight, x)?;
         let bias = per_channel(&self.bias, x)?;
         if train {
@@ -533,6 +541,55 @@ mod tests {
     /// One BatchNorm over a batch of 4 against two ranks (threads) with 2 each, synchronised:
     /// the same outputs, input gradients, summed parameter gradients and running statistics.
     /// Without synchronisation the statistics differ.
+    /// A bf16 activation (the bf16 precision) through synchronised BatchNorm over two ranks:
+    /// computed in f32 and returned in bf16, equal to the f32 result on the same values.
+    #[test]
+    fn sync_batch_norm_takes_bf16_activations() {
+        use crate::dist::{local::LocalGroup, sync_bn, Collective};
+        use std::sync::Arc;
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 1., (4, 3, 2, 5), &dev).unwrap() * 3.0)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let groups: Vec<Arc<dyn Collective>> = LocalGroup::new(2)
+            .into_iter()
+            .map(|g| Arc::new(g) as Arc<dyn Collective>)
+            .collect();
+        let run = |x: Tensor, g: Option<Arc<dyn Collective>>| {
+            let _scope = sync_bn::scope(g);
+            let vm = candle_nn::VarMap::new();
+            let bn = BatchNorm::new(3, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+            let xv = Var::from_tensor(&x).unwrap();
+            let y = bn.forward_t(xv.as_tensor(), true).unwrap();
+            let grads = y
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward();
+            let dx = grads.unwrap().get(xv.as_tensor()).unwrap().dtype();
+            (y, dx)
+        };
+        let outs: Vec<(Tensor, DType)> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2)
+                .map(|r| {
+                    let (xr, g) = (x.narrow(0, 2 * r, 2).unwrap(), groups[r].clone());
+                    let run = &run;
+                    s.spawn(move || run(xr, Some(g)))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let (whole, _) = run(x.to_dtype(DType::F32).unwrap(), None);
+        for (r, (y, dx)) in outs.iter().enumerate() {
+            assert_eq!((y.dtype(), *dx), (DType::BF16, DType::BF16), "rank {r}");
+            let want = whole.narrow(0, 2 * r, 2).unwrap();
+            let d = max_abs_diff(&y.to_dtype(DType::F32).unwrap(), &want);
+            assert!(d < 0.05, "rank {r}: bf16 output off by {d}");
+        }
+    }
+
     #[test]
     fn sync_batch_norm_over_two_ranks_equals_one_batch() {
         use crate::dist::{local::LocalGroup, sync_bn, Collective};
