@@ -495,7 +495,7 @@ struct DenseCase {
 }
 
 impl DenseCase {
-    fn new(n: usize, (h, w): (usize, usize), dev: &Device) -> Result<Self> {
+    fn new(n: usize, (h, w): (usize, usize)) -> Result<Self> {
         let aff = |i: usize, sign: f64| {
             Affine::about_centre(
                 w,
@@ -505,11 +505,13 @@ impl DenseCase {
                 i % 2 == 1,
             )
         };
-        let occ = (randn(&[n, 1, h, w], 31, dev)?.ge(1.0)?).to_dtype(DType::F32)?;
+        // Flow and occlusion on the CPU, as the loader hands them over.
+        let cpu = Device::Cpu;
+        let occ = (randn(&[n, 1, h, w], 31, &cpu)?.ge(1.0)?).to_dtype(DType::F32)?;
         Ok(Self {
             a_online: (0..n).map(|i| aff(i, 1.0)).collect(),
             a_target: (0..n).map(|i| aff(i + 1, -1.0)).collect(),
-            flow: (randn(&[n, 2, h, w], 30, dev)? * 3.0)?,
+            flow: (randn(&[n, 2, h, w], 30, &cpu)? * 3.0)?,
             occluded: occ,
             crop: (h, w),
         })
@@ -546,7 +548,7 @@ fn parity_dense(cuda: &Device, out: &mut Out) -> Result<()> {
         let name = format!("dense loss, fused ({order:?} order)");
         guarded(out, &name, Precision::F32, |out| {
             let run = |dev: &Device| -> Result<Vec<Tensor>> {
-                let case = DenseCase::new(3, (19, 30), dev)?;
+                let case = DenseCase::new(3, (19, 30))?;
                 let (ov, tv) = (
                     Var::from_tensor(&o.to_device(dev)?)?,
                     Var::from_tensor(&t.to_device(dev)?)?,
@@ -603,7 +605,7 @@ fn parity_plan_taps(cuda: &Device, out: &mut Out) -> Result<()> {
 fn bench_dense(dev: &Device, iters: usize) -> Result<Value> {
     use crate::loss::dense::{dense_loss, dense_loss_composed, TargetOrder};
     let (n, c, h, w) = (4, 256, 512, 1024);
-    let case = DenseCase::new(n, (h, w), dev)?;
+    let case = DenseCase::new(n, (h, w))?;
     let corr = case.corr(TargetOrder::Authors);
     let o = Var::from_tensor(&randn(&[n, c, h / 8, w / 8], 700, dev)?)?;
     let t = randn(&[n, c, h / 8, w / 8], 701, dev)?;
@@ -646,7 +648,8 @@ fn synthetic_batch(
 ) -> Result<Batch> {
     let img = |seed| randn(&[n, 3, h, w], seed, dev);
     let sub = |seed| randn(&[n * k, 3, s, s], seed, dev);
-    let flow = |seed| -> Result<Tensor> { Ok((randn(&[n, 2, h, w], seed, dev)? * 2.0)?) };
+    // Flow and occlusion on the CPU, as the loader hands them over (data::loader::Batch).
+    let flow = |seed| -> Result<Tensor> { Ok((randn(&[n, 2, h, w], seed, &Device::Cpu)? * 2.0)?) };
     let ids = || vec![Affine::IDENTITY; n];
     Ok(Batch {
         epoch: 0,
@@ -657,8 +660,8 @@ fn synthetic_batch(
         target_affines: [ids(), ids()],
         flow: [flow(5)?, flow(6)?],
         occluded: [
-            Tensor::zeros((n, 1, h, w), DType::F32, dev)?,
-            Tensor::zeros((n, 1, h, w), DType::F32, dev)?,
+            Tensor::zeros((n, 1, h, w), DType::F32, &Device::Cpu)?,
+            Tensor::zeros((n, 1, h, w), DType::F32, &Device::Cpu)?,
         ],
         subcrops: [[sub(7)?, sub(8)?], [sub(9)?, sub(10)?]],
         meta: vec![],
