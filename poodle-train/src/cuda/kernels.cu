@@ -1,5 +1,7 @@
 // CUDA kernels of the dense loss's own ops (loss/sample.rs `Taps`, loss/normdiff.rs
-// `NormDiff`), f32, the same arithmetic as their CPU kernels. Compiled at build time to PTX
+// `NormDiff`), f32, the same arithmetic as their CPU kernels up to rounding (nvcc contracts
+// multiply-adds into FMAs; the fused kernels gather in f32 where the CPU uses f64; only
+// plan_taps_f32 is bit-exact). Compiled at build time to PTX
 // (compute_80, JIT-compiled for later cards) by poodle-train's build.rs, which also runs
 // ptxas on it for sm_80 and sm_90 so that errors show on the build machine.
 //

@@ -43,6 +43,8 @@ fn int(op: &'static str, v: usize) -> Result<i32> {
 pub struct DevicePlan {
     idx: CudaSlice<u32>,
     wts: CudaSlice<f32>,
+    /// The device that holds them (a plan is cached once, for one device).
+    pub device: candle_core::cuda_backend::DeviceId,
 }
 
 impl std::fmt::Debug for DevicePlan {
@@ -97,7 +99,11 @@ impl DevicePlan {
         // SAFETY: argument order and types match the kernel; `pts` holds 2 n p_out values,
         // `idx` and `wts` n ky kx p_out each.
         unsafe { b.launch(launch_cfg(s.n * s.p_out)) }.map_err(CudaOpError::from)?;
-        Ok(Self { idx, wts })
+        Ok(Self {
+            idx,
+            wts,
+            device: dev.id(),
+        })
     }
 
     /// The taps back on the host, `[sample][tap][pixel]` flattened (gpu-check compares them
@@ -263,6 +269,13 @@ pub fn fused_dense(
     let chain = inner.taps * outer.as_ref().map_or(1, |u| u.taps);
     if online.taps > FUSED_MAX_TAPS || chain > FUSED_MAX_TAPS {
         return Err(super::unsupported(op, format!("{} / {chain} taps", online.taps)).into());
+    }
+    // The grid's y extent is the batch (at most 65535); empty sizes have nothing to launch
+    // and cuMemAllocAsync(0) fails.
+    if d.n == 0 || d.n > 65535 || d.p_out == 0 || d.c == 0 {
+        return Err(
+            super::unsupported(op, format!("n {}, c {}, p_out {}", d.n, d.c, d.p_out)).into(),
+        );
     }
     let dev = &o.device;
     let (ov, tv, mv) = (

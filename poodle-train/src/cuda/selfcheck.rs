@@ -540,12 +540,18 @@ fn parity_dense(cuda: &Device, out: &mut Out) -> Result<()> {
     guarded(out, "plan taps (exact)", Precision::F32, |out| {
         parity_plan_taps(cuda, out)
     })?;
-    let (o, t) = (
-        randn(&[3, 8, 5, 7], 600, &cpu)?,
-        randn(&[3, 8, 5, 7], 601, &cpu)?,
-    );
-    for order in [TargetOrder::Authors, TargetOrder::Paper] {
-        let name = format!("dense loss, fused ({order:?} order)");
+    // 8 channels (a lane each) and 40 (more than a warp's 32 lanes: the kernels' channel loop
+    // runs twice, as at the training's 256).
+    for (c, order) in [
+        (8, TargetOrder::Authors),
+        (8, TargetOrder::Paper),
+        (40, TargetOrder::Authors),
+    ] {
+        let (o, t) = (
+            randn(&[3, c, 5, 7], 600, &cpu)?,
+            randn(&[3, c, 5, 7], 601, &cpu)?,
+        );
+        let name = format!("dense loss, fused ({order:?} order, C = {c})");
         guarded(out, &name, Precision::F32, |out| {
             let run = |dev: &Device| -> Result<Vec<Tensor>> {
                 let case = DenseCase::new(3, (19, 30))?;

@@ -92,7 +92,7 @@ impl FusedDense {
         };
         let chained = tg
             .windows(2)
-            .all(|w| w[0].h_out * w[0].w_out == w[1].h_in * w[1].w_in);
+            .all(|w| (w[0].h_out, w[0].w_out) == (w[1].h_in, w[1].w_in));
         let (n, c, h, w) = o.dims4()?;
         let ok = tg.len() <= 2
             && chained

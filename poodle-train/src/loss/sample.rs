@@ -157,6 +157,14 @@ impl Plan {
         dev: &candle_core::CudaDevice,
     ) -> Result<&crate::cuda::kernels::DevicePlan> {
         if let Some(p) = self.device.get() {
+            if p.device != dev.id() {
+                // Each rank builds its own plans; one plan used on two GPUs is a bug.
+                candle_core::bail!(
+                    "sampling plan formed on {:?} used on {:?}",
+                    p.device,
+                    dev.id()
+                );
+            }
             return Ok(p);
         }
         let (ky, kx) = self.axis_taps();
