@@ -409,28 +409,17 @@ impl CustomOp2 for Conv2dOp {
         let (xd, wd) = (x.dims4()?, w.dims4()?);
         // Only what the graph needs: the stem's input is the image, whose gradient (a 7x7
         // backward-data pass at full resolution) nobody reads.
-        let dx = if x.track_op() {
-            Some(dy.apply_op2_no_bwd(
-                w,
-                &ConvBwdDataOp {
-                    geom: self.geom,
-                    x: [xd.0, xd.1, xd.2, xd.3],
-                },
-            )?)
-        } else {
-            None
-        };
-        let dw = if w.track_op() {
-            Some(x.apply_op2_no_bwd(
-                &dy,
-                &ConvBwdFilterOp {
-                    geom: self.geom,
-                    w: [wd.0, wd.1, wd.2, wd.3],
-                },
-            )?)
-        } else {
-            None
-        };
+        let (geom, x_dims, w_dims) = (
+            self.geom,
+            [xd.0, xd.1, xd.2, xd.3],
+            [wd.0, wd.1, wd.2, wd.3],
+        );
+        let dx = (x.track_op())
+            .then(|| dy.apply_op2_no_bwd(w, &ConvBwdDataOp { geom, x: x_dims }))
+            .transpose()?;
+        let dw = (w.track_op())
+            .then(|| x.apply_op2_no_bwd(&dy, &ConvBwdFilterOp { geom, w: w_dims }))
+            .transpose()?;
         Ok((dx, dw))
     }
 }

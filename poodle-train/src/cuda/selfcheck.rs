@@ -304,6 +304,21 @@ fn compare(out: &mut Out, op: &str, p: Precision, pairs: &[(&str, Tensor, Tensor
     Ok(())
 }
 
+/// [`compare`] of named tensors: `cuda[i]` against `cpu[i]` under `names[i]`.
+fn compare_named(
+    out: &mut Out,
+    op: &str,
+    p: Precision,
+    names: &[&str],
+    cuda: Vec<Tensor>,
+    cpu: Vec<Tensor>,
+) -> Result<()> {
+    let pairs: Vec<_> = (names.iter().zip(cuda.into_iter().zip(cpu)))
+        .map(|(nm, (g, c))| (*nm, g, c))
+        .collect();
+    compare(out, op, p, &pairs)
+}
+
 fn parity_ops(cuda: &Device, out: &mut Out) -> Result<()> {
     let cpu = Device::Cpu;
     // (batch, in, out, h, w, k, stride, pad, dilation, bias): the stem, 3x3 same, a strided
@@ -400,12 +415,7 @@ fn parity_ops(cuda: &Device, out: &mut Out) -> Result<()> {
                 let rc = run(&bc, &vm_c, &cpu, DType::F32)?;
                 let rg = run(&bg, &vm_g, cuda, p.dtype())?;
                 let names = ["y", "dx", "dweight", "dbias", "running_mean", "running_var"];
-                let pairs: Vec<_> = names
-                    .iter()
-                    .zip(rg.into_iter().zip(rc))
-                    .map(|(nm, (g, c))| (*nm, g, c))
-                    .collect();
-                compare(out, &name, p, &pairs)
+                compare_named(out, &name, p, &names, rg, rc)
             })?;
         }
         for (i, dims) in [[2, 4, 9, 12], [2, 4, 8, 8], [1, 2, 1, 2]]
@@ -474,12 +484,8 @@ fn parity_ops(cuda: &Device, out: &mut Out) -> Result<()> {
             ])
         };
         let (rc, rg) = (run(&cpu)?, run(cuda)?);
-        let pairs: Vec<_> = ["d", "da", "db"]
-            .iter()
-            .zip(rg.into_iter().zip(rc))
-            .map(|(nm, (g, c))| (*nm, g, c))
-            .collect();
-        compare(out, "normalized sq diff", Precision::F32, &pairs)
+        let names = ["d", "da", "db"];
+        compare_named(out, "normalized sq diff", Precision::F32, &names, rg, rc)
     })?;
     parity_dense(cuda, out)
 }
@@ -569,12 +575,8 @@ fn parity_dense(cuda: &Device, out: &mut Out) -> Result<()> {
                 ])
             };
             let (rc, rg) = (run(&cpu)?, run(cuda)?);
-            let pairs: Vec<_> = ["loss", "d_online", "d_target"]
-                .iter()
-                .zip(rg.into_iter().zip(rc))
-                .map(|(nm, (g, c))| (*nm, g, c))
-                .collect();
-            compare(out, &name, Precision::F32, &pairs)
+            let names = ["loss", "d_online", "d_target"];
+            compare_named(out, &name, Precision::F32, &names, rg, rc)
         })?;
     }
     Ok(())
