@@ -4,6 +4,11 @@
 //! 512x1024, forward + backward, training-mode BatchNorm) and the full PooDLe step in the
 //! paper's configuration, per precision, with peak GPU memory. One JSON object per line on
 //! stdout and in `OUT/candle.jsonl`; bench/gpu_check_report.py turns them into a table.
+//!
+//! Compiled in every build: `--device cpu --tiny` runs the same control flow with the CPU on
+//! both sides of each comparison and shrunk benchmarks (the test `gpu_check_runs_on_the_cpu`),
+//! so that the one GPU run is not spent on a logic error. The CUDA-only calls go through
+//! [`gpu`], which is a no-op (or a skipped row) on the CPU.
 
 use crate::config::{Precision, TrainConfig};
 use crate::data::loader::Batch;
@@ -27,9 +32,10 @@ pub struct GpuCheckArgs {
     /// Folder for candle.jsonl.
     #[arg(long, default_value = "gpu-check")]
     pub out: PathBuf,
-    /// CUDA device ordinal.
-    #[arg(long, default_value_t = 0)]
-    pub device: usize,
+    /// CUDA device ordinal, or `cpu`: the CPU on both sides of each comparison, which runs
+    /// the check's control flow without a GPU (the tests do, with --tiny).
+    #[arg(long, default_value = "0")]
+    pub device: String,
     /// Parts to run: parity, dense, nccl, trunk, step (comma-separated).
     #[arg(
         long,
@@ -43,6 +49,154 @@ pub struct GpuCheckArgs {
     /// Timed iterations per benchmark (after 2 untimed).
     #[arg(long, default_value_t = 5)]
     pub iters: usize,
+    /// Benchmarks at `Sizes::tiny` instead of the paper's sizes (for the CPU test).
+    #[arg(long, hide = true)]
+    pub tiny: bool,
+}
+
+/// Every benchmark size in one place: `paper()` is what the GPU run measures, `tiny()` what
+/// the CPU test of the control flow runs in seconds.
+#[derive(Clone, Debug)]
+pub struct Sizes {
+    /// Dense loss: samples, channels and crop (the maps are its stride-8 grid).
+    pub dense: (usize, usize, (usize, usize)),
+    /// Trunk: network, batch and input size.
+    pub trunk: (ResNetConfig, usize, (usize, usize)),
+    /// Full step: the configuration, which gives pairs, crop, subcrops and network.
+    pub step: TrainConfig,
+}
+
+impl Sizes {
+    /// The paper's sizes: 4 samples of 256 channels at 512x1024 for the dense loss, ResNet-50
+    /// with batch 8 at 512x1024, and the paper's training configuration.
+    pub fn paper() -> Self {
+        Self {
+            dense: (4, 256, (512, 1024)),
+            trunk: (ResNetConfig::resnet50(), 8, (512, 1024)),
+            step: TrainConfig::paper(),
+        }
+    }
+
+    /// Seconds on a CPU: 2 x 32 channels at 64x128, ResNet-50 with batch 1 at 64x128, and the
+    /// `tiny` preset (ResNet-18 sizes, 64x128 crops, K = 2 subcrops of 32 px) with 2 pairs.
+    pub fn tiny() -> Self {
+        let mut step = TrainConfig::tiny();
+        step.data.batch_size = 2;
+        Self {
+            dense: (2, 32, (64, 128)),
+            trunk: (ResNetConfig::resnet50(), 1, (64, 128)),
+            step,
+        }
+    }
+}
+
+/// The device of `--device`: `cpu`, or a CUDA ordinal (`N` or `cuda:N`).
+fn device(spec: &str) -> Result<Device> {
+    if spec == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal: usize = (spec.strip_prefix("cuda:").unwrap_or(spec).parse())
+        .with_context(|| format!("--device {spec:?}: a CUDA ordinal or cpu"))?;
+    Device::new_cuda(ordinal).context("CUDA device")
+}
+
+/// Why a precision cannot run on `dev` (the CPU computes in f32, as `Learner::new` says).
+fn refused(dev: &Device, p: Precision) -> Option<&'static str> {
+    (!dev.is_cuda() && !p.is_f32()).then_some("tf32 and bf16 need a CUDA device")
+}
+
+/// A row for a check that cannot run here, with the reason; it counts as passed.
+fn skipped(kind: &str, op: &str, p: Precision, why: &str) -> Value {
+    json!({"kind": kind, "op": op, "precision": p.name(), "tensor": "-", "skipped": why,
+        "ok": true})
+}
+
+/// The CUDA-only calls, and what the CPU does instead: nothing, or no value.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use anyhow::Result;
+    use candle_core::Device;
+    use cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH as USED_HIGH;
+
+    pub fn set_tf32(on: bool) {
+        crate::cuda::set_tf32(on);
+    }
+
+    pub fn keep_pool_memory(dev: &Device) -> Result<()> {
+        if dev.is_cuda() {
+            crate::cuda::keep_pool_memory(dev)?;
+        }
+        Ok(())
+    }
+
+    pub fn cudnn_version(dev: &Device) -> Option<usize> {
+        dev.is_cuda()
+            .then(|| cudarc::cudnn::result::get_version() as usize)
+    }
+
+    /// Entries of the cuDNN algorithm cache (this thread's); None without cuDNN.
+    pub fn algo_cache_len(dev: &Device) -> Option<usize> {
+        dev.is_cuda().then(crate::cuda::algo_cache_len)
+    }
+
+    /// Resets the high-water mark of the device's default memory pool (cudarc allocates
+    /// stream-ordered from it) to the current use.
+    pub fn reset_peak(dev: &Device) -> Result<()> {
+        if dev.is_cuda() {
+            crate::cuda::pool_attr(dev, USED_HIGH, Some(0))?;
+        }
+        Ok(())
+    }
+
+    /// The high-water mark in bytes; None on the CPU.
+    pub fn peak_bytes(dev: &Device) -> Result<Option<u64>> {
+        if !dev.is_cuda() {
+            return Ok(None);
+        }
+        Ok(Some(crate::cuda::pool_attr(dev, USED_HIGH, None)?))
+    }
+
+    /// Differing indices and weights of the plan taps formed on `dev` against the CPU's: the
+    /// GPU's on a CUDA device, else the host build of the kernel code.
+    pub fn taps_mismatch(grid: &crate::loss::SampleGrid, dev: &Device) -> Result<(usize, usize)> {
+        match dev {
+            Device::Cuda(d) => Ok(crate::loss::sample::device_taps_mismatch(grid, d)?),
+            _ => Ok(crate::loss::sample::host_taps_mismatch(grid)),
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod gpu {
+    use anyhow::Result;
+    use candle_core::Device;
+
+    pub fn set_tf32(_on: bool) {}
+
+    pub fn keep_pool_memory(_dev: &Device) -> Result<()> {
+        Ok(())
+    }
+
+    pub fn cudnn_version(_dev: &Device) -> Option<usize> {
+        None
+    }
+
+    pub fn algo_cache_len(_dev: &Device) -> Option<usize> {
+        None
+    }
+
+    pub fn reset_peak(_dev: &Device) -> Result<()> {
+        Ok(())
+    }
+
+    pub fn peak_bytes(_dev: &Device) -> Result<Option<u64>> {
+        Ok(None)
+    }
+
+    /// Only the CPU exists here: the host build of the CUDA kernel code against the CPU.
+    pub fn taps_mismatch(grid: &crate::loss::SampleGrid, _dev: &Device) -> Result<(usize, usize)> {
+        Ok(crate::loss::sample::host_taps_mismatch(grid))
+    }
 }
 
 /// Collects result lines, printing each as it comes (a killed run keeps what it had).
@@ -72,10 +226,23 @@ pub fn run(args: &GpuCheckArgs) -> Result<()> {
         .append(true)
         .open(args.out.join("candle.jsonl"))?;
     let mut out = Out { file, failed: 0 };
-    let dev = Device::new_cuda(args.device).context("CUDA device")?;
-    super::keep_pool_memory(&dev)?;
-    out.emit(json!({"kind": "info", "git_sha": crate::run::GIT_SHA,
-        "cudnn_version": cudarc::cudnn::result::get_version()}))?;
+    let dev = device(&args.device)?;
+    let sizes = if args.tiny {
+        Sizes::tiny()
+    } else {
+        Sizes::paper()
+    };
+    gpu::keep_pool_memory(&dev)?;
+    let mut info = json!({"kind": "info", "git_sha": crate::run::GIT_SHA,
+        "cudnn_version": gpu::cudnn_version(&dev)});
+    // The CUDA run's line stays as it was; a CPU or tiny run says so.
+    if !dev.is_cuda() {
+        info["device"] = json!("cpu");
+    }
+    if args.tiny {
+        info["sizes"] = json!("tiny");
+    }
+    out.emit(info)?;
     let wants = |p: &str| args.only.iter().any(|o| o == p);
     if wants("parity") {
         // Each op reports its own error row; these catch what escapes the per-op guards, so
@@ -88,26 +255,40 @@ pub fn run(args: &GpuCheckArgs) -> Result<()> {
         })?;
     }
     if wants("dense") {
-        let r = bench_dense(&dev, args.iters);
+        let r = bench_dense(&dev, &sizes, args.iters);
         out.emit(result_line("dense", Precision::F32, r))?;
     }
     if wants("nccl") {
-        // Rendezvous files outside --out: the device tool returns at most 8 files from there.
-        let rdv = std::env::temp_dir().join(format!("poodle-gpu-check-{}", std::process::id()));
-        std::fs::create_dir_all(&rdv).with_context(|| format!("{}", rdv.display()))?;
-        let r = nccl_world_of_one(&dev, &rdv);
-        out.emit(result_line("nccl", Precision::F32, r))?;
-        std::fs::remove_dir_all(&rdv).ok();
+        if dev.is_cuda() {
+            #[cfg(feature = "cuda")]
+            {
+                // Rendezvous files outside --out: the device tool returns at most 8 files from
+                // there.
+                let rdv =
+                    std::env::temp_dir().join(format!("poodle-gpu-check-{}", std::process::id()));
+                std::fs::create_dir_all(&rdv).with_context(|| format!("{}", rdv.display()))?;
+                let r = nccl_world_of_one(&dev, &rdv);
+                out.emit(result_line("nccl", Precision::F32, r))?;
+                std::fs::remove_dir_all(&rdv).ok();
+            }
+        } else {
+            let why = "NCCL needs a CUDA device";
+            out.emit(skipped("nccl", "world of one", Precision::F32, why))?;
+        }
     }
     for p in &args.precisions {
         let prec = Precision::parse(p)?;
-        if wants("trunk") {
-            let r = bench_trunk(&dev, prec, args.iters);
-            out.emit(result_line("trunk", prec, r))?;
-        }
-        if wants("step") {
-            let r = bench_step(&dev, prec, args.iters);
-            out.emit(result_line("step", prec, r))?;
+        for part in ["trunk", "step"].into_iter().filter(|p| wants(p)) {
+            if let Some(why) = refused(&dev, prec) {
+                out.emit(skipped(part, part, prec, why))?;
+                continue;
+            }
+            let r = if part == "trunk" {
+                bench_trunk(&dev, &sizes, prec, args.iters)
+            } else {
+                bench_step(&dev, &sizes, prec, args.iters)
+            };
+            out.emit(result_line(part, prec, r))?;
         }
     }
     anyhow::ensure!(out.failed == 0, "{} check(s) failed", out.failed);
@@ -118,6 +299,7 @@ pub fn run(args: &GpuCheckArgs) -> Result<()> {
 /// communicator on candle's stream) in a world of one, the most one GPU allows (NCCL refuses
 /// two ranks on one device): the SyncBatchNorm sum forward and backward and the host-side
 /// collectives must give back what went in.
+#[cfg(feature = "cuda")]
 fn nccl_world_of_one(dev: &Device, dir: &std::path::Path) -> Result<Value> {
     use crate::dist::{self, sync_bn::AllReduceSum, Backend, Collective, DistConfig, LaunchEnv};
     std::env::set_var("POODLE_RENDEZVOUS_KEY", "gpu-check");
@@ -179,7 +361,7 @@ impl PrecisionExt for Precision {
     /// TF32 is on for tf32 and bf16 (PyTorch's bf16 autocast run also allows it), as
     /// `Learner::new` sets it.
     fn apply(self) {
-        super::set_tf32(!self.is_f32());
+        gpu::set_tf32(!self.is_f32());
     }
 
     fn dtype(self) -> DType {
@@ -333,6 +515,10 @@ fn parity_ops(cuda: &Device, out: &mut Out) -> Result<()> {
         (2, 16, 16, 12, 12, 3, 1, 2, 2, true),
     ];
     for p in [Precision::F32, Precision::Tf32, Precision::Bf16] {
+        if let Some(why) = refused(cuda, p) {
+            out.emit(skipped("parity", "cuDNN ops", p, why))?;
+            continue;
+        }
         p.apply();
         for (i, &(n, ci, co, h, w, k, s, pad, d, bias)) in convs.iter().enumerate() {
             let name = format!("conv2d {n}x{ci}x{h}x{w} k{k} s{s} p{pad} d{d}");
@@ -586,9 +772,6 @@ fn parity_dense(cuda: &Device, out: &mut Out) -> Result<()> {
 /// zoomed, flipped view of a stride-8 map upsampled to a 256x512 crop (3x3 taps a pixel, some
 /// pixels outside the view).
 fn parity_plan_taps(cuda: &Device, out: &mut Out) -> Result<()> {
-    let Device::Cuda(dev) = cuda else {
-        anyhow::bail!("parity_plan_taps: not a CUDA device");
-    };
     let (h, w) = (256, 512);
     let inv: Vec<Affine> = (0..2)
         .map(|i| Affine::about_centre(w, h, 9.0 + i as f64, 0.8, i == 1).inverse())
@@ -597,7 +780,7 @@ fn parity_plan_taps(cuda: &Device, out: &mut Out) -> Result<()> {
         crate::loss::SampleGrid::from_fn_upsampled(2, (h / 8, w / 8), (h, w), (h, w), |b, y, x| {
             Some(inv[b].apply(x as f64, y as f64))
         });
-    let (bad_idx, bad_wts) = crate::loss::sample::device_taps_mismatch(&grid, dev)?;
+    let (bad_idx, bad_wts) = gpu::taps_mismatch(&grid, cuda)?;
     for (what, bad) in [("idx", bad_idx), ("wts", bad_wts)] {
         out.emit(
             json!({"kind": "parity", "op": "plan taps (exact)", "precision": "f32",
@@ -610,9 +793,9 @@ fn parity_plan_taps(cuda: &Device, out: &mut Out) -> Result<()> {
 /// One dense-loss call at the paper's size (4 samples, 256 channels, stride-8 maps of a
 /// 512x1024 crop, the authors' order), forward and backward, in the fused form and the
 /// composed one (aligned (N, 256, 512, 1024) maps): seconds and peak memory of each.
-fn bench_dense(dev: &Device, iters: usize) -> Result<Value> {
+fn bench_dense(dev: &Device, sizes: &Sizes, iters: usize) -> Result<Value> {
     use crate::loss::dense::{dense_loss, dense_loss_composed, TargetOrder};
-    let (n, c, h, w) = (4, 256, 512, 1024);
+    let (n, c, (h, w)) = sizes.dense;
     let case = DenseCase::new(n, (h, w))?;
     let corr = case.corr(TargetOrder::Authors);
     let o = Var::from_tensor(&randn(&[n, c, h / 8, w / 8], 700, dev)?)?;
@@ -709,9 +892,9 @@ fn parity_step(cuda: &Device, out: &mut Out) -> Result<()> {
     let bg = synthetic_batch(2, h, w, k, s, cuda)?;
     let (tc, gc) = train_step(&mut lc, &bc)?;
     // parity_ops has filled the cache already: the first step must add its own shapes.
-    let before = super::algo_cache_len();
+    let before = gpu::algo_cache_len(cuda);
     let (tg, gg) = train_step(&mut lg, &bg)?;
-    let cached = super::algo_cache_len();
+    let cached = gpu::algo_cache_len(cuda);
     let tol = tolerance(Precision::F32);
     let row = |tensor: String, rel: f64, tol: f64, ok: bool, extra: Value| {
         let mut v = json!({"kind": "parity", "op": "train step (tiny)", "precision": "f32",
@@ -760,7 +943,8 @@ fn parity_step(cuda: &Device, out: &mut Out) -> Result<()> {
             floored.insert(name.as_str());
         }
         let rel = (num / den.max(floor_n).max(1e-30)).sqrt();
-        if rel.is_nan() || rel > worst {
+        // The first row names the worst even when every error is 0 (the CPU on both sides).
+        if rel.is_nan() || rel > worst || worst_name.is_empty() {
             (worst, worst_name) = (rel, name.clone());
         }
     }
@@ -807,7 +991,7 @@ fn parity_step(cuda: &Device, out: &mut Out) -> Result<()> {
             };
             let d = sq_sum(&(vg.as_tensor().to_device(&Device::Cpu)? - vc.as_tensor())?)?;
             let rms = (d / vc.elem_count() as f64).sqrt() / step;
-            if rms.is_nan() || rms > worst {
+            if rms.is_nan() || rms > worst || worst_name.is_empty() {
                 (worst, worst_name) = (rms, name.clone());
             }
             sq += d;
@@ -824,7 +1008,11 @@ fn parity_step(cuda: &Device, out: &mut Out) -> Result<()> {
         ))?;
     }
     train_step(&mut lg, &bg)?;
-    let again = super::algo_cache_len();
+    let again = gpu::algo_cache_len(cuda);
+    let Some(((before, cached), again)) = before.zip(cached).zip(again) else {
+        let why = "no cuDNN algorithm cache on this device";
+        return out.emit(skipped("parity", "algorithm cache", Precision::F32, why));
+    };
     out.emit(
         json!({"kind": "parity", "op": "algorithm cache", "precision": "f32",
         "tensor": "entries before step 1, after steps 1 and 2", "cached": [before, cached, again],
@@ -836,24 +1024,9 @@ fn parity_step(cuda: &Device, out: &mut Out) -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // Benchmarks
 
-/// High-water mark of the device's default memory pool (cudarc allocates stream-ordered
-/// from it), reset to the current use.
-fn reset_peak(dev: &Device) -> Result<()> {
-    super::pool_attr(
-        dev,
-        cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-        Some(0),
-    )?;
-    Ok(())
-}
-
-fn peak_gib(dev: &Device) -> Result<f64> {
-    let b = super::pool_attr(
-        dev,
-        cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-        None,
-    )?;
-    Ok(b as f64 / (1u64 << 30) as f64)
+/// Peak device memory since the last `gpu::reset_peak`, in GiB (null on the CPU).
+fn peak_gib(dev: &Device) -> Result<Option<f64>> {
+    Ok(gpu::peak_bytes(dev)?.map(|b| b as f64 / (1u64 << 30) as f64))
 }
 
 /// When the peak-memory mark is reset, as the PyTorch counterpart does it.
@@ -873,14 +1046,14 @@ fn time_it(
     mut f: impl FnMut() -> Result<()>,
 ) -> Result<f64> {
     if peak == PeakFrom::Start {
-        reset_peak(dev)?;
+        gpu::reset_peak(dev)?;
     }
     for _ in 0..2 {
         f()?;
     }
     dev.synchronize()?;
     if peak == PeakFrom::Timed {
-        reset_peak(dev)?;
+        gpu::reset_peak(dev)?;
     }
     let t = Instant::now();
     for _ in 0..iters {
@@ -890,16 +1063,16 @@ fn time_it(
     Ok(t.elapsed().as_secs_f64() / iters.max(1) as f64)
 }
 
-/// ResNet-50 trunk, batch 8 at 512x1024, training-mode BatchNorm, forward and backward of
-/// the mean of C5 (weights stay f32; bf16 runs cast them per use, as autocast does).
-fn bench_trunk(dev: &Device, p: Precision, iters: usize) -> Result<Value> {
+/// The trunk (ResNet-50, batch 8 at 512x1024 in `Sizes::paper`), training-mode BatchNorm,
+/// forward and backward of the mean of C5 (weights stay f32; bf16 runs cast them per use, as
+/// autocast does).
+fn bench_trunk(dev: &Device, sizes: &Sizes, p: Precision, iters: usize) -> Result<Value> {
     p.apply();
+    let (net_cfg, batch, (h, w)) = &sizes.trunk;
+    let (batch, h, w) = (*batch, *h, *w);
     let vm = VarMap::new();
-    let net = ResNet::new(
-        &ResNetConfig::resnet50(),
-        VarBuilder::from_varmap(&vm, DType::F32, dev),
-    )?;
-    let x = randn(&[8, 3, 512, 1024], 1, dev)?.to_dtype(p.dtype())?;
+    let net = ResNet::new(net_cfg, VarBuilder::from_varmap(&vm, DType::F32, dev))?;
+    let x = randn(&[batch, 3, h, w], 1, dev)?.to_dtype(p.dtype())?;
     let s = time_it(dev, iters, PeakFrom::Timed, || {
         let c5 = net.forward_stages(&x, true)?.c5;
         let g = c5.to_dtype(DType::F32)?.mean_all()?.backward()?;
@@ -907,20 +1080,20 @@ fn bench_trunk(dev: &Device, p: Precision, iters: usize) -> Result<Value> {
         Ok(())
     })?;
     Ok(
-        json!({"batch": 8, "res": [512, 1024], "step_s": s, "img_per_s": 8.0 / s,
+        json!({"batch": batch, "res": [h, w], "step_s": s, "img_per_s": batch as f64 / s,
         "peak_gib": peak_gib(dev)?}),
     )
 }
 
-/// The paper's step: 4 pairs at 512x1024, K = 6 subcrops of 192 px, ResNet-50 + decoder,
+/// The full step at `sizes.step`, in `Sizes::paper` the paper's: 4 pairs at 512x1024, K = 6 subcrops of 192 px, ResNet-50 + decoder,
 /// symmetric dense and pooled losses, AdamW, EMA. The decoder runs in the paper's order
 /// (upsample, then bottleneck), as the PyTorch baseline (torch_poodle_step.py) does: the
 /// training default, the authors' order, does about 4x less decoder work, which would flatter
 /// candle's throughput. The dense loss keeps the default (authors' order, fused).
-fn bench_step(dev: &Device, p: Precision, iters: usize) -> Result<Value> {
+fn bench_step(dev: &Device, sizes: &Sizes, p: Precision, iters: usize) -> Result<Value> {
     use crate::model::decoder::DecoderOrder;
-    let mut cfg = TrainConfig::paper();
-    cfg.device = "cuda".into();
+    let mut cfg = sizes.step.clone();
+    cfg.device = if dev.is_cuda() { "cuda" } else { "cpu" }.into();
     cfg.precision = p;
     cfg.model.decoder.order = DecoderOrder::Paper;
     let (h, w) = (cfg.augment.out_height, cfg.augment.out_width);

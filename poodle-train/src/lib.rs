@@ -14,6 +14,7 @@ pub mod dist;
 pub mod eval;
 pub mod export;
 pub mod geom;
+pub mod gpucheck;
 pub mod loaderbench;
 pub mod loss;
 pub mod model;

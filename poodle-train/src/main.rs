@@ -73,10 +73,10 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         warmup: usize,
     },
-    /// CUDA builds: parity of the cuDNN ops and of one training step against the CPU, then
-    /// the ResNet-50 trunk and full-step benchmarks (what `make gpu-check` runs on a GPU).
-    #[cfg(feature = "cuda")]
-    GpuCheck(poodle_train::cuda::selfcheck::GpuCheckArgs),
+    /// Parity of the cuDNN ops and of one training step against the CPU, then the ResNet-50
+    /// trunk and full-step benchmarks (what `make gpu-check` runs on a GPU; CUDA builds, or
+    /// `--device cpu` for the control flow only).
+    GpuCheck(poodle_train::gpucheck::GpuCheckArgs),
     /// Pictures of what the objective asks the model to match, for the first pairs of a pass:
     /// crops with subcrop boxes, the dense mask, both views, and the target warped into the
     /// online frame by the flow and the affines as the loss sees it (one PNG per pair).
@@ -229,8 +229,7 @@ fn main() -> Result<()> {
             let files = poodle_train::pictures::show_pairs(&cfg, pass, pairs, &out)?;
             anyhow::ensure!(!files.is_empty(), "no readable pair to draw");
         }
-        #[cfg(feature = "cuda")]
-        Cmd::GpuCheck(args) => poodle_train::cuda::selfcheck::run(&args)?,
+        Cmd::GpuCheck(args) => poodle_train::gpucheck::run(&args)?,
         Cmd::Plot { runs, out } => {
             let (w, h) = poodle_train::plot::plot_runs(&runs, &out)?;
             eprintln!("{}: {w}x{h}, {} runs", out.display(), runs.len());

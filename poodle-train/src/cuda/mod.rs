@@ -16,7 +16,6 @@ mod conv;
 mod handle;
 pub mod kernels;
 mod pool;
-pub mod selfcheck;
 
 pub use batchnorm::{batch_norm_train, BatchStats};
 pub use conv::conv2d;

@@ -415,6 +415,63 @@ pub(crate) fn device_taps_mismatch(
     Ok((bad_idx, bad_wts))
 }
 
+extern "C" {
+    /// src/cuda/plan_taps_host.c: the CUDA kernel `plan_taps_f32`'s per-pixel code, built
+    /// for the host by build.rs.
+    fn poodle_plan_taps_host(
+        pts: *const f32,
+        idx: *mut u32,
+        wts: *mut f32,
+        n: i32,
+        p_out: i64,
+        h_in: i32,
+        w_in: i32,
+        h_up: i32,
+        w_up: i32,
+        ky: i32,
+        kx: i32,
+    );
+}
+
+/// gpu-check on the CPU (`--device cpu`): the taps that the host build of the CUDA kernel's
+/// per-pixel code forms for `grid` against the CPU's, counted as `device_taps_mismatch`
+/// counts them, so that the check's control flow runs without a GPU.
+pub(crate) fn host_taps_mismatch(grid: &SampleGrid) -> (usize, usize) {
+    let plan = &grid.plan;
+    let (ky, kx) = plan.axis_taps();
+    let p = plan.h_out * plan.w_out;
+    let pts: Vec<f32> = plan.points.concat();
+    let (mut idx, mut wts) = (
+        vec![u32::MAX; plan.n * plan.taps * p],
+        vec![f32::NAN; plan.n * plan.taps * p],
+    );
+    // SAFETY: the buffers hold 2 n p points and n taps p entries, as the C code reads and
+    // writes.
+    unsafe {
+        poodle_plan_taps_host(
+            pts.as_ptr(),
+            idx.as_mut_ptr(),
+            wts.as_mut_ptr(),
+            plan.n as i32,
+            p as i64,
+            plan.h_in as i32,
+            plan.w_in as i32,
+            plan.h_up as i32,
+            plan.w_up as i32,
+            ky as i32,
+            kx as i32,
+        )
+    };
+    let cpu = plan.cpu_taps();
+    let bad_idx = (idx.iter().zip(cpu.idx.concat()))
+        .filter(|(a, b)| **a != *b)
+        .count();
+    let bad_wts = (wts.iter().zip(cpu.wts.concat()))
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    (bad_idx, bad_wts)
+}
+
 /// Element types of the CPU kernels.
 trait Elem:
     Copy + Send + Sync + Default + From<f32> + std::ops::Mul<Output = Self> + std::ops::AddAssign
@@ -733,24 +790,6 @@ mod tests {
             }
             assert!(ga.iter().any(|v| v.abs() > 0.1));
         }
-    }
-
-    extern "C" {
-        /// src/cuda/plan_taps_host.c: the CUDA kernel `plan_taps_f32`'s per-pixel code, built
-        /// for the host by build.rs.
-        fn poodle_plan_taps_host(
-            pts: *const f32,
-            idx: *mut u32,
-            wts: *mut f32,
-            n: i32,
-            p_out: i64,
-            h_in: i32,
-            w_in: i32,
-            h_up: i32,
-            w_up: i32,
-            ky: i32,
-            kx: i32,
-        );
     }
 
     #[test]
