@@ -23,7 +23,7 @@
 //!
 //! CPU (f32/f64, f64 arithmetic) here; CUDA (f32) in `src/cuda/kernels.cu`, the same
 //! arithmetic with a warp per pixel. Tested against the composed form in [`super::dense`]'s
-//! tests and `cuda::selfcheck` (CUDA vs CPU).
+//! tests and `gpucheck` (CUDA vs CPU).
 
 use super::normdiff::Elem;
 use super::sample::{Plan, SampleGrid};
