@@ -8,7 +8,7 @@
 //! Compiled in every build: `--device cpu --tiny` runs the same control flow with the CPU on
 //! both sides of each comparison and shrunk benchmarks (the test `gpu_check_runs_on_the_cpu`),
 //! so that the one GPU run is not spent on a logic error. The CUDA-only calls go through
-//! [`gpu`], which is a no-op (or a skipped row) on the CPU.
+//! `gpu`, which is a no-op (or a skipped row) on the CPU.
 
 use crate::config::{Precision, TrainConfig};
 use crate::data::loader::Batch;
