@@ -1,6 +1,6 @@
 //! Records the git commit at build time (`POODLE_GIT_SHA`, `git describe --always` with
-//! `-dirty` when tracked files other than Cargo.lock differ from it), so that a run launched from a copied binary,
-//! outside the source tree, still writes which code it is.
+//! `-dirty` when tracked files other than Cargo.lock differ from it), so that a run launched
+//! from a copied binary, outside the source tree, still writes which code it is.
 
 use std::process::Command;
 

@@ -394,25 +394,36 @@ impl SampleGrid {
 }
 
 /// gpu-check: the taps the GPU forms for `grid` (kernels.cu `plan_taps_f32`) against the
-/// CPU's: the number of differing indices and of weights that differ in any bit (both 0 when
-/// the two devices agree exactly, as they should).
+/// CPU's (`taps_mismatch`).
 #[cfg(feature = "cuda")]
 pub(crate) fn device_taps_mismatch(
     grid: &SampleGrid,
     dev: &candle_core::CudaDevice,
 ) -> Result<(usize, usize)> {
-    let plan = &grid.plan;
-    let (idx, wts) = plan.device_plan(dev)?.download(dev)?;
+    let (idx, wts) = grid.plan.device_plan(dev)?.download(dev)?;
+    Ok(taps_mismatch(&grid.plan, &idx, &wts))
+}
+
+/// gpu-check on the CPU (`--device cpu`): the taps that the host build of the CUDA kernel's
+/// per-pixel code forms for `grid` against the CPU's, so that the check's control flow runs
+/// without a GPU.
+pub(crate) fn host_taps_mismatch(grid: &SampleGrid) -> (usize, usize) {
+    let (idx, wts) = host_kernel_taps(&grid.plan);
+    taps_mismatch(&grid.plan, &idx, &wts)
+}
+
+/// The number of indices and of weights (in any bit) in which `idx` and `wts`, flattened
+/// `[sample][tap][pixel]`, differ from the CPU's taps of `plan`: both 0 when they agree
+/// exactly, as the GPU's should.
+fn taps_mismatch(plan: &Plan, idx: &[u32], wts: &[f32]) -> (usize, usize) {
     let cpu = plan.cpu_taps();
-    let bad_idx = idx
-        .iter()
-        .zip(cpu.idx.concat())
+    let bad_idx = (idx.iter().zip(cpu.idx.concat()))
         .filter(|(a, b)| **a != *b)
         .count();
     let bad_wts = (wts.iter().zip(cpu.wts.concat()))
         .filter(|(a, b)| a.to_bits() != b.to_bits())
         .count();
-    Ok((bad_idx, bad_wts))
+    (bad_idx, bad_wts)
 }
 
 extern "C" {
@@ -433,18 +444,15 @@ extern "C" {
     );
 }
 
-/// gpu-check on the CPU (`--device cpu`): the taps that the host build of the CUDA kernel's
-/// per-pixel code forms for `grid` against the CPU's, counted as `device_taps_mismatch`
-/// counts them, so that the check's control flow runs without a GPU.
-pub(crate) fn host_taps_mismatch(grid: &SampleGrid) -> (usize, usize) {
-    let plan = &grid.plan;
+/// The taps of `plan` as the CUDA kernel forms them, from its host build, flattened
+/// `[sample][tap][pixel]`. Entries start as `u32::MAX` / NaN, so one the code leaves
+/// unwritten shows.
+fn host_kernel_taps(plan: &Plan) -> (Vec<u32>, Vec<f32>) {
     let (ky, kx) = plan.axis_taps();
     let p = plan.h_out * plan.w_out;
     let pts: Vec<f32> = plan.points.concat();
-    let (mut idx, mut wts) = (
-        vec![u32::MAX; plan.n * plan.taps * p],
-        vec![f32::NAN; plan.n * plan.taps * p],
-    );
+    let len = plan.n * plan.taps * p;
+    let (mut idx, mut wts) = (vec![u32::MAX; len], vec![f32::NAN; len]);
     // SAFETY: the buffers hold 2 n p points and n taps p entries, as the C code reads and
     // writes.
     unsafe {
@@ -462,14 +470,7 @@ pub(crate) fn host_taps_mismatch(grid: &SampleGrid) -> (usize, usize) {
             kx as i32,
         )
     };
-    let cpu = plan.cpu_taps();
-    let bad_idx = (idx.iter().zip(cpu.idx.concat()))
-        .filter(|(a, b)| **a != *b)
-        .count();
-    let bad_wts = (wts.iter().zip(cpu.wts.concat()))
-        .filter(|(a, b)| a.to_bits() != b.to_bits())
-        .count();
-    (bad_idx, bad_wts)
+    (idx, wts)
 }
 
 /// Element types of the CPU kernels.
@@ -822,30 +823,7 @@ mod tests {
             };
             let g = SampleGrid::from_fn_upsampled(n, (h, w), (uh, uw), (oh, ow), point);
             let plan = &g.plan;
-            let (ky, kx) = plan.axis_taps();
-            let p = oh * ow;
-            let pts: Vec<f32> = plan.points.concat();
-            let (mut idx, mut wts) = (
-                vec![7u32; n * plan.taps * p],
-                vec![f32::NAN; n * plan.taps * p],
-            );
-            // SAFETY: the buffers hold 2 n p points and n taps p entries, as the C code reads
-            // and writes.
-            unsafe {
-                poodle_plan_taps_host(
-                    pts.as_ptr(),
-                    idx.as_mut_ptr(),
-                    wts.as_mut_ptr(),
-                    n as i32,
-                    p as i64,
-                    h as i32,
-                    w as i32,
-                    uh as i32,
-                    uw as i32,
-                    ky as i32,
-                    kx as i32,
-                )
-            };
+            let (idx, wts) = host_kernel_taps(plan);
             let cpu = plan.cpu_taps();
             assert_eq!(idx, cpu.idx.concat(), "indices {h}x{w} -> {uh}x{uw}");
             let (a, b): (Vec<u32>, Vec<u32>) = (

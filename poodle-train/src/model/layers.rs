@@ -541,21 +541,35 @@ mod tests {
     /// One BatchNorm over a batch of 4 against two ranks (threads) with 2 each, synchronised:
     /// the same outputs, input gradients, summed parameter gradients and running statistics.
     /// Without synchronisation the statistics differ.
+    /// `run(rank, group)` on two thread ranks of one local group; the results in rank order.
+    fn on_two_ranks<T: Send>(
+        run: impl Fn(usize, std::sync::Arc<dyn crate::dist::Collective>) -> T + Sync,
+    ) -> Vec<T> {
+        use crate::dist::{local::LocalGroup, Collective};
+        use std::sync::Arc;
+        let groups = LocalGroup::new(2)
+            .into_iter()
+            .map(|g| Arc::new(g) as Arc<dyn Collective>);
+        std::thread::scope(|s| {
+            let run = &run;
+            let hs: Vec<_> = (groups.enumerate())
+                .map(|(r, g)| s.spawn(move || run(r, g)))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
     /// A bf16 activation (the bf16 precision) through synchronised BatchNorm over two ranks:
     /// computed in f32 and returned in bf16, equal to the f32 result on the same values.
     #[test]
     fn sync_batch_norm_takes_bf16_activations() {
-        use crate::dist::{local::LocalGroup, sync_bn, Collective};
+        use crate::dist::{sync_bn, Collective};
         use std::sync::Arc;
         let dev = Device::Cpu;
         let x = (Tensor::randn(0f32, 1., (4, 3, 2, 5), &dev).unwrap() * 3.0)
             .unwrap()
             .to_dtype(DType::BF16)
             .unwrap();
-        let groups: Vec<Arc<dyn Collective>> = LocalGroup::new(2)
-            .into_iter()
-            .map(|g| Arc::new(g) as Arc<dyn Collective>)
-            .collect();
         let run = |x: Tensor, g: Option<Arc<dyn Collective>>| {
             let _scope = sync_bn::scope(g);
             let vm = candle_nn::VarMap::new();
@@ -571,16 +585,7 @@ mod tests {
             let dx = grads.unwrap().get(xv.as_tensor()).unwrap().dtype();
             (y, dx)
         };
-        let outs: Vec<(Tensor, DType)> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..2)
-                .map(|r| {
-                    let (xr, g) = (x.narrow(0, 2 * r, 2).unwrap(), groups[r].clone());
-                    let run = &run;
-                    s.spawn(move || run(xr, Some(g)))
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let outs = on_two_ranks(|r, g| run(x.narrow(0, 2 * r, 2).unwrap(), Some(g)));
         let (whole, _) = run(x.to_dtype(DType::F32).unwrap(), None);
         for (r, (y, dx)) in outs.iter().enumerate() {
             assert_eq!((y.dtype(), *dx), (DType::BF16, DType::BF16), "rank {r}");
@@ -592,8 +597,7 @@ mod tests {
 
     #[test]
     fn sync_batch_norm_over_two_ranks_equals_one_batch() {
-        use crate::dist::{local::LocalGroup, sync_bn, Collective};
-        use std::sync::Arc;
+        use crate::dist::sync_bn;
         let dev = Device::Cpu;
         let x = (Tensor::randn(0f32, 1., (4, 3, 2, 5), &dev).unwrap() * 3.0).unwrap();
         let probe = Tensor::randn(0f32, 1., (4, 3, 2, 5), &dev).unwrap();
@@ -624,28 +628,12 @@ mod tests {
         };
         let whole = run(x.clone(), probe.clone());
         let parts = |sync: bool| -> Vec<Vec<Tensor>> {
-            let groups: Vec<Arc<dyn Collective>> = LocalGroup::new(2)
-                .into_iter()
-                .map(|g| Arc::new(g) as Arc<dyn Collective>)
-                .collect();
-            std::thread::scope(|s| {
-                let hs: Vec<_> = groups
-                    .iter()
-                    .enumerate()
-                    .map(|(r, g)| {
-                        let (xr, pr) = (
-                            x.narrow(0, 2 * r, 2).unwrap(),
-                            probe.narrow(0, 2 * r, 2).unwrap(),
-                        );
-                        let g = g.clone();
-                        let run = &run;
-                        s.spawn(move || {
-                            let _scope = sync_bn::scope(sync.then_some(g));
-                            run(xr, pr)
-                        })
-                    })
-                    .collect();
-                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            on_two_ranks(|r, g| {
+                let _scope = sync_bn::scope(sync.then_some(g));
+                run(
+                    x.narrow(0, 2 * r, 2).unwrap(),
+                    probe.narrow(0, 2 * r, 2).unwrap(),
+                )
             })
         };
         let synced = parts(true);
