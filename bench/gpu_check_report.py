@@ -135,6 +135,25 @@ if dense or torch_dense:
     p()
 
 
+# One BatchNorm at layer1's size, forward + backward: cuDNN against the fused passes of
+# synchronised BatchNorm (world of one: no all-reduce).
+bn_rows = [r for r in candle if r.get("kind") == "batchnorm"]
+if bn_rows:
+    p("### BatchNorm alone: cuDNN against synchronised BatchNorm's fused passes (no all-reduce)")
+    p()
+    p("| precision | shape | cuDNN ms | fused ms | fused / cuDNN | y rel. error | note |")
+    p("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in bn_rows:
+        forms = {f.get("form"): f.get("s") for f in r.get("forms", [])}
+        u, f = forms.get("unsynchronised"), forms.get("fused")
+        note = cell(r.get("error") or r.get("skipped") or "", 200)
+        err = r.get("y_rel_err")
+        p(f"| {r.get('precision')} | {r.get('shape', '')} | {fmt(u * 1e3 if u else None)} | "
+          f"{fmt(f * 1e3 if f else None)} | {fmt(r.get('fused_over_unsynchronised'))} | "
+          f"{fmt(err, '{:.1e}')} | {note} |")
+    p()
+
+
 def table(title, kind, rate, torch_rows, unit):
     p(f"### {title}")
     p()
@@ -161,7 +180,7 @@ def table(title, kind, rate, torch_rows, unit):
 if not any(r.get("kind") == "parity" for r in candle):
     failed.append("parity: no results (the parity stage wrote none; see stages.log)")
 for r in candle:
-    if r.get("kind") in ("trunk", "step", "dense", "nccl") and (r.get("error") or r.get("ok") is False):
+    if r.get("kind") in ("trunk", "step", "dense", "batchnorm", "nccl") and (r.get("error") or r.get("ok") is False):
         failed.append(f"{r['kind']} {r.get('precision', '')}: {cell(r.get('error') or 'ok: false', 200)}")
 table("ResNet-50 trunk, batch 8 at 512x1024, forward + backward, training BatchNorm", "trunk", "img_per_s",
       {r["precision"]: r for r in torch_trunk}, "img/s")

@@ -36,10 +36,10 @@ pub struct GpuCheckArgs {
     /// the check's control flow without a GPU (the tests do, with --tiny).
     #[arg(long, default_value = "0")]
     pub device: String,
-    /// Parts to run: parity, dense, nccl, trunk, step (comma-separated).
+    /// Parts to run: parity, dense, batchnorm, nccl, trunk, step (comma-separated).
     #[arg(
         long,
-        default_value = "parity,dense,nccl,trunk,step",
+        default_value = "parity,dense,batchnorm,nccl,trunk,step",
         value_delimiter = ','
     )]
     pub only: Vec<String>,
@@ -62,17 +62,22 @@ pub struct Sizes {
     pub dense: (usize, usize, (usize, usize)),
     /// Trunk: network, batch and input size.
     pub trunk: (ResNetConfig, usize, (usize, usize)),
+    /// One BatchNorm's input `(n, c, h, w)`.
+    pub batchnorm: [usize; 4],
     /// Full step: the configuration, which gives pairs, crop, subcrops and network.
     pub step: TrainConfig,
 }
 
 impl Sizes {
     /// The paper's sizes: 4 samples of 256 channels at 512x1024 for the dense loss, ResNet-50
-    /// with batch 8 at 512x1024, and the paper's training configuration.
+    /// with batch 8 at 512x1024 (and a BatchNorm of its layer1), and the paper's training
+    /// configuration.
     pub fn paper() -> Self {
         Self {
             dense: (4, 256, (512, 1024)),
             trunk: (ResNetConfig::resnet50(), 8, (512, 1024)),
+            // layer1's output of the trunk above (stride 4, 256 channels): 1 GiB in f32.
+            batchnorm: [8, 256, 128, 256],
             step: TrainConfig::paper(),
         }
     }
@@ -85,6 +90,7 @@ impl Sizes {
         Self {
             dense: (2, 32, (64, 128)),
             trunk: (ResNetConfig::resnet50(), 1, (64, 128)),
+            batchnorm: [2, 8, 6, 10],
             step,
         }
     }
@@ -257,6 +263,15 @@ pub fn run(args: &GpuCheckArgs) -> Result<()> {
     if wants("dense") {
         let r = bench_dense(&dev, &sizes, args.iters);
         out.emit(result_line("dense", Precision::F32, r))?;
+    }
+    if wants("batchnorm") {
+        for p in [Precision::F32, Precision::Bf16] {
+            let r = match refused(&dev, p) {
+                Some(why) => skipped("batchnorm", "batchnorm", p, why),
+                None => result_line("batchnorm", p, bench_batchnorm(&dev, &sizes, p, args.iters)),
+            };
+            out.emit(r)?;
+        }
     }
     if wants("nccl") {
         if dev.is_cuda() {
@@ -501,6 +516,82 @@ fn compare_named(
     compare(out, op, p, &pairs)
 }
 
+/// What [`batch_norm_outputs`] returns, in order.
+const BN_OUTPUTS: [&str; 6] = ["y", "dx", "dweight", "dbias", "running_mean", "running_var"];
+
+/// A training BatchNorm over `x` (non-trivial scale and shift) on `dev` in `dt`, loss
+/// `sum(y * probe)`: the [`BN_OUTPUTS`]. Synchronised if this thread is in a group.
+fn batch_norm_outputs(x: &Tensor, probe: &Tensor, dev: &Device, dt: DType) -> Result<Vec<Tensor>> {
+    let c = x.dim(1)?;
+    let vm = VarMap::new();
+    let bn = BatchNorm::new(c, VarBuilder::from_varmap(&vm, DType::F32, dev))?;
+    for (nm, seed) in [("weight", 31u64), ("bias", 32)] {
+        let v = vm.data().lock().expect("VarMap lock")[nm].clone();
+        v.set(&randn(&[c], seed, dev)?.affine(0.5, 1.0)?)?;
+    }
+    let xv = Var::from_tensor(&x.to_device(dev)?.to_dtype(dt)?)?;
+    let y = bn.forward_t(xv.as_tensor(), true)?;
+    let g = (y.to_dtype(DType::F32)? * probe.to_device(dev)?)?
+        .sum_all()?
+        .backward()?;
+    let m = vm.data().lock().expect("VarMap lock").clone();
+    Ok(vec![
+        y,
+        g.get(xv.as_tensor()).context("dx")?.clone(),
+        g.get(m["weight"].as_tensor()).context("dweight")?.clone(),
+        g.get(m["bias"].as_tensor()).context("dbias")?.clone(),
+        bn.running_mean().clone(),
+        bn.running_var().clone(),
+    ])
+}
+
+/// [`batch_norm_outputs`] of `x` split over two ranks (threads in one synchronised-BatchNorm
+/// group) on `dev`, put together as one batch's: outputs and input gradients concatenated,
+/// scale and shift gradients summed (data parallel's average of the per-rank losses' sums),
+/// rank 0's running statistics (both ranks hold the same).
+fn sync_batch_norm_two_ranks(
+    x: &Tensor,
+    probe: &Tensor,
+    dev: &Device,
+    dt: DType,
+) -> Result<Vec<Tensor>> {
+    use crate::dist::{local::LocalGroup, sync_bn, Collective};
+    let half = x.dim(0)? / 2;
+    anyhow::ensure!(half >= 1 && 2 * half == x.dim(0)?, "an even batch");
+    let ranks: Vec<Result<Vec<Tensor>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (LocalGroup::new(2).into_iter().enumerate())
+            .map(|(r, g)| {
+                s.spawn(move || {
+                    let _scope = sync_bn::scope(Some(
+                        std::sync::Arc::new(g) as std::sync::Arc<dyn Collective>
+                    ));
+                    let part = |t: &Tensor| t.narrow(0, r * half, half);
+                    batch_norm_outputs(&part(x)?, &part(probe)?, dev, dt)
+                })
+            })
+            .collect();
+        (handles.into_iter())
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("rank panicked")))
+            })
+            .collect()
+    });
+    let [a, b]: [Vec<Tensor>; 2] = (ranks.into_iter().collect::<Result<Vec<_>>>()?)
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("two ranks"))?;
+    let cat = |i: usize| Tensor::cat(&[&a[i], &b[i]], 0);
+    let sum = |i: usize| &a[i] + &b[i];
+    Ok(vec![
+        cat(0)?,
+        cat(1)?,
+        sum(2)?,
+        sum(3)?,
+        a[4].clone(),
+        a[5].clone(),
+    ])
+}
+
 fn parity_ops(cuda: &Device, out: &mut Out) -> Result<()> {
     let cpu = Device::Cpu;
     // (batch, in, out, h, w, k, stride, pad, dilation, bias): the stem, 3x3 same, a strided
@@ -567,41 +658,20 @@ fn parity_ops(cuda: &Device, out: &mut Out) -> Result<()> {
             })?;
         }
         for (i, dims) in [vec![4, 8, 5, 6], vec![6, 16]].into_iter().enumerate() {
+            let x = randn(&dims, 200 + i as u64, &cpu)?.affine(3.0, 0.5)?;
+            let probe = randn(&dims, 9, &cpu)?;
+            let reference = batch_norm_outputs(&x, &probe, &cpu, DType::F32)?;
             let name = format!("batchnorm {dims:?}");
             guarded(out, &name, p, |out| {
-                let c = dims[1];
-                let mk = |dev: &Device, vm: &VarMap| -> Result<BatchNorm> {
-                    let bn = BatchNorm::new(c, VarBuilder::from_varmap(vm, DType::F32, dev))?;
-                    // Non-trivial scale and shift.
-                    for (nm, seed) in [("weight", 31u64), ("bias", 32)] {
-                        let v = vm.data().lock().expect("VarMap lock")[nm].clone();
-                        v.set(&randn(&[c], seed, dev)?.affine(0.5, 1.0)?)?;
-                    }
-                    Ok(bn)
-                };
-                let (vm_c, vm_g) = (VarMap::new(), VarMap::new());
-                let (bc, bg) = (mk(&cpu, &vm_c)?, mk(cuda, &vm_g)?);
-                let x = randn(&dims, 200 + i as u64, &cpu)?.affine(3.0, 0.5)?;
-                let run =
-                    |bn: &BatchNorm, vm: &VarMap, dev: &Device, dt: DType| -> Result<Vec<Tensor>> {
-                        let xv = Var::from_tensor(&x.to_device(dev)?.to_dtype(dt)?)?;
-                        let y = bn.forward_t(xv.as_tensor(), true)?;
-                        let r = randn(y.dims(), 9, dev)?;
-                        let g = (y.to_dtype(DType::F32)? * r)?.sum_all()?.backward()?;
-                        let m = vm.data().lock().expect("VarMap lock").clone();
-                        Ok(vec![
-                            y,
-                            g.get(xv.as_tensor()).context("dx")?.clone(),
-                            g.get(m["weight"].as_tensor()).context("dweight")?.clone(),
-                            g.get(m["bias"].as_tensor()).context("dbias")?.clone(),
-                            bn.running_mean().clone(),
-                            bn.running_var().clone(),
-                        ])
-                    };
-                let rc = run(&bc, &vm_c, &cpu, DType::F32)?;
-                let rg = run(&bg, &vm_g, cuda, p.dtype())?;
-                let names = ["y", "dx", "dweight", "dbias", "running_mean", "running_var"];
-                compare_named(out, &name, p, &names, rg, rc)
+                let cuda_run = batch_norm_outputs(&x, &probe, cuda, p.dtype())?;
+                compare_named(out, &name, p, &BN_OUTPUTS, cuda_run, reference.clone())
+            })?;
+            // Synchronised over two ranks (threads) on this device: the fused passes of
+            // model::sync_bn_fused, against the same one-batch reference.
+            let name = format!("sync batchnorm {dims:?} (2 ranks)");
+            guarded(out, &name, p, |out| {
+                let cuda_run = sync_batch_norm_two_ranks(&x, &probe, cuda, p.dtype())?;
+                compare_named(out, &name, p, &BN_OUTPUTS, cuda_run, reference.clone())
             })?;
         }
         for (i, dims) in [[2, 4, 9, 12], [2, 4, 8, 8], [1, 2, 1, 2]]
@@ -825,6 +895,48 @@ fn bench_dense(dev: &Device, sizes: &Sizes, iters: usize) -> Result<Value> {
         json!({"n": n, "c": c, "crop": [h, w], "forms": rows, "ok": same,
         "peak_ratio": pf.zip(pc).map(|(a, b)| a / b)}),
     )
+}
+
+/// One training BatchNorm, forward and backward of `sum(y)`, on layer1's activation: the
+/// unsynchronised path (cuDNN on CUDA; the composed ops on the CPU) against the fused passes
+/// that synchronised BatchNorm runs (`model::sync_bn_fused`, here in a world of one, so the
+/// all-reduces are absent: the figure is the passes' cost against cuDNN's).
+fn bench_batchnorm(dev: &Device, sizes: &Sizes, p: Precision, iters: usize) -> Result<Value> {
+    p.apply();
+    let dims = sizes.batchnorm;
+    // Generated on the device (1 GiB at the paper's size: too slow for the host's randn).
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1., &dims, dev)?.to_dtype(p.dtype())?)?;
+    let bn = BatchNorm::new(
+        dims[1],
+        VarBuilder::from_varmap(&VarMap::new(), DType::F32, dev),
+    )?;
+    let mut rows = Vec::new();
+    let mut ys = Vec::new();
+    for fused in [false, true] {
+        let forward = || -> Result<Tensor> {
+            Ok(if fused {
+                bn.forward_train_fused(x.as_tensor(), None)?
+            } else {
+                bn.forward_t(x.as_tensor(), true)?
+            })
+        };
+        let secs = time_it(dev, iters, PeakFrom::Start, || {
+            drop(forward()?.to_dtype(DType::F32)?.sum_all()?.backward()?);
+            Ok(())
+        })?;
+        ys.push(forward()?);
+        rows.push(
+            json!({"form": if fused { "fused" } else { "unsynchronised" }, "s": secs,
+            "peak_gib": peak_gib(dev)?}),
+        );
+    }
+    let err = rel_err(&ys[1], &ys[0])?;
+    let ratio = rows[1]["s"]
+        .as_f64()
+        .zip(rows[0]["s"].as_f64())
+        .map(|(f, u)| f / u);
+    Ok(json!({"shape": dims, "forms": rows, "y_rel_err": err,
+        "ok": err <= tolerance(p), "fused_over_unsynchronised": ratio}))
 }
 
 /// A batch of random content with identity geometry (the loss still samples, warps and

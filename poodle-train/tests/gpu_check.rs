@@ -64,6 +64,7 @@ fn gpu_check_runs_on_the_cpu() {
     for op in [
         "conv2d",
         "batchnorm",
+        "sync batchnorm",
         "maxpool3x3s2",
         "bilinear sample",
         "normalized sq diff",
@@ -102,6 +103,13 @@ fn gpu_check_runs_on_the_cpu() {
             .all(|f| finite(f, "s") && f["loss"].is_number()),
         "{text}"
     );
+    // BatchNorm alone: the unsynchronised path against synchronised BatchNorm's fused passes.
+    let bn = results("batchnorm");
+    assert_eq!(bn.len(), 1, "{text}");
+    let forms = bn[0]["forms"].as_array().unwrap();
+    assert!(forms.len() == 2 && forms.iter().all(|f| finite(f, "s")), "{text}");
+    assert!(finite(bn[0], "fused_over_unsynchronised"), "{text}");
+    assert!(skipped("batchnorm", "bf16"), "{text}");
     for kind in ["trunk", "step"] {
         let r = results(kind);
         assert_eq!(r.len(), 1, "{kind}: {text}");

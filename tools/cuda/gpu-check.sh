@@ -74,7 +74,7 @@ stage() { # seconds, name, command...
 }
 : > "$out/stages.log"
 stage 45 parity "${candle[@]}" --only parity
-stage 15 nccl "${candle[@]}" --only nccl
+stage 25 batchnorm-nccl "${candle[@]}" --only batchnorm,nccl
 stage 20 candle-dense "${candle[@]}" --only dense
 stage 25 torch-dense bash -c "python3 '$here/torch_dense_loss.py' >> '$out/torch_dense.jsonl'"
 for p in bf16 tf32 f32; do
@@ -83,7 +83,7 @@ done
 for p in bf16 tf32 f32; do
   stage 50 "candle-step-$p" "${candle[@]}" --only step --precisions "$p"
 done
-stage 50 torch-trunk bash -c "python3 '$here/torch_trunk.py' bf16 tf32 f32 >> '$out/torch_trunk.jsonl'"
+stage 40 torch-trunk bash -c "python3 '$here/torch_trunk.py' bf16 tf32 f32 >> '$out/torch_trunk.jsonl'"
 # torch_poodle_step.py's own `train` runs fp32 first and writes its JSON only at the end: its
 # bench_train per mode instead, bf16 first, each a TRAIN or TRAIN-FAIL line in the log.
 stage 90 torch-step bash -o pipefail -c "cd '$here' && python3 -c '

@@ -2,8 +2,11 @@
 //! (`loss::sample`) and normalised squared difference (`loss::normdiff`) on CUDA, f32.
 //! Without them those ops fall back to composed candle ops on the GPU, whose `index_select`
 //! form of the sampler materialises one copy of the map per tap (9 for the upsampled plan).
+//! Also synchronised BatchNorm's per-channel sums, affine and input gradient
+//! (`model::sync_bn_fused`), f32 and bf16.
 
 use super::CudaOpError;
+use crate::model::sync_bn_fused::SumKind;
 use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
@@ -329,4 +332,184 @@ pub fn fused_dense(
     // values, the plans n*taps*pixels entries, m n*p_out, and `out` the length above.
     unsafe { b.launch(cfg) }.map_err(CudaOpError::from)?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// The `bn_*` kernel of kernels.cu for an activation dtype (f32 or bf16).
+fn bn_kernel(
+    stem: &'static str,
+    dt: candle_core::DType,
+) -> std::result::Result<&'static str, CudaOpError> {
+    use candle_core::DType::{BF16, F32};
+    Ok(match (stem, dt) {
+        ("bn_sums", F32) => "bn_sums_f32",
+        ("bn_sums", BF16) => "bn_sums_bf16",
+        ("bn_apply", F32) => "bn_apply_f32",
+        ("bn_apply", BF16) => "bn_apply_bf16",
+        ("bn_input_grad", F32) => "bn_input_grad_f32",
+        ("bn_input_grad", BF16) => "bn_input_grad_bf16",
+        _ => return Err(super::unsupported(stem, format!("dtype {dt:?}"))),
+    })
+}
+
+/// Slices a channel is split into by `bn_sums`: about 1024 blocks in all (every SM of a
+/// current GPU busy even at 2048 channels), and at least 2048 values a slice.
+fn bn_splits(c: usize, per_channel: usize) -> usize {
+    (1024 / c.max(1)).clamp(1, per_channel.div_ceil(2048).max(1))
+}
+
+/// Per-channel sums of an `(n, c, hw)` map for synchronised BatchNorm (`model::sync_bn_fused`):
+/// partial sums `(rows, c, splits)` f32 (rows 2 for [`SumKind::Grad`], else 1), which the
+/// caller adds along the last axis. `dy` only for `Grad`, `mean` (f32 `(c)`) for all but
+/// `Values`.
+pub fn bn_sums(
+    kind: SumKind,
+    (x, lx): (&CudaStorage, &Layout),
+    dy: Option<(&CudaStorage, &Layout)>,
+    mean: Option<(&CudaStorage, &Layout)>,
+    (n, c, hw): (usize, usize, usize),
+) -> Result<(CudaStorage, usize)> {
+    let op = bn_kernel("bn_sums", x.dtype())?;
+    let per = n * hw;
+    let (ni, ci, hwi) = (int(op, n)?, int(op, c)?, int(op, hw)?);
+    int(op, per)?;
+    let wants = (kind == SumKind::Grad, kind != SumKind::Values);
+    if c == 0 || per == 0 || c > 65535 || (dy.is_some(), mean.is_some()) != wants {
+        let what = format!("{kind:?} with n {n}, c {c}, hw {hw}, dy {}", dy.is_some());
+        return Err(super::unsupported(op, what).into());
+    }
+    if dy.is_some_and(|(d, _)| d.dtype() != x.dtype()) {
+        return Err(super::unsupported(op, "dy and x differ in dtype").into());
+    }
+    let splits = bn_splits(c, per);
+    let rows = if kind == SumKind::Grad { 2 } else { 1 };
+    let dev = &x.device;
+    let stream = dev.cuda_stream();
+    let mut part = dev.alloc_zeros::<f32>(rows * c * splits)?;
+    let (xp, _gx) = super::dptr(op, x, lx, &stream)?;
+    let (dyp, _gd) = match dy {
+        Some((d, l)) => super::dptr(op, d, l, &stream).map(|(p, g)| (p, Some(g)))?,
+        None => (0, None),
+    };
+    let (mp, _gm) = match mean {
+        Some((m, l)) if m.dtype() == candle_core::DType::F32 && l.shape().elem_count() == c => {
+            super::dptr(op, m, l, &stream).map(|(p, g)| (p, Some(g)))?
+        }
+        Some(_) => return Err(super::unsupported(op, "mean must be f32 of c values").into()),
+        None => (0, None),
+    };
+    let f = dev.get_or_load_custom_func(op, MODULE, PTX)?;
+    let (si, mode) = (splits as i32, kind as i32);
+    let mut b = f.builder();
+    b.arg(&xp)
+        .arg(&dyp)
+        .arg(&mp)
+        .arg(&mut part)
+        .arg(&ni)
+        .arg(&ci)
+        .arg(&hwi)
+        .arg(&si)
+        .arg(&mode);
+    let cfg = LaunchConfig {
+        grid_dim: (splits as u32, c as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: argument order and types match bn_sums_* (BN_SUM_THREADS = 256 threads); x and
+    // dy hold n c hw values, mean c, part rows c splits; null pointers are never read (mode).
+    unsafe { b.launch(cfg) }.map_err(CudaOpError::from)?;
+    Ok((CudaStorage::wrap_cuda_slice(part, dev.clone()), splits))
+}
+
+/// An f32 per-channel table (`rows` x `c`) and its device address.
+fn coef_ptr<'a>(
+    op: &'static str,
+    (s, l): (&'a CudaStorage, &Layout),
+    len: usize,
+    stream: &'a cudarc::driver::CudaStream,
+) -> Result<(u64, cudarc::driver::SyncOnDrop<'a>)> {
+    if s.dtype() != candle_core::DType::F32 || l.shape().elem_count() != len {
+        let what = format!(
+            "f32 table of {len} expected, got {:?} {:?}",
+            s.dtype(),
+            l.dims()
+        );
+        return Err(super::unsupported(op, what).into());
+    }
+    Ok(super::dptr(op, s, l, stream)?)
+}
+
+/// `y = (x - mean) w inv_std + b` per channel of an `(n, c, hw)` map; `coef` = `[mean;
+/// inv_std]` `(2, c)`, `w` and `b` `(c)`, all f32; `y` in x's dtype.
+pub fn bn_apply(
+    (x, lx): (&CudaStorage, &Layout),
+    coef: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+    (n, c, hw): (usize, usize, usize),
+) -> Result<CudaStorage> {
+    let op = bn_kernel("bn_apply", x.dtype())?;
+    let dev = &x.device;
+    let stream = dev.cuda_stream();
+    let total = n * c * hw;
+    let mut y = super::alloc(dev, x.dtype(), total)?;
+    {
+        let (xp, _gx) = super::dptr(op, x, lx, &stream)?;
+        let (cp, _gc) = coef_ptr(op, coef, 2 * c, &stream)?;
+        let (wp, _gw) = coef_ptr(op, w, c, &stream)?;
+        let (bp, _gb) = coef_ptr(op, b, c, &stream)?;
+        let (yp, _gy) = super::dptr_mut(op, &mut y, &stream)?;
+        let f = dev.get_or_load_custom_func(op, MODULE, PTX)?;
+        let (ci, hwi, ti) = (int(op, c)?, hw as i64, total as i64);
+        let mut bl = f.builder();
+        bl.arg(&xp)
+            .arg(&yp)
+            .arg(&cp)
+            .arg(&wp)
+            .arg(&bp)
+            .arg(&ci)
+            .arg(&hwi)
+            .arg(&ti);
+        // SAFETY: argument order and types match bn_apply_*; x and y hold `total` values of
+        // one dtype, coef 2 c, w and b c.
+        unsafe { bl.launch(launch_cfg(total)) }.map_err(CudaOpError::from)?;
+    }
+    Ok(y)
+}
+
+/// `dx = scale (dy - k1 - (x - mean) k2)` per channel; `coef` = `[mean; scale; k1; k2]`
+/// `(4, c)` f32 (`model::sync_bn_fused` forms it); `dx` in x's dtype.
+pub fn bn_input_grad(
+    (x, lx): (&CudaStorage, &Layout),
+    (dy, ldy): (&CudaStorage, &Layout),
+    coef: (&CudaStorage, &Layout),
+    (n, c, hw): (usize, usize, usize),
+) -> Result<CudaStorage> {
+    let op = bn_kernel("bn_input_grad", x.dtype())?;
+    if dy.dtype() != x.dtype() {
+        return Err(super::unsupported(op, "dy and x differ in dtype").into());
+    }
+    let dev = &x.device;
+    let stream = dev.cuda_stream();
+    let total = n * c * hw;
+    let mut dx = super::alloc(dev, x.dtype(), total)?;
+    {
+        let (xp, _gx) = super::dptr(op, x, lx, &stream)?;
+        let (dyp, _gd) = super::dptr(op, dy, ldy, &stream)?;
+        let (cp, _gc) = coef_ptr(op, coef, 4 * c, &stream)?;
+        let (dxp, _gdx) = super::dptr_mut(op, &mut dx, &stream)?;
+        let f = dev.get_or_load_custom_func(op, MODULE, PTX)?;
+        let (ci, hwi, ti) = (int(op, c)?, hw as i64, total as i64);
+        let mut bl = f.builder();
+        bl.arg(&xp)
+            .arg(&dyp)
+            .arg(&dxp)
+            .arg(&cp)
+            .arg(&ci)
+            .arg(&hwi)
+            .arg(&ti);
+        // SAFETY: argument order and types match bn_input_grad_*; x, dy and dx hold `total`
+        // values of one dtype, coef 4 c.
+        unsafe { bl.launch(launch_cfg(total)) }.map_err(CudaOpError::from)?;
+    }
+    Ok(dx)
 }

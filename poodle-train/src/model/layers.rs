@@ -264,6 +264,39 @@ impl BatchNorm {
         }
     }
 
+    /// The running statistics after a training batch with this `mean` and biased `var`
+    /// over `count` values per channel, outside the graph: `r = (1 - momentum) r + momentum
+    /// s`, with the unbiased variance for `running_var` as in PyTorch.
+    pub(crate) fn update_running(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
+        let m = self.momentum;
+        let unbias = count as f64 / (count as f64 - 1.0);
+        let mean = mean.detach().flatten_all()?;
+        let var = var.detach().flatten_all()?;
+        let new_mean = ((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?;
+        let new_var = ((self.running_var.as_tensor() * (1.0 - m))? + (var * (m * unbias))?)?;
+        self.running_mean.set(&new_mean)?;
+        self.running_var.set(&new_var)
+    }
+
+    /// Training-mode BatchNorm through [`super::sync_bn_fused`], synchronised over `group`
+    /// (`None`: this batch alone): CUDA's synchronised BatchNorm (f32 or bf16 activations);
+    /// on the CPU (f32) the tests compare it with the composed path of `forward_t`.
+    pub fn forward_train_fused(
+        &self,
+        x: &Tensor,
+        group: Option<&std::sync::Arc<dyn crate::dist::Collective>>,
+    ) -> Result<Tensor> {
+        let out = super::sync_bn_fused::sync_batch_norm_train(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+            group,
+        )?;
+        self.update_running(&out.mean, &out.var, out.count)?;
+        Ok(out.y)
+    }
+
     /// Batch mean, centred input, biased variance and the number of values per channel;
     /// over every rank's batch inside a synchronised-BatchNorm scope (`dist::sync_bn`), two
     /// passes as in the local case (mean first, then centred squares), so one rank with the
@@ -295,10 +328,13 @@ impl BatchNorm {
 impl ModuleT for BatchNorm {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         // cuDNN's training BatchNorm takes its statistics from this device's batch only:
-        // synchronised BatchNorm stays on the path below.
+        // synchronised BatchNorm runs the fused passes of `sync_bn_fused` instead.
         #[cfg(feature = "cuda")]
-        if train && x.device().is_cuda() && crate::dist::sync_bn::current().is_none() {
-            return self.forward_train_cuda(x);
+        if train && x.device().is_cuda() {
+            return match crate::dist::sync_bn::current() {
+                None => self.forward_train_cuda(x),
+                Some(group) => self.forward_train_fused(x, Some(&group)),
+            };
         }
         // The path below (statistics, their all-reduce, the affine) is f32, as the parameters
         // and statistics are: a bf16 activation (synchronised BatchNorm, or eval) runs through
@@ -312,15 +348,7 @@ impl ModuleT for BatchNorm {
         let bias = per_channel(&self.bias, x)?;
         if train {
             let (mean, xc, var, count) = Self::batch_stats(x)?;
-            // Running statistics, outside the graph; the unbiased variance as in PyTorch.
-            let m = self.momentum;
-            let unbias = count as f64 / (count as f64 - 1.0);
-            let mean_d = mean.detach().flatten_all()?;
-            let var_d = var.detach().flatten_all()?;
-            let new_mean = ((self.running_mean.as_tensor() * (1.0 - m))? + (mean_d * m)?)?;
-            let new_var = ((self.running_var.as_tensor() * (1.0 - m))? + (var_d * (m * unbias))?)?;
-            self.running_mean.set(&new_mean)?;
-            self.running_var.set(&new_var)?;
+            self.update_running(&mean, &var, count)?;
             let inv_std = per_channel(&(var + self.eps)?.sqrt()?.recip()?, x)?;
             xc.broadcast_mul(&weight.broadcast_mul(&inv_std)?)?
                 .broadcast_add(&bias)
@@ -595,6 +623,40 @@ mod tests {
         }
     }
 
+    /// One BatchNorm (3 channels, weight `gamma`) on `x` with the loss `sum(y * probe)`: y,
+    /// d/dx, d/dweight, d/dbias, running mean and var. `fused`: through
+    /// `forward_train_fused` over this thread's synchronised-BatchNorm group (if any), else
+    /// `forward_t`.
+    fn bn_outputs(x: &Tensor, probe: &Tensor, gamma: &Tensor, fused: bool) -> Vec<Tensor> {
+        let dev = x.device();
+        let vm = candle_nn::VarMap::new();
+        let bn = BatchNorm::new(
+            gamma.dim(0).unwrap(),
+            VarBuilder::from_varmap(&vm, DType::F32, dev),
+        )
+        .unwrap();
+        vm.data().lock().unwrap()["weight"].set(gamma).unwrap();
+        let xv = Var::from_tensor(x).unwrap();
+        let y = if fused {
+            let group = crate::dist::sync_bn::current();
+            bn.forward_train_fused(xv.as_tensor(), group.as_ref())
+        } else {
+            bn.forward_t(xv.as_tensor(), true)
+        }
+        .unwrap();
+        let g = (&y * probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let data = vm.data().lock().unwrap();
+        let grad = |n: &str| g.get(data[n].as_tensor()).unwrap().clone();
+        vec![
+            y.clone(),
+            g.get(xv.as_tensor()).unwrap().clone(),
+            grad("weight"),
+            grad("bias"),
+            bn.running_mean().clone(),
+            bn.running_var().clone(),
+        ]
+    }
+
     #[test]
     fn sync_batch_norm_over_two_ranks_equals_one_batch() {
         use crate::dist::sync_bn;
@@ -602,30 +664,7 @@ mod tests {
         let x = (Tensor::randn(0f32, 1., (4, 3, 2, 5), &dev).unwrap() * 3.0).unwrap();
         let probe = Tensor::randn(0f32, 1., (4, 3, 2, 5), &dev).unwrap();
         let gamma = Tensor::new(&[0.5f32, 1.5, -2.0], &dev).unwrap();
-        // Loss sum(y * probe): outputs, d/dx, d/dweight, d/dbias, running mean and var.
-        let run = |x: Tensor, probe: Tensor| {
-            let vm = candle_nn::VarMap::new();
-            let bn = BatchNorm::new(3, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
-            vm.data().lock().unwrap()["weight"].set(&gamma).unwrap();
-            let xv = Var::from_tensor(&x).unwrap();
-            let y = bn.forward_t(xv.as_tensor(), true).unwrap();
-            let g = (&y * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let data = vm.data().lock().unwrap();
-            let grad = |n: &str| g.get(data[n].as_tensor()).unwrap().clone();
-            vec![
-                y,
-                g.get(xv.as_tensor()).unwrap().clone(),
-                grad("weight"),
-                grad("bias"),
-                bn.running_mean().clone(),
-                bn.running_var().clone(),
-            ]
-        };
+        let run = |x: Tensor, probe: Tensor| bn_outputs(&x, &probe, &gamma, false);
         let whole = run(x.clone(), probe.clone());
         let parts = |sync: bool| -> Vec<Vec<Tensor>> {
             on_two_ranks(|r, g| {
@@ -653,6 +692,50 @@ mod tests {
         assert!(
             max_abs_diff(&apart[0][4], &whole[4]) > 1e-3,
             "unsynced running mean"
+        );
+    }
+
+    /// The fused synchronised BatchNorm (CUDA's path, `sync_bn_fused`) against the composed
+    /// one: every output and gradient on two ranks of an NCHW batch, and in one process on an
+    /// `(N, C)` input.
+    #[test]
+    fn fused_sync_batch_norm_equals_composed() {
+        use crate::dist::sync_bn;
+        let dev = Device::Cpu;
+        let names = ["y", "dx", "dweight", "dbias", "running mean", "running var"];
+        let check = |what: &str, fused: &[Tensor], composed: &[Tensor]| {
+            for ((f, c), name) in fused.iter().zip(composed).zip(names) {
+                let d = max_abs_diff(f, c);
+                assert!(d < 2e-5, "{what}: {name} off by {d}");
+            }
+        };
+        let x = (Tensor::randn(0f32, 1., (4, 3, 2, 5), &dev).unwrap())
+            .affine(3.0, 1.0)
+            .unwrap();
+        let probe = Tensor::randn(0f32, 1., (4, 3, 2, 5), &dev).unwrap();
+        let gamma = Tensor::new(&[0.5f32, 1.5, -2.0], &dev).unwrap();
+        let ranks = on_two_ranks(|r, g| {
+            let _scope = sync_bn::scope(Some(g));
+            let (x, probe) = (
+                x.narrow(0, 2 * r, 2).unwrap(),
+                probe.narrow(0, 2 * r, 2).unwrap(),
+            );
+            let fused = bn_outputs(&x, &probe, &gamma, true);
+            (fused, bn_outputs(&x, &probe, &gamma, false))
+        });
+        for (r, (fused, composed)) in ranks.iter().enumerate() {
+            check(&format!("rank {r}"), fused, composed);
+        }
+        let x = (Tensor::randn(0f32, 1., (6, 4), &dev).unwrap())
+            .affine(2.0, -0.5)
+            .unwrap();
+        let probe = Tensor::randn(0f32, 1., (6, 4), &dev).unwrap();
+        let gamma = Tensor::new(&[1.0f32, -0.5, 2.0, 0.25], &dev).unwrap();
+        let fused = bn_outputs(&x, &probe, &gamma, true);
+        check(
+            "(N, C), one process",
+            &fused,
+            &bn_outputs(&x, &probe, &gamma, false),
         );
     }
 }

@@ -24,13 +24,8 @@ impl BatchNorm {
     /// CPU path (momentum, unbiased variance for `running_var`).
     pub(super) fn forward_train_cuda(&self, x: &Tensor) -> Result<Tensor> {
         let (y, stats) = crate::cuda::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
-        let count = (x.elem_count() / x.dim(1)?) as f64;
-        let m = self.momentum;
-        let unbias = count / (count - 1.0);
-        let new_mean = ((self.running_mean.as_tensor() * (1.0 - m))? + (stats.mean * m)?)?;
-        let new_var = ((self.running_var.as_tensor() * (1.0 - m))? + (stats.var * (m * unbias))?)?;
-        self.running_mean.set(&new_mean)?;
-        self.running_var.set(&new_var)?;
+        let count = x.elem_count() / x.dim(1)?;
+        self.update_running(&stats.mean, &stats.var, count)?;
         Ok(y)
     }
 }

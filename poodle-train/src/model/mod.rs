@@ -43,6 +43,7 @@ pub mod heads;
 pub mod init;
 pub mod layers;
 pub mod resnet;
+pub mod sync_bn_fused;
 
 pub use decoder::{Decoder, DecoderConfig, DecoderOrder};
 pub use heads::{HeadKind, Mlp};
