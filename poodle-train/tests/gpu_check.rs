@@ -107,7 +107,10 @@ fn gpu_check_runs_on_the_cpu() {
     let bn = results("batchnorm");
     assert_eq!(bn.len(), 1, "{text}");
     let forms = bn[0]["forms"].as_array().unwrap();
-    assert!(forms.len() == 2 && forms.iter().all(|f| finite(f, "s")), "{text}");
+    assert!(
+        forms.len() == 2 && forms.iter().all(|f| finite(f, "s")),
+        "{text}"
+    );
     assert!(finite(bn[0], "fused_over_unsynchronised"), "{text}");
     assert!(skipped("batchnorm", "bf16"), "{text}");
     for kind in ["trunk", "step"] {

@@ -323,6 +323,13 @@ struct BF16Elem {
 
 #define BN_SUM_THREADS 256
 
+// Where value j of channel ch (j < n * hw, batch-major) sits in an (n, c, hw) map. The
+// launchers keep n * hw (plus a grid's stride) within an int.
+__device__ static inline long long bn_index(int j, int ch, int c, int hw) {
+    int b = j / hw;
+    return ((long long)b * c + ch) * hw + (j - b * hw);
+}
+
 // Block-wide sum of v (blockDim.x == BN_SUM_THREADS); the total lands in thread 0.
 __device__ static float bn_block_sum(float v, float *smem) {
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
@@ -353,8 +360,7 @@ __device__ static void bn_sums(const typename E::T *x, const typename E::T *dy,
     float m = mode == 0 ? 0.f : mean[ch];
     float a0 = 0.f, a1 = 0.f;
     for (int j = lo + threadIdx.x; j < hi; j += BN_SUM_THREADS) {
-        int b = j / hw;
-        long long at = ((long long)b * c + ch) * hw + (j - b * hw);
+        long long at = bn_index(j, ch, c, hw);
         float v = E::load(x, at);
         if (mode == 0) {
             a0 += v;
@@ -375,29 +381,32 @@ __device__ static void bn_sums(const typename E::T *x, const typename E::T *dy,
     }
 }
 
-// y = (x - mean) (w inv_std) + b per channel; coef = [mean; inv_std] (2, c).
+// y = (x - mean) (w inv_std) + b per channel; coef = [mean; inv_std] (2, c). Grid (blocks, c):
+// a block's threads stride over one channel's values, whose coefficients are loaded once.
 template <class E>
 __device__ static void bn_apply(const typename E::T *x, typename E::T *y, const float *coef,
-                                const float *w, const float *b, int c, long long hw,
-                                long long total) {
-    GRID_STRIDE(i, total) {
-        int ch = (int)((i / hw) % c);
-        float scale = w[ch] * coef[c + ch];
-        E::store(y, i, (E::load(x, i) - coef[ch]) * scale + b[ch]);
+                                const float *w, const float *b, int n, int c, int hw) {
+    int ch = blockIdx.y;
+    float mean = coef[ch], scale = w[ch] * coef[c + ch], shift = b[ch];
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < n * hw; j += blockDim.x * gridDim.x) {
+        long long at = bn_index(j, ch, c, hw);
+        E::store(y, at, (E::load(x, at) - mean) * scale + shift);
     }
 }
 
 // dx = scale (dy - k1 - (x - mean) k2); coef = [mean; scale; k1; k2] (4, c), with scale = w
-// inv_std, k1 = sum dy / count, k2 = inv_std^2 sum dy (x - mean) / count (global sums).
+// inv_std, k1 = sum dy / count, k2 = inv_std^2 sum dy (x - mean) / count (global sums). Grid
+// as bn_apply's.
 template <class E>
 __device__ static void bn_input_grad(const typename E::T *x, const typename E::T *dy,
-                                     typename E::T *dx, const float *coef, int c, long long hw,
-                                     long long total) {
-    GRID_STRIDE(i, total) {
-        int ch = (int)((i / hw) % c);
-        float xc = E::load(x, i) - coef[ch];
-        float g = E::load(dy, i) - coef[2 * c + ch] - xc * coef[3 * c + ch];
-        E::store(dx, i, coef[c + ch] * g);
+                                     typename E::T *dx, const float *coef, int n, int c,
+                                     int hw) {
+    int ch = blockIdx.y;
+    float mean = coef[ch], scale = coef[c + ch], k1 = coef[2 * c + ch], k2 = coef[3 * c + ch];
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < n * hw; j += blockDim.x * gridDim.x) {
+        long long at = bn_index(j, ch, c, hw);
+        float g = E::load(dy, at) - k1 - (E::load(x, at) - mean) * k2;
+        E::store(dx, at, scale * g);
     }
 }
 
@@ -408,14 +417,14 @@ __device__ static void bn_input_grad(const typename E::T *x, const typename E::T
         bn_sums<E>(x, dy, mean, part, n, c, hw, splits, mode);                              \
     }                                                                                        \
     extern "C" __global__ void bn_apply_##suffix(const E::T *x, E::T *y, const float *coef, \
-                                                 const float *w, const float *b, int c,      \
-                                                 long long hw, long long total) {            \
-        bn_apply<E>(x, y, coef, w, b, c, hw, total);                                         \
+                                                 const float *w, const float *b, int n,      \
+                                                 int c, int hw) {                            \
+        bn_apply<E>(x, y, coef, w, b, n, c, hw);                                             \
     }                                                                                        \
     extern "C" __global__ void bn_input_grad_##suffix(const E::T *x, const E::T *dy,        \
-                                                      E::T *dx, const float *coef, int c,   \
-                                                      long long hw, long long total) {      \
-        bn_input_grad<E>(x, dy, dx, coef, c, hw, total);                                     \
+                                                      E::T *dx, const float *coef, int n,   \
+                                                      int c, int hw) {                       \
+        bn_input_grad<E>(x, dy, dx, coef, n, c, hw);                                         \
     }
 
 BN_KERNELS(f32, F32Elem)

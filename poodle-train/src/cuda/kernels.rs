@@ -351,14 +351,32 @@ fn bn_kernel(
     })
 }
 
-/// Slices a channel is split into by `bn_sums`: about 1024 blocks in all (every SM of a
-/// current GPU busy even at 2048 channels), and at least 2048 values a slice.
-fn bn_splits(c: usize, per_channel: usize) -> usize {
-    (1024 / c.max(1)).clamp(1, per_channel.div_ceil(2048).max(1))
+/// The launch of a `bn_*` kernel on an `(n, c, hw)` map: grid `(blocks, c)` of 256 threads,
+/// each block taking a share of one channel's `n hw` values; `blocks` fills every SM of a
+/// current GPU (about `target` blocks in all) with at least `min_per_block` values a block.
+/// Also the sizes as the kernels' ints (a channel's values, plus a grid's stride, fit one).
+fn bn_launch(
+    op: &'static str,
+    (n, c, hw): (usize, usize, usize),
+    target: usize,
+    min_per_block: usize,
+) -> Result<(LaunchConfig, [i32; 3])> {
+    let per = n * hw;
+    if c == 0 || per == 0 || c > 65535 || per > 1 << 30 {
+        let what = format!("n {n}, c {c}, hw {hw}: empty, over 65535 channels or 2^30 values");
+        return Err(super::unsupported(op, what).into());
+    }
+    let blocks = (target / c).clamp(1, per.div_ceil(min_per_block));
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, c as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    Ok((cfg, [int(op, n)?, int(op, c)?, int(op, hw)?]))
 }
 
 /// Per-channel sums of an `(n, c, hw)` map for synchronised BatchNorm (`model::sync_bn_fused`):
-/// partial sums `(rows, c, splits)` f32 (rows 2 for [`SumKind::Grad`], else 1), which the
+/// partial sums `(rows, c, slices)` f32 (rows 2 for [`SumKind::Grad`], else 1), which the
 /// caller adds along the last axis. `dy` only for `Grad`, `mean` (f32 `(c)`) for all but
 /// `Values`.
 pub fn bn_sums(
@@ -366,21 +384,23 @@ pub fn bn_sums(
     (x, lx): (&CudaStorage, &Layout),
     dy: Option<(&CudaStorage, &Layout)>,
     mean: Option<(&CudaStorage, &Layout)>,
-    (n, c, hw): (usize, usize, usize),
+    geo: (usize, usize, usize),
 ) -> Result<(CudaStorage, usize)> {
     let op = bn_kernel("bn_sums", x.dtype())?;
-    let per = n * hw;
-    let (ni, ci, hwi) = (int(op, n)?, int(op, c)?, int(op, hw)?);
-    int(op, per)?;
-    let wants = (kind == SumKind::Grad, kind != SumKind::Values);
-    if c == 0 || per == 0 || c > 65535 || (dy.is_some(), mean.is_some()) != wants {
-        let what = format!("{kind:?} with n {n}, c {c}, hw {hw}, dy {}", dy.is_some());
+    // About 1024 blocks (every SM busy at 2048 channels), at least 2048 values a slice.
+    let (cfg, [ni, ci, hwi]) = bn_launch(op, geo, 1024, 2048)?;
+    if (dy.is_some(), mean.is_some()) != (kind == SumKind::Grad, kind != SumKind::Values) {
+        let what = format!(
+            "{kind:?} with dy {} and mean {}",
+            dy.is_some(),
+            mean.is_some()
+        );
         return Err(super::unsupported(op, what).into());
     }
     if dy.is_some_and(|(d, _)| d.dtype() != x.dtype()) {
         return Err(super::unsupported(op, "dy and x differ in dtype").into());
     }
-    let splits = bn_splits(c, per);
+    let (c, splits) = (geo.1, cfg.grid_dim.0 as usize);
     let rows = if kind == SumKind::Grad { 2 } else { 1 };
     let dev = &x.device;
     let stream = dev.cuda_stream();
@@ -391,10 +411,7 @@ pub fn bn_sums(
         None => (0, None),
     };
     let (mp, _gm) = match mean {
-        Some((m, l)) if m.dtype() == candle_core::DType::F32 && l.shape().elem_count() == c => {
-            super::dptr(op, m, l, &stream).map(|(p, g)| (p, Some(g)))?
-        }
-        Some(_) => return Err(super::unsupported(op, "mean must be f32 of c values").into()),
+        Some(m) => coef_ptr(op, m, c, &stream).map(|(p, g)| (p, Some(g)))?,
         None => (0, None),
     };
     let f = dev.get_or_load_custom_func(op, MODULE, PTX)?;
@@ -409,18 +426,14 @@ pub fn bn_sums(
         .arg(&hwi)
         .arg(&si)
         .arg(&mode);
-    let cfg = LaunchConfig {
-        grid_dim: (splits as u32, c as u32, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: argument order and types match bn_sums_* (BN_SUM_THREADS = 256 threads); x and
-    // dy hold n c hw values, mean c, part rows c splits; null pointers are never read (mode).
+    // SAFETY: argument order and types match bn_sums_* (BN_SUM_THREADS = 256 threads, grid
+    // (splits, c)); x and dy hold n c hw values, mean c, part rows c splits; the null
+    // pointers are never read (mode).
     unsafe { b.launch(cfg) }.map_err(CudaOpError::from)?;
     Ok((CudaStorage::wrap_cuda_slice(part, dev.clone()), splits))
 }
 
-/// An f32 per-channel table (`rows` x `c`) and its device address.
+/// An f32 per-channel table (`len` values) and its device address.
 fn coef_ptr<'a>(
     op: &'static str,
     (s, l): (&'a CudaStorage, &Layout),
@@ -438,6 +451,10 @@ fn coef_ptr<'a>(
     Ok(super::dptr(op, s, l, stream)?)
 }
 
+/// Blocks of the elementwise `bn_*` passes: about 8192 in all, at least 1024 values a block
+/// (4 a thread).
+const BN_PASS: (usize, usize) = (8192, 1024);
+
 /// `y = (x - mean) w inv_std + b` per channel of an `(n, c, hw)` map; `coef` = `[mean;
 /// inv_std]` `(2, c)`, `w` and `b` `(c)`, all f32; `y` in x's dtype.
 pub fn bn_apply(
@@ -445,13 +462,14 @@ pub fn bn_apply(
     coef: (&CudaStorage, &Layout),
     w: (&CudaStorage, &Layout),
     b: (&CudaStorage, &Layout),
-    (n, c, hw): (usize, usize, usize),
+    geo: (usize, usize, usize),
 ) -> Result<CudaStorage> {
     let op = bn_kernel("bn_apply", x.dtype())?;
+    let (cfg, [ni, ci, hwi]) = bn_launch(op, geo, BN_PASS.0, BN_PASS.1)?;
+    let (n, c, hw) = geo;
     let dev = &x.device;
     let stream = dev.cuda_stream();
-    let total = n * c * hw;
-    let mut y = super::alloc(dev, x.dtype(), total)?;
+    let mut y = super::alloc(dev, x.dtype(), n * c * hw)?;
     {
         let (xp, _gx) = super::dptr(op, x, lx, &stream)?;
         let (cp, _gc) = coef_ptr(op, coef, 2 * c, &stream)?;
@@ -459,19 +477,18 @@ pub fn bn_apply(
         let (bp, _gb) = coef_ptr(op, b, c, &stream)?;
         let (yp, _gy) = super::dptr_mut(op, &mut y, &stream)?;
         let f = dev.get_or_load_custom_func(op, MODULE, PTX)?;
-        let (ci, hwi, ti) = (int(op, c)?, hw as i64, total as i64);
         let mut bl = f.builder();
         bl.arg(&xp)
             .arg(&yp)
             .arg(&cp)
             .arg(&wp)
             .arg(&bp)
+            .arg(&ni)
             .arg(&ci)
-            .arg(&hwi)
-            .arg(&ti);
-        // SAFETY: argument order and types match bn_apply_*; x and y hold `total` values of
-        // one dtype, coef 2 c, w and b c.
-        unsafe { bl.launch(launch_cfg(total)) }.map_err(CudaOpError::from)?;
+            .arg(&hwi);
+        // SAFETY: argument order and types match bn_apply_* (grid (blocks, c)); x and y hold
+        // n c hw values of one dtype, coef 2 c, w and b c.
+        unsafe { bl.launch(cfg) }.map_err(CudaOpError::from)?;
     }
     Ok(y)
 }
@@ -482,34 +499,34 @@ pub fn bn_input_grad(
     (x, lx): (&CudaStorage, &Layout),
     (dy, ldy): (&CudaStorage, &Layout),
     coef: (&CudaStorage, &Layout),
-    (n, c, hw): (usize, usize, usize),
+    geo: (usize, usize, usize),
 ) -> Result<CudaStorage> {
     let op = bn_kernel("bn_input_grad", x.dtype())?;
     if dy.dtype() != x.dtype() {
         return Err(super::unsupported(op, "dy and x differ in dtype").into());
     }
+    let (cfg, [ni, ci, hwi]) = bn_launch(op, geo, BN_PASS.0, BN_PASS.1)?;
+    let (n, c, hw) = geo;
     let dev = &x.device;
     let stream = dev.cuda_stream();
-    let total = n * c * hw;
-    let mut dx = super::alloc(dev, x.dtype(), total)?;
+    let mut dx = super::alloc(dev, x.dtype(), n * c * hw)?;
     {
         let (xp, _gx) = super::dptr(op, x, lx, &stream)?;
         let (dyp, _gd) = super::dptr(op, dy, ldy, &stream)?;
         let (cp, _gc) = coef_ptr(op, coef, 4 * c, &stream)?;
         let (dxp, _gdx) = super::dptr_mut(op, &mut dx, &stream)?;
         let f = dev.get_or_load_custom_func(op, MODULE, PTX)?;
-        let (ci, hwi, ti) = (int(op, c)?, hw as i64, total as i64);
         let mut bl = f.builder();
         bl.arg(&xp)
             .arg(&dyp)
             .arg(&dxp)
             .arg(&cp)
+            .arg(&ni)
             .arg(&ci)
-            .arg(&hwi)
-            .arg(&ti);
-        // SAFETY: argument order and types match bn_input_grad_*; x, dy and dx hold `total`
-        // values of one dtype, coef 4 c.
-        unsafe { bl.launch(launch_cfg(total)) }.map_err(CudaOpError::from)?;
+            .arg(&hwi);
+        // SAFETY: argument order and types match bn_input_grad_* (grid (blocks, c)); x, dy
+        // and dx hold n c hw values of one dtype, coef 4 c.
+        unsafe { bl.launch(cfg) }.map_err(CudaOpError::from)?;
     }
     Ok(dx)
 }
