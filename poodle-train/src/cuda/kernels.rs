@@ -7,6 +7,7 @@
 
 use super::CudaOpError;
 use crate::model::sync_bn_fused::SumKind;
+use candle_core::backend::BackendStorage;
 use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
