@@ -85,7 +85,9 @@ fn plan_taps_host() {
 fn cuda_kernels() {
     use std::path::PathBuf;
     let src = "src/cuda/kernels.cu";
-    println!("cargo:rerun-if-changed={src}");
+    for f in [src, "src/cuda/sync_bn.cuh"] {
+        println!("cargo:rerun-if-changed={f}");
+    }
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let nvcc = std::env::var_os("NVCC")

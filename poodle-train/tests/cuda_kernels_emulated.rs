@@ -1,0 +1,71 @@
+//! Synchronised BatchNorm's CUDA kernels (src/cuda/sync_bn.cuh) run on the CPU: the host
+//! emulation in tests/cuda_emulation compiles the kernel text itself with the system's C++
+//! compiler, runs each block's threads as fibers (barriers, warp shuffles, random thread
+//! speeds) and compares every output with double-precision references. CI has no GPU, so
+//! this is where the kernels' indexing, reductions and bf16 rounding are checked on every
+//! run; `gpu-check` checks them on a GPU.
+
+mod common;
+
+use std::process::Command;
+
+/// The harness, compiled into `dir`; `None` (skip; a failure under `CI=true`) without a C++
+/// compiler.
+fn build_harness(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    let here = common::repo().join("poodle-train");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let bin = dir.join("sync_bn_harness");
+    let out = Command::new(&cxx)
+        .args(["-O1", "-std=c++20", "-ffp-contract=off", "-I"])
+        .arg(here.join("src/cuda"))
+        .arg("-o")
+        .arg(&bin)
+        .arg(here.join("tests/cuda_emulation/sync_bn_harness.cpp"))
+        .output();
+    match out {
+        Err(e) => {
+            poodle_common::testenv::missing(&format!("a C++ compiler ({cxx}: {e}; set CXX)"));
+            None
+        }
+        Ok(o) => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(o.status.success(), "{cxx} failed on the harness:\n{err}");
+            Some(bin)
+        }
+    }
+}
+
+fn run(bin: &std::path::Path, mode: &str, random: bool) -> String {
+    let mut cmd = Command::new(bin);
+    cmd.arg(mode);
+    if random {
+        cmd.env("EMU_RANDOM", "1");
+    }
+    let o = cmd.output().unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "harness {mode} failed:\n{out}\n{err}");
+    out
+}
+
+#[test]
+fn sync_batch_norm_kernels_match_references_under_emulation() {
+    let dir = common::tmpdir("cuda-emulation");
+    let Some(bin) = build_harness(&dir) else {
+        return;
+    };
+    // Three shapes (several slices a channel, n hw not a multiple of 256, 2 channels), both
+    // dtypes, threads at random speeds; then every f32 bit pattern through the bf16 store.
+    let small = run(&bin, "small", true);
+    let summary = small.lines().last().unwrap_or_default();
+    assert!(summary.ends_with("failures 0"), "{small}");
+    assert!(summary.contains("bf16 elementwise mismatches 0"), "{small}");
+    let conv = run(&bin, "conv", false);
+    assert!(
+        conv.contains("f32 patterns: 0 mismatches (vs half crate 0)"),
+        "{conv}"
+    );
+    eprintln!("{summary}");
+}
