@@ -76,7 +76,7 @@ impl Sizes {
         Self {
             dense: (4, 256, (512, 1024)),
             trunk: (ResNetConfig::resnet50(), 8, (512, 1024)),
-            // layer1's output of the trunk above (stride 4, 256 channels): 1 GiB in f32.
+            // layer1's output of the trunk above (stride 4, 256 channels): 256 MiB in f32.
             batchnorm: [8, 256, 128, 256],
             step: TrainConfig::paper(),
         }
@@ -549,6 +549,12 @@ fn batch_norm_outputs(x: &Tensor, probe: &Tensor, dev: &Device, dt: DType) -> Re
 /// group) on `dev`, put together as one batch's: outputs and input gradients concatenated,
 /// scale and shift gradients summed (data parallel's average of the per-rank losses' sums),
 /// rank 0's running statistics (both ranks hold the same).
+///
+/// Each rank copies its results to the host before handing them over (its kernels run on
+/// its own thread's stream, which nothing orders with this thread's). A rank that fails
+/// leaves the other waiting in a collective for ever: the ranks are detached threads and
+/// this returns the first error, or gives up after a minute, so the parity rows after this
+/// one still run.
 fn sync_batch_norm_two_ranks(
     x: &Tensor,
     probe: &Tensor,
@@ -558,28 +564,34 @@ fn sync_batch_norm_two_ranks(
     use crate::dist::{local::LocalGroup, sync_bn, Collective};
     let half = x.dim(0)? / 2;
     anyhow::ensure!(half >= 1 && 2 * half == x.dim(0)?, "an even batch");
-    let ranks: Vec<Result<Vec<Tensor>>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (LocalGroup::new(2).into_iter().enumerate())
-            .map(|(r, g)| {
-                s.spawn(move || {
-                    let _scope = sync_bn::scope(Some(
-                        std::sync::Arc::new(g) as std::sync::Arc<dyn Collective>
-                    ));
-                    let part = |t: &Tensor| t.narrow(0, r * half, half);
-                    batch_norm_outputs(&part(x)?, &part(probe)?, dev, dt)
-                })
-            })
-            .collect();
-        (handles.into_iter())
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("rank panicked")))
-            })
-            .collect()
-    });
-    let [a, b]: [Vec<Tensor>; 2] = (ranks.into_iter().collect::<Result<Vec<_>>>()?)
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("two ranks"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (r, g) in LocalGroup::new(2).into_iter().enumerate() {
+        let (x, probe, dev, tx) = (x.clone(), probe.clone(), dev.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let rank = || -> Result<Vec<Tensor>> {
+                let _scope = sync_bn::scope(Some(
+                    std::sync::Arc::new(g) as std::sync::Arc<dyn Collective>
+                ));
+                let part = |t: &Tensor| t.narrow(0, r * half, half);
+                let outs = batch_norm_outputs(&part(&x)?, &part(&probe)?, &dev, dt)?;
+                Ok(outs
+                    .iter()
+                    .map(|t| t.to_device(&Device::Cpu))
+                    .collect::<candle_core::Result<_>>()?)
+            };
+            let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(rank))
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("rank {r} panicked")));
+            let _ = tx.send((r, res));
+        });
+    }
+    let mut ranks: [Vec<Tensor>; 2] = Default::default();
+    for _ in 0..2 {
+        let (r, res) = rx.recv_timeout(Duration::from_secs(60)).map_err(|_| {
+            anyhow::anyhow!("a rank took over a minute (waiting for a failed one?)")
+        })?;
+        ranks[r] = res.with_context(|| format!("rank {r}"))?;
+    }
+    let [a, b] = ranks;
     let cat = |i: usize| Tensor::cat(&[&a[i], &b[i]], 0);
     let sum = |i: usize| &a[i] + &b[i];
     Ok(vec![
@@ -904,7 +916,7 @@ fn bench_dense(dev: &Device, sizes: &Sizes, iters: usize) -> Result<Value> {
 fn bench_batchnorm(dev: &Device, sizes: &Sizes, p: Precision, iters: usize) -> Result<Value> {
     p.apply();
     let dims = sizes.batchnorm;
-    // Generated on the device (1 GiB at the paper's size: too slow for the host's randn).
+    // Generated on the device (67 M values at the paper's size: slow with the host's randn).
     let x = Var::from_tensor(&Tensor::randn(0f32, 1., &dims, dev)?.to_dtype(p.dtype())?)?;
     let bn = BatchNorm::new(
         dims[1],
