@@ -1,26 +1,28 @@
-//! Synchronised BatchNorm's CUDA kernels (src/cuda/sync_bn.cuh) run on the CPU: the host
-//! emulation in tests/cuda_emulation compiles the kernel text itself with the system's C++
-//! compiler, runs each block's threads as fibers (barriers, warp shuffles, random thread
-//! speeds) and compares every output with double-precision references. CI has no GPU, so
-//! this is where the kernels' indexing, reductions and bf16 rounding are checked on every
-//! run; `gpu-check` checks them on a GPU.
+//! The CUDA kernels of src/cuda/kernels.cu run on the CPU: the host emulation in
+//! tests/cuda_emulation compiles the kernel text itself with the system's C++ compiler, runs
+//! each block's threads as fibers (barriers, warp shuffles, random thread speeds) and
+//! compares every output with double-precision references: synchronised BatchNorm's kernels
+//! (sync_bn.cuh, `sync_bn_harness.cpp`) and the dense loss's (tap formation, gather/scatter,
+//! normalised difference, the fused compare; `dense_harness.cpp`). CI has no GPU, so this is
+//! where the kernels' indexing, reductions and rounding are checked on every run;
+//! `gpu-check` checks them on a GPU.
 
 mod common;
 
 use std::process::Command;
 
-/// The harness, compiled into `dir`; `None` (skip; a failure under `CI=true`) without a C++
-/// compiler.
-fn build_harness(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+/// The harness `name` (tests/cuda_emulation/`name`.cpp), compiled into `dir`; `None` (skip;
+/// a failure under `CI=true`) without a C++ compiler.
+fn build_harness(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
     let here = common::repo().join("poodle-train");
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let bin = dir.join("sync_bn_harness");
+    let bin = dir.join(name);
     let out = Command::new(&cxx)
         .args(["-O1", "-std=c++20", "-ffp-contract=off", "-I"])
         .arg(here.join("src/cuda"))
         .arg("-o")
         .arg(&bin)
-        .arg(here.join("tests/cuda_emulation/sync_bn_harness.cpp"))
+        .arg(here.join(format!("tests/cuda_emulation/{name}.cpp")))
         .output();
     match out {
         Err(e) => {
@@ -53,7 +55,7 @@ fn run(bin: &std::path::Path, mode: &str, random: bool) -> String {
 #[test]
 fn sync_batch_norm_kernels_match_references_under_emulation() {
     let dir = common::tmpdir("cuda-emulation");
-    let Some(bin) = build_harness(&dir) else {
+    let Some(bin) = build_harness(&dir, "sync_bn_harness") else {
         return;
     };
     // Three shapes (several slices a channel, n hw not a multiple of 256, 2 channels), both
@@ -67,5 +69,22 @@ fn sync_batch_norm_kernels_match_references_under_emulation() {
         conv.contains("f32 patterns: 0 mismatches (vs half crate 0)"),
         "{conv}"
     );
+    eprintln!("{summary}");
+}
+
+#[test]
+fn dense_loss_kernels_match_references_under_emulation() {
+    let dir = common::tmpdir("cuda-emulation-dense");
+    let Some(bin) = build_harness(&dir, "dense_harness") else {
+        return;
+    };
+    // kernels.cu itself: tap formation bit for bit against the CPU's taps, gather/scatter,
+    // normalised difference and the fused compare (C = 3 to 256, chains of up to 36 taps,
+    // zero and sub-eps vectors, invalid pixels) on the launchers' grids and others, threads
+    // at random speeds.
+    let out = run(&bin, "small", true);
+    let summary = out.lines().last().unwrap_or_default();
+    assert!(summary.ends_with("failures 0"), "{out}");
+    assert!(summary.contains("plan_taps: 0 of "), "{out}");
     eprintln!("{summary}");
 }

@@ -44,7 +44,9 @@ __device__ static inline void resize_row(int n_in, int n_up, int o, int *i0, int
 // (loss/sample.rs `axis_weights`): the two resize rows around p blended by its fraction,
 // merged by index in first-seen order; entries past the merged ones stay (0, 0).
 __device__ static inline void axis_weights(int n_in, int n_up, double p, int *ix, double *w) {
-    int p0 = min((int)floor(p), n_up - 1);
+    // Clamped below at 0 as the CPU's saturating `as usize` is (plans hold no point outside
+    // the map, from_fn_upsampled makes them NaN; this keeps GPU = CPU for any finite p).
+    int p0 = min((int)fmax(floor(p), 0.0), n_up - 1);
     int p1 = min(p0 + 1, n_up - 1);
     double f = __dadd_rn(p, -(double)p0), g = __dadd_rn(1.0, -f);
     int ci[4];

@@ -1,7 +1,9 @@
-// Host emulation of the CUDA built-ins that the BatchNorm kernels use.
-// Threads of a block are ucontext fibers run by a deterministic scheduler; __syncthreads is a
-// barrier over the block's live fibers, __shfl_xor_sync exchanges through a per-warp buffer
-// between two warp barriers. Kernels without barriers may run in "direct" mode (each thread
+// Host emulation of the CUDA built-ins that the kernels of kernels.cu use (sync_bn.cuh and the
+// dense loss's kernels). Threads of a block are ucontext fibers run by a deterministic
+// scheduler; __syncthreads is a barrier over the block's live fibers, __syncwarp one over the
+// warp's 32 lanes, __shfl_xor_sync (any type of up to 8 bytes) exchanges through a per-warp
+// buffer between two warp barriers. Fibers switch only at those barriers, so atomicAdd is a
+// plain read-modify-write. Kernels without barriers may run in "direct" mode (each thread
 // called in turn), where a barrier call aborts.
 #pragma once
 #include <cstdio>
@@ -9,6 +11,7 @@
 #include <cstring>
 #include <functional>
 #include <random>
+#include <type_traits>
 #include <utility>
 #include <ucontext.h>
 
@@ -22,7 +25,12 @@ static uint3 threadIdx, blockIdx, blockDim, gridDim;
 #define __shared__ static  /* one copy; blocks run one after another */
 #define __forceinline__ inline
 
-static inline int min(int a, int b) { return a < b ? a : b; }
+// A template, so that a header's own `int min(int, int)` (plan_taps.cuh's host branch) may
+// sit beside it.
+template <class T>
+static inline T min(T a, T b) {
+    return a < b ? a : b;
+}
 static inline float __uint_as_float(unsigned int u) {
     float f;
     memcpy(&f, &u, 4);
@@ -38,13 +46,15 @@ namespace emu {
 constexpr int MAXT = 1024;
 constexpr size_t STACK = 128 * 1024;
 enum St { RUN, WAIT_BLOCK, WAIT_WARP, DONE };
+enum WarpOp { SHFL = 1, SYNCWARP = 2 };
 inline St st[MAXT];
 inline ucontext_t ctx[MAXT], sched;
 inline char *stacks[MAXT];
 inline int cur = -1, nthreads = 0;
 inline bool in_fiber = false;
-inline float shfl_buf[MAXT];
-inline long nsync[MAXT], nshfl[MAXT];
+inline unsigned long long shfl_buf[MAXT];  // each lane's value, its bytes
+inline long nsync[MAXT], nshfl[MAXT];      // barriers passed; warp barriers (shuffles, __syncwarp)
+inline int warp_op[MAXT];                  // what a lane waits at: SHFL or SYNCWARP
 inline std::function<void()> body;
 inline bool random_order = false;
 inline unsigned run_p[MAXT];
@@ -67,6 +77,14 @@ inline void wait(St s) {
     if (!in_fiber) die("barrier in a kernel launched without fibers");
     st[cur] = s;
     swapcontext(&ctx[cur], &sched);
+}
+
+// All 32 lanes of warp w wait at the same warp barrier: same count, same kind.
+inline void check_warp(int w) {
+    for (int l = 1; l < 32; ++l) {
+        if (nshfl[w * 32 + l] != nshfl[w * 32]) die("warp shuffle/__syncwarp count mismatch");
+        if (warp_op[w * 32 + l] != warp_op[w * 32]) die("lanes at a shuffle and at __syncwarp");
+    }
 }
 
 inline void run_block(int nt) {
@@ -103,8 +121,7 @@ inline void run_block(int nt) {
                     int waiting = 0;
                     for (int l = 0; l < 32; ++l) waiting += st[w * 32 + l] == WAIT_WARP;
                     if (waiting == 32) {
-                        for (int l = 1; l < 32; ++l)
-                            if (nshfl[w * 32 + l] != nshfl[w * 32]) die("warp shuffle count mismatch");
+                        check_warp(w);
                         for (int l = 0; l < 32; ++l) st[w * 32 + l] = RUN, order[k++] = w * 32 + l;
                         ++stat_shfl_rounds;
                     }
@@ -135,8 +152,7 @@ inline void run_block(int nt) {
             int waiting = 0;
             for (int l = 0; l < 32; ++l) waiting += st[w * 32 + l] == WAIT_WARP;
             if (waiting == 32) {
-                for (int l = 1; l < 32; ++l)
-                    if (nshfl[w * 32 + l] != nshfl[w * 32]) die("warp shuffle count mismatch");
+                check_warp(w);
                 for (int l = 0; l < 32; ++l) st[w * 32 + l] = RUN;
                 released = true;
                 ++stat_shfl_rounds;
@@ -195,14 +211,34 @@ static inline void __syncthreads() {
     emu::wait(emu::WAIT_BLOCK);
 }
 
-static inline float __shfl_xor_sync(unsigned int mask, float v, int lane_mask) {
+template <class T>
+static inline T __shfl_xor_sync(unsigned int mask, T v, int lane_mask) {
+    static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= sizeof(emu::shfl_buf[0]));
     if (mask != 0xffffffffu) emu::die("shuffle mask other than full");
     if (lane_mask < 0 || lane_mask > 31) emu::die("shuffle lane mask out of range");
     int t = (int)threadIdx.x;
     ++emu::nshfl[t];
-    emu::shfl_buf[t] = v;
+    emu::warp_op[t] = emu::SHFL;
+    memcpy(&emu::shfl_buf[t], &v, sizeof(T));
     emu::wait(emu::WAIT_WARP);
-    float r = emu::shfl_buf[(t & ~31) | ((t & 31) ^ lane_mask)];
+    T r;
+    memcpy(&r, &emu::shfl_buf[(t & ~31) | ((t & 31) ^ lane_mask)], sizeof(T));
     emu::wait(emu::WAIT_WARP);
     return r;
+}
+
+static inline void __syncwarp(unsigned int mask = 0xffffffffu) {
+    if (mask != 0xffffffffu) emu::die("__syncwarp mask other than full");
+    int t = (int)threadIdx.x;
+    ++emu::nshfl[t];
+    emu::warp_op[t] = emu::SYNCWARP;
+    emu::wait(emu::WAIT_WARP);
+}
+
+// Atomic by construction: a fiber yields only at barriers.
+template <class T>
+static inline T atomicAdd(T *p, T v) {
+    T old = *p;
+    *p = old + v;
+    return old;
 }
