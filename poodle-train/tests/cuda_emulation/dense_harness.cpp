@@ -16,6 +16,7 @@
 //   EMU_RANDOM=1 ./dense_harness
 #include "emu.h"
 #include "kernels.cu"
+#include "check.h"
 
 #include <algorithm>
 #include <chrono>
@@ -28,18 +29,6 @@
 #include <unistd.h>
 #include <vector>
 
-static int failures = 0;
-#define CHECK(cond, ...)                                             \
-    do {                                                             \
-        if (!(cond)) {                                               \
-            ++failures;                                              \
-            if (failures < 40) {                                     \
-                fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-                fprintf(stderr, __VA_ARGS__);                        \
-                fprintf(stderr, "\n");                               \
-            }                                                        \
-        }                                                            \
-    } while (0)
 
 static const double EPS = 1e-12;             // loss::NORM_EPS, what the launchers pass
 static const double U = 1.0 / 16777216.0;    // f32 unit roundoff, 2^-24
@@ -47,28 +36,6 @@ static const double U64 = 1.0 / 9007199254740992.0;  // f64 unit roundoff, 2^-53
 static const float NaNf = std::numeric_limits<float>::quiet_NaN();
 static float poison_f() { return __uint_as_float(0x7fbadbadu); }
 
-// ---- buffers with guards -------------------------------------------------------------------
-template <class T>
-struct Buf {
-    static constexpr size_t G = 64;
-    std::vector<T> v;
-    T pattern;
-    size_t n;
-    Buf(size_t n_, T fill, T guard) : v(n_ + 2 * G, guard), pattern(guard), n(n_) {
-        std::fill(v.begin() + G, v.begin() + G + n, fill);
-    }
-    Buf(const std::vector<T> &src, T guard) : Buf(src.size(), T(), guard) {
-        std::copy(src.begin(), src.end(), v.begin() + G);
-    }
-    T *p() { return v.data() + G; }
-    T &operator[](size_t i) { return v[G + i]; }
-    bool guards_ok() const {
-        for (size_t i = 0; i < G; ++i)
-            if (memcmp(&v[i], &pattern, sizeof(T)) || memcmp(&v[G + n + i], &pattern, sizeof(T)))
-                return false;
-        return true;
-    }
-};
 
 // ---- launch configurations (kernels.rs) ------------------------------------------------------
 // launch_cfg: 256 threads, one block per 256 items, clamped to [1, 65536] blocks.

@@ -11,6 +11,7 @@
 //   ./harness [all | small | conv]
 #include "emu.h"
 #include "sync_bn.cuh"
+#include "check.h"
 
 #include <algorithm>
 #include <cmath>
@@ -20,18 +21,6 @@
 #include <string>
 #include <vector>
 
-static int failures = 0;
-#define CHECK(cond, ...)                                    \
-    do {                                                    \
-        if (!(cond)) {                                      \
-            ++failures;                                     \
-            if (failures < 40) {                            \
-                fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-                fprintf(stderr, __VA_ARGS__);               \
-                fprintf(stderr, "\n");                      \
-            }                                               \
-        }                                                   \
-    } while (0)
 
 static uint32_t fbits(float f) { return __float_as_uint(f); }
 static float bitsf(uint32_t u) { return __uint_as_float(u); }
@@ -108,25 +97,6 @@ static void test_bf16_conversions() {
            bad_load, bad_ref, bad_half, nans, bad_nan, ties, carries, to_inf);
 }
 
-// ---- buffers with guards ---------------------------------------------------------------------
-template <class T>
-struct Buf {
-    static constexpr size_t G = 64;
-    std::vector<T> v;
-    T pattern;
-    size_t n;
-    Buf(size_t n_, T fill, T guard) : v(n_ + 2 * G, guard), pattern(guard), n(n_) {
-        std::fill(v.begin() + G, v.begin() + G + n, fill);
-    }
-    T *p() { return v.data() + G; }
-    T &operator[](size_t i) { return v[G + i]; }
-    bool guards_ok() const {
-        for (size_t i = 0; i < G; ++i)
-            if (memcmp(&v[i], &pattern, sizeof(T)) || memcmp(&v[G + n + i], &pattern, sizeof(T)))
-                return false;
-        return true;
-    }
-};
 
 // ---- element types ---------------------------------------------------------------------------
 struct F32 {
