@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod custom_op;
 pub mod data;
 pub mod dist;
 pub mod eval;

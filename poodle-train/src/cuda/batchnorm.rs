@@ -8,7 +8,8 @@
 
 use super::handle::{with_ctx, TensorDesc};
 use super::{
-    alloc, alloc_f32, ck, cpu_refused, cudnn_dtype, dptr, dptr_mut, one, unsupported, zero,
+    alloc, alloc_f32, check_f32_table, ck, cpu_refused, cudnn_dtype, dptr, dptr_mut, one,
+    unsupported, zero,
 };
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
@@ -96,21 +97,6 @@ fn dims4(l: &Layout) -> [usize; 4] {
     [d[0], d[1], d[2], d[3]]
 }
 
-fn check_param(op: &'static str, s: &CudaStorage, l: &Layout, c: usize) -> Result<()> {
-    if s.dtype() != DType::F32 || l.shape().elem_count() != c {
-        return Err(unsupported(
-            op,
-            format!(
-                "scale/shift must be f32 of {c}, got {:?} {:?}",
-                s.dtype(),
-                l.dims()
-            ),
-        )
-        .into());
-    }
-    Ok(())
-}
-
 struct BnFwdOp {
     eps: f64,
     saved: SavedCell,
@@ -145,8 +131,8 @@ impl CustomOp3 for BnFwdOp {
         let op = self.name();
         let xd = dims4(xl);
         let c = xd[1];
-        check_param(op, w, wl, c)?;
-        check_param(op, b, bl, c)?;
+        check_f32_table(op, w, wl, c)?;
+        check_f32_table(op, b, bl, c)?;
         let dev = &x.device;
         let dt = cudnn_dtype(op, x.dtype())?;
         let mut y = alloc(dev, x.dtype(), xl.shape().elem_count())?;
@@ -258,7 +244,7 @@ impl CustomOp3 for BnBwdOp {
         let op = self.name();
         let xd = dims4(xl);
         let c = xd[1];
-        check_param(op, w, wl, c)?;
+        check_f32_table(op, w, wl, c)?;
         if dyl.dims() != xl.dims() || dy.dtype() != x.dtype() {
             return Err(unsupported(op, "gradient shape or dtype differs from the input").into());
         }

@@ -402,7 +402,7 @@ pub fn bn_sums(
         return Err(super::unsupported(op, "dy and x differ in dtype").into());
     }
     let (c, splits) = (geo.1, cfg.grid_dim.0 as usize);
-    let rows = if kind == SumKind::Grad { 2 } else { 1 };
+    let rows = kind.rows();
     let dev = &x.device;
     let stream = dev.cuda_stream();
     let mut part = dev.alloc_zeros::<f32>(rows * c * splits)?;
@@ -441,14 +441,7 @@ fn coef_ptr<'a>(
     len: usize,
     stream: &'a cudarc::driver::CudaStream,
 ) -> Result<(u64, cudarc::driver::SyncOnDrop<'a>)> {
-    if s.dtype() != candle_core::DType::F32 || l.shape().elem_count() != len {
-        let what = format!(
-            "f32 table of {len} expected, got {:?} {:?}",
-            s.dtype(),
-            l.dims()
-        );
-        return Err(super::unsupported(op, what).into());
-    }
+    super::check_f32_table(op, s, l, len)?;
     Ok(super::dptr(op, s, l, stream)?)
 }
 

@@ -83,6 +83,25 @@ fn cudnn_dtype(op: &'static str, dt: DType) -> Result<sys::cudnnDataType_t, Cuda
     }
 }
 
+/// A per-channel f32 parameter or table of `len` values (BatchNorm's scale and shift, the
+/// synchronised BatchNorm kernels' coefficients), or the error saying what came instead.
+fn check_f32_table(
+    op: &'static str,
+    s: &CudaStorage,
+    l: &Layout,
+    len: usize,
+) -> Result<(), CudaOpError> {
+    if s.dtype() != DType::F32 || l.shape().elem_count() != len {
+        let what = format!(
+            "f32 of {len} values expected, got {:?} {:?}",
+            s.dtype(),
+            l.dims()
+        );
+        return Err(unsupported(op, what));
+    }
+    Ok(())
+}
+
 /// Device address of the first element of a contiguous tensor, with cudarc's event guard
 /// (it records the use on `stream` when dropped, so keep it alive across the cuDNN call).
 fn dptr<'a>(

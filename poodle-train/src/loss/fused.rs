@@ -323,14 +323,8 @@ fn slices<'a, T>(
     what: &str,
     parts: [(&'a [T], &Layout); 3],
 ) -> Result<(&'a [T], &'a [T], &'a [T])> {
-    let mut out = Vec::with_capacity(3);
-    for (v, l) in parts {
-        match l.contiguous_offsets() {
-            Some((a, b)) => out.push(&v[a..b]),
-            None => candle_core::bail!("{what}: inputs must be contiguous"),
-        }
-    }
-    Ok((out[0], out[1], out[2]))
+    let [a, b, c] = parts.map(|(v, l)| crate::custom_op::contiguous_slice(v, l, what));
+    Ok((a?, b?, c?))
 }
 
 /// Runs `f32` or `f64` CPU kernels on three storages of one dtype.

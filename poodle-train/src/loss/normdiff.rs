@@ -75,10 +75,7 @@ fn geometry(layout: &Layout) -> (usize, usize, usize) {
 }
 
 fn slice<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("normalized_sq_diff: input must be contiguous"),
-    }
+    crate::custom_op::contiguous_slice(v, l, "normalized_sq_diff")
 }
 
 /// Inverse clamped norms `1 / max(|x|, eps)` and whether `|x| > eps`, for positions

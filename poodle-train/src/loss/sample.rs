@@ -17,6 +17,7 @@
 //!   (upsampling) whose weights are the exact products of the two interpolations. Same values
 //!   as "upsample, then sample" up to float rounding, far less memory and time.
 
+use crate::custom_op::contiguous_slice;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -480,13 +481,6 @@ trait Elem:
 }
 impl Elem for f32 {}
 impl Elem for f64 {}
-
-fn contiguous_slice<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{what}: input must be contiguous"),
-    }
-}
 
 /// Channels per work item and output positions per inner block of the kernels: the plan's
 /// taps for one block stay in cache while all channels of the work item use them.

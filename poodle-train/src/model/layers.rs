@@ -566,9 +566,6 @@ mod tests {
         assert!((e0 - want).abs() < 1e-5);
     }
 
-    /// One BatchNorm over a batch of 4 against two ranks (threads) with 2 each, synchronised:
-    /// the same outputs, input gradients, summed parameter gradients and running statistics.
-    /// Without synchronisation the statistics differ.
     /// `run(rank, group)` on two thread ranks of one local group; the results in rank order.
     fn on_two_ranks<T: Send>(
         run: impl Fn(usize, std::sync::Arc<dyn crate::dist::Collective>) -> T + Sync,
@@ -657,6 +654,9 @@ mod tests {
         ]
     }
 
+    /// One BatchNorm over a batch of 4 against two ranks (threads) with 2 each, synchronised:
+    /// the same outputs, input gradients, summed parameter gradients and running statistics.
+    /// Without synchronisation the statistics differ.
     #[test]
     fn sync_batch_norm_over_two_ranks_equals_one_batch() {
         use crate::dist::sync_bn;

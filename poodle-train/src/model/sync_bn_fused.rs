@@ -7,9 +7,9 @@
 //! Why: cuDNN's training BatchNorm (`crate::cuda`) takes its statistics from one device's
 //! batch, so a synchronised BatchNorm on CUDA ran the composed candle ops of
 //! `layers::BatchNorm` (a materialised map for every subtraction, square, product and cast,
-//! forward and backward). This reads the activation twice and writes it once forward, reads
-//! it and the gradient twice and writes once backward (CUDA kernels in src/cuda/kernels.cu,
-//! f32 and bf16 activations, f32 statistics and sums).
+//! forward and backward). This reads the activation three times and writes once forward,
+//! reads it and the gradient twice each and writes once backward (CUDA kernels in
+//! src/cuda/sync_bn.cuh, f32 and bf16 activations, f32 statistics and sums).
 //!
 //! The CPU implementation (f32, sums in f64) is the same algorithm, checked against the
 //! composed path by the tests below; `layers::BatchNorm` keeps the composed ops on the CPU as
@@ -31,6 +31,17 @@ pub enum SumKind {
     CentredSquares = 1,
     /// `sum dy` and `sum dy (x - mean)`, two rows.
     Grad = 2,
+}
+
+impl SumKind {
+    /// Sums per channel: 2 for `Grad`, else 1.
+    pub fn rows(self) -> usize {
+        if self == SumKind::Grad {
+            2
+        } else {
+            1
+        }
+    }
 }
 
 /// One training forward: the output and the batch statistics (over every rank), f32.
@@ -74,8 +85,6 @@ pub fn sync_batch_norm_train(
     let inv_std = (&var + eps)?.sqrt()?.recip()?;
     let op = SyncBnApply {
         coef: Tensor::stack(&[&mean, &inv_std], 0)?,
-        mean: mean.clone(),
-        inv_std,
         inv_count: inv,
         group: group.cloned(),
     };
@@ -128,10 +137,7 @@ fn f32_part<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
         use candle_core::backend::BackendStorage;
         candle_core::bail!("{op}: f32 on the CPU, got {:?}", s.dtype());
     };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{op}: non-contiguous input"),
-    }
+    crate::custom_op::contiguous_slice(v, l, op)
 }
 
 fn dims3(l: &Layout) -> Result<(usize, usize, usize)> {
@@ -173,7 +179,7 @@ impl CustomOp3 for ChannelSums {
         let x = f32_part(self.name(), sx, lx)?;
         let dy = f32_part(self.name(), sd, ld)?;
         let mean = f32_part(self.name(), sm, lm)?;
-        let rows = if self.kind == SumKind::Grad { 2 } else { 1 };
+        let rows = self.kind.rows();
         let mut out = vec![0f32; rows * c];
         for ch in 0..c {
             let m = if self.kind == SumKind::Values {
@@ -220,18 +226,15 @@ impl CustomOp3 for ChannelSums {
         let mean = (self.kind != SumKind::Values).then_some((sm, lm));
         let (parts, splits) =
             crate::cuda::kernels::bn_sums(self.kind, (sx, lx), dy, mean, (n, c, hw))?;
-        let rows = if self.kind == SumKind::Grad { 2 } else { 1 };
-        Ok((parts, Shape::from((rows, c, splits))))
+        Ok((parts, Shape::from((self.kind.rows(), c, splits))))
     }
 }
 
 /// `y = (x - mean) w inv_std + b` on `(x, w, b)`, with the statistics of the forward; its
 /// backward is synchronised BatchNorm's.
 struct SyncBnApply {
-    /// `[mean; inv_std]`, `(2, c)` f32, for the kernel.
+    /// `[mean; inv_std]`, `(2, c)` f32: the kernel's table; its rows serve the backward.
     coef: Tensor,
-    mean: Tensor,
-    inv_std: Tensor,
     inv_count: f64,
     group: Option<Arc<dyn Collective>>,
 }
@@ -293,16 +296,17 @@ impl CustomOp3 for SyncBnApply {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (x, dy) = (x.detach(), dy.contiguous()?);
-        let local = channel_sums(SumKind::Grad, &x, Some(&dy), Some(&self.mean))?;
+        let (mean, inv_std) = (self.coef.get(0)?, self.coef.get(1)?);
+        let local = channel_sums(SumKind::Grad, &x, Some(&dy), Some(&mean))?;
         let dbias = local.get(0)?;
-        let dweight = (local.get(1)? * &self.inv_std)?;
+        let dweight = (local.get(1)? * &inv_std)?;
         let global = (over_ranks(local, self.group.as_ref())? * self.inv_count)?;
         let coef = Tensor::stack(
             &[
-                &self.mean,
-                &(w.detach() * &self.inv_std)?,
+                &mean,
+                &(w.detach() * &inv_std)?,
                 &global.get(0)?,
-                &(global.get(1)? * self.inv_std.sqr()?)?,
+                &(global.get(1)? * inv_std.sqr()?)?,
             ],
             0,
         )?;
