@@ -87,6 +87,18 @@ inline void check_warp(int w) {
     }
 }
 
+// Lets warp w run again if all its 32 lanes wait at a warp barrier (checking they wait at
+// the same one).
+inline bool release_warp(int w) {
+    int waiting = 0;
+    for (int l = 0; l < 32; ++l) waiting += st[w * 32 + l] == WAIT_WARP;
+    if (waiting != 32) return false;
+    check_warp(w);
+    for (int l = 0; l < 32; ++l) st[w * 32 + l] = RUN;
+    ++stat_shfl_rounds;
+    return true;
+}
+
 inline void run_block(int nt) {
     nthreads = nt;
     for (int t = 0; t < nt; ++t) {
@@ -118,13 +130,8 @@ inline void run_block(int nt) {
                 // release any warp whose 32 lanes all wait at a shuffle now, so that a warp
                 // can run ahead of fibers of other warps that are still runnable
                 for (int w = 0; w * 32 < nt; ++w) {
-                    int waiting = 0;
-                    for (int l = 0; l < 32; ++l) waiting += st[w * 32 + l] == WAIT_WARP;
-                    if (waiting == 32) {
-                        check_warp(w);
-                        for (int l = 0; l < 32; ++l) st[w * 32 + l] = RUN, order[k++] = w * 32 + l;
-                        ++stat_shfl_rounds;
-                    }
+                    if (release_warp(w))
+                        for (int l = 0; l < 32; ++l) order[k++] = w * 32 + l;
                 }
                 for (int i = k - 1; i > 0; --i) std::swap(order[i], order[rng() % (i + 1)]);
                 int ran = 0;
@@ -147,19 +154,10 @@ inline void run_block(int nt) {
                 }
             }
         }
+        // A warp with only some lanes at a warp barrier is left waiting: the checks below
+        // abort on the deadlock.
         bool released = false;
-        for (int w = 0; w * 32 < nt; ++w) {
-            int waiting = 0;
-            for (int l = 0; l < 32; ++l) waiting += st[w * 32 + l] == WAIT_WARP;
-            if (waiting == 32) {
-                check_warp(w);
-                for (int l = 0; l < 32; ++l) st[w * 32 + l] = RUN;
-                released = true;
-                ++stat_shfl_rounds;
-            } else if (waiting) {
-                // some lanes at a shuffle, the others elsewhere: the scheduler below aborts
-            }
-        }
+        for (int w = 0; w * 32 < nt; ++w) released |= release_warp(w);
         if (released) continue;
         int wb = 0, done = 0;
         for (int t = 0; t < nt; ++t) wb += st[t] == WAIT_BLOCK, done += st[t] == DONE;
