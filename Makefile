@@ -12,7 +12,7 @@ DEVICE ?= cpu
 PREP_ARGS ?=
 CARGO_RELEASE := cargo build --release -p poodle-prep
 
-.PHONY: setup build build-train build-cuda clippy-cuda gpu-check demo prep train experiment-camvid test fmt clippy bench bench-dp bench-prep-gpu clean
+.PHONY: setup build build-train build-cuda clippy-cuda check-candle-patch gpu-check demo prep train experiment-camvid test fmt clippy bench bench-dp bench-prep-gpu clean
 
 ## setup: ffmpeg/ffprobe (apt-get where it can, else the command to run), and a Python venv with
 ## PyPI's ONNX Runtime (the library ort loads) and zarr (interop tests).
@@ -54,6 +54,14 @@ build-cuda:
 ## the first cap's target-cuda dir: about a minute after a build-cuda (cold: as slow as one).
 clippy-cuda:
 	CUDA_CAPS="$(CUDA_CAPS)" nice -n 19 tools/cuda/build.sh clippy
+
+## check-candle-patch: the CUDA build's patched candle-core (first gradients stored, not added
+## into zeros: tools/cuda/patch_backprop.py) checked on the CPU: candle-core's own gradient,
+## custom-op, convolution and tensor tests on the patched copy, then one ResNet-50 PooDLe step
+## (PRESET=paper PAIRS=2 HEIGHT=128 WIDTH=256) on both builds with equal gradients and each
+## build's forward and backward seconds. Builds in target-patched/; ~15 min cold on 2 cores.
+check-candle-patch:
+	nice -n 19 tools/cuda/check-candle-patch.sh
 
 ## gpu-check: dist/gpu-check.tar.xz for the device tool's H100/H200 (the sm_90 poodle-train,
 ## tools/cuda/gpu-check.sh, the PyTorch baselines; builds that cap only, whatever CUDA_CAPS

@@ -85,7 +85,12 @@ fn plan_taps_host() {
 fn cuda_kernels() {
     use std::path::PathBuf;
     let src = "src/cuda/kernels.cu";
-    for f in [src, "src/cuda/sync_bn.cuh"] {
+    for f in [
+        src,
+        "src/cuda/sync_bn.cuh",
+        "src/cuda/relu.cuh",
+        "src/cuda/elem.cuh",
+    ] {
         println!("cargo:rerun-if-changed={f}");
     }
     println!("cargo:rerun-if-env-changed=NVCC");

@@ -707,6 +707,21 @@ fn parity_ops(cuda: &Device, out: &mut Out) -> Result<()> {
                 compare(out, &name, p, &[("y", yg, yc), ("dx", dxg, dxc)])
             })?;
         }
+        // model::relu's op (PyTorch's backward) against candle's ReLU on the CPU; randn has
+        // no exact zeros, where the two gradients differ by design.
+        guarded(out, "relu", p, |out| {
+            let x = randn(&[2, 8, 9, 11], 600, &cpu)?;
+            let run = |dev: &Device, dt: DType| -> Result<(Tensor, Tensor)> {
+                let xv = Var::from_tensor(&x.to_device(dev)?.to_dtype(dt)?)?;
+                let y = crate::model::relu::relu(xv.as_tensor())?;
+                let r = randn(y.dims(), 19, dev)?;
+                let g = (y.to_dtype(DType::F32)? * r)?.sum_all()?.backward()?;
+                Ok((y, g.get(xv.as_tensor()).context("dx")?.clone()))
+            };
+            let (yc, dxc) = run(&cpu, DType::F32)?;
+            let (yg, dxg) = run(cuda, p.dtype())?;
+            compare(out, "relu", p, &[("y", yg, yc), ("dx", dxg, dxc)])
+        })?;
     }
     // The dense loss's own ops (src/cuda/kernels.cu), f32: bilinear sampling (some points
     // outside the map) and the normalised squared difference.
@@ -952,8 +967,9 @@ fn bench_batchnorm(dev: &Device, sizes: &Sizes, p: Precision, iters: usize) -> R
 }
 
 /// A batch of random content with identity geometry (the loss still samples, warps and
-/// masks: flow is small random motion), `n` pairs at `h x w`, `k` subcrops of `s` px.
-fn synthetic_batch(
+/// masks: flow is small random motion), `n` pairs at `h x w`, `k` subcrops of `s` px. Seeded:
+/// every call and every build see the same numbers (examples/backward_check.rs relies on it).
+pub fn synthetic_batch(
     n: usize,
     h: usize,
     w: usize,

@@ -2,8 +2,9 @@
 //! tests/cuda_emulation compiles the kernel text itself with the system's C++ compiler, runs
 //! each block's threads as fibers (barriers, warp shuffles, random thread speeds) and
 //! compares every output with double-precision references: synchronised BatchNorm's kernels
-//! (sync_bn.cuh, `sync_bn_harness.cpp`) and the dense loss's (tap formation, gather/scatter,
-//! normalised difference, the fused compare; `dense_harness.cpp`). CI has no GPU, so this is
+//! (sync_bn.cuh, `sync_bn_harness.cpp`), the dense loss's (tap formation, gather/scatter,
+//! normalised difference, the fused compare; `dense_harness.cpp`) and ReLU's (relu.cuh,
+//! `relu_harness.cpp`, against PyTorch's rules). CI has no GPU, so this is
 //! where the kernels' indexing, reductions and rounding are checked on every run;
 //! `gpu-check` checks them on a GPU.
 
@@ -86,5 +87,20 @@ fn dense_loss_kernels_match_references_under_emulation() {
     let summary = out.lines().last().unwrap_or_default();
     assert!(summary.ends_with("failures 0"), "{out}");
     assert!(summary.contains("plan_taps: 0 of "), "{out}");
+    eprintln!("{summary}");
+}
+
+#[test]
+fn relu_kernels_follow_pytorch_under_emulation() {
+    let dir = common::tmpdir("cuda-emulation-relu");
+    let Some(bin) = build_harness(&dir, "relu_harness") else {
+        return;
+    };
+    // relu.cuh: forward and backward on f32 special values and random bit patterns, and on
+    // every bf16 pattern, on the launcher's grid and smaller ones, guards around each buffer.
+    let out = run(&bin, "all", false);
+    let summary = out.lines().last().unwrap_or_default();
+    assert!(summary.ends_with("failures 0"), "{out}");
+    assert!(summary.contains("1986468 values checked"), "{out}");
     eprintln!("{summary}");
 }

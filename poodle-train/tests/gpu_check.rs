@@ -66,6 +66,7 @@ fn gpu_check_runs_on_the_cpu() {
         "batchnorm",
         "sync batchnorm",
         "maxpool3x3s2",
+        "relu",
         "bilinear sample",
         "normalized sq diff",
         "plan taps (exact)",

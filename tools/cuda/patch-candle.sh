@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Writes a copy of the registry's candle-core 0.11.1 to $1/candle-core with cudarc switched
-# from `dynamic-linking` + `cuda-version-from-build-system` to `dynamic-loading` + `cuda-13000`.
+# from `dynamic-linking` + `cuda-version-from-build-system` to `dynamic-loading` + `cuda-13000`,
+# and with a backward pass that stores first gradients (patch_backprop.py).
 # Why: upstream's choice needs every CUDA library (cublas, curand, nvrtc, ...) at link time;
 # with dynamic loading the binary dlopens them on the GPU machine, so it builds here with
 # nothing but nvcc. The copy is generated, never committed, and used only through
@@ -37,6 +38,9 @@ for want in ('"cuda-13000"', '"dynamic-loading"'):
         sys.exit(f"patch-candle: expected one {want} after patching, table was:\n{table}")
 open(path, "w").write(text[:m.start(1)] + new + text[m.end(1):])
 PY
+# The backward pass stores the first gradient instead of adding it into zeros (the script says
+# why and checks the rules it rewrites).
+python3 "$(dirname "$0")/patch_backprop.py" "$out/candle-core.tmp/src/backprop.rs"
 # Keep an identical earlier copy: fresh mtimes would make cargo rebuild candle-core, candle-nn
 # and everything above them on every `make build-cuda`.
 if diff -rq "$out/candle-core.tmp" "$out/candle-core" >/dev/null 2>&1; then

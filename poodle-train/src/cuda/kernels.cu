@@ -297,3 +297,5 @@ extern "C" __global__ void fused_dense_bwd_f32(FUSED_ARGS, int grad_t) {
 // Synchronised BatchNorm's kernels (bn_sums_*, bn_apply_*, bn_input_grad_*): sync_bn.cuh, which
 // tests/cuda_emulation also compiles for the host.
 #include "sync_bn.cuh"
+// ReLU with PyTorch's backward (relu_fwd_*, relu_bwd_*): relu.cuh, likewise.
+#include "relu.cuh"

@@ -3,7 +3,7 @@
 //! Without them those ops fall back to composed candle ops on the GPU, whose `index_select`
 //! form of the sampler materialises one copy of the map per tap (9 for the upsampled plan).
 //! Also synchronised BatchNorm's per-channel sums, affine and input gradient
-//! (`model::sync_bn_fused`), f32 and bf16.
+//! (`model::sync_bn_fused`) and ReLU with PyTorch's backward (`model::relu`), f32 and bf16.
 
 use super::CudaOpError;
 use crate::model::sync_bn_fused::SumKind;
@@ -521,6 +521,70 @@ pub fn bn_input_grad(
         // SAFETY: argument order and types match bn_input_grad_* (grid (blocks, c)); x, dy
         // and dx hold n c hw values of one dtype, coef 4 c.
         unsafe { bl.launch(cfg) }.map_err(CudaOpError::from)?;
+    }
+    Ok(dx)
+}
+
+/// The `relu_*` kernel of kernels.cu for an activation dtype (f32 or bf16).
+fn relu_kernel(
+    bwd: bool,
+    dt: candle_core::DType,
+) -> std::result::Result<&'static str, CudaOpError> {
+    use candle_core::DType::{BF16, F32};
+    Ok(match (bwd, dt) {
+        (false, F32) => "relu_fwd_f32",
+        (false, BF16) => "relu_fwd_bf16",
+        (true, F32) => "relu_bwd_f32",
+        (true, BF16) => "relu_bwd_bf16",
+        _ => return Err(super::unsupported("relu", format!("dtype {dt:?}"))),
+    })
+}
+
+/// `y = max(x, 0)` (NaN kept) over a contiguous map, in x's dtype (`model::relu`).
+pub fn relu_fwd((x, lx): (&CudaStorage, &Layout)) -> Result<CudaStorage> {
+    let op = relu_kernel(false, x.dtype())?;
+    let n = lx.shape().elem_count();
+    let dev = &x.device;
+    let stream = dev.cuda_stream();
+    let mut y = super::alloc(dev, x.dtype(), n)?;
+    {
+        let (xp, _gx) = super::dptr(op, x, lx, &stream)?;
+        let (yp, _gy) = super::dptr_mut(op, &mut y, &stream)?;
+        let f = dev.get_or_load_custom_func(op, MODULE, PTX)?;
+        let n = n as i64;
+        let mut b = f.builder();
+        b.arg(&xp).arg(&yp).arg(&n);
+        // SAFETY: argument order and types match relu_fwd_* (grid-stride); x and y hold n
+        // values of one dtype.
+        unsafe { b.launch(launch_cfg(n as usize)) }.map_err(CudaOpError::from)?;
+    }
+    Ok(y)
+}
+
+/// `dx = y <= 0 ? 0 : dy` from ReLU's output `y` and its gradient, in their dtype.
+pub fn relu_bwd(
+    (y, ly): (&CudaStorage, &Layout),
+    (dy, ldy): (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    let op = relu_kernel(true, y.dtype())?;
+    let n = ly.shape().elem_count();
+    if dy.dtype() != y.dtype() || ldy.shape().elem_count() != n {
+        return Err(super::unsupported(op, "y and dy differ in dtype or size").into());
+    }
+    let dev = &y.device;
+    let stream = dev.cuda_stream();
+    let mut dx = super::alloc(dev, y.dtype(), n)?;
+    {
+        let (yp, _gy) = super::dptr(op, y, ly, &stream)?;
+        let (dyp, _gd) = super::dptr(op, dy, ldy, &stream)?;
+        let (dxp, _gdx) = super::dptr_mut(op, &mut dx, &stream)?;
+        let f = dev.get_or_load_custom_func(op, MODULE, PTX)?;
+        let n = n as i64;
+        let mut b = f.builder();
+        b.arg(&yp).arg(&dyp).arg(&dxp).arg(&n);
+        // SAFETY: argument order and types match relu_bwd_* (grid-stride); y, dy and dx hold
+        // n values of one dtype.
+        unsafe { b.launch(launch_cfg(n as usize)) }.map_err(CudaOpError::from)?;
     }
     Ok(dx)
 }

@@ -4,31 +4,11 @@
 // cuda_kernels_emulated).
 #pragma once
 
+#include "elem.cuh"
+
 // Per-channel sums over (n, positions) of an (n, c, hw) map, the normalising affine and the
 // input gradient, for f32 and bf16 activations with f32 statistics. The all-reduce of the sums
 // between them is the caller's (NCCL).
-
-// bf16 as its 16 bits, so that no cuda_bf16.h is needed: widening is exact, narrowing rounds
-// to nearest even (NaN stays NaN), as candle's and the half crate's conversions do.
-struct F32Elem {
-    typedef float T;
-    __device__ static float load(const float *p, long long i) { return p[i]; }
-    __device__ static void store(float *p, long long i, float v) { p[i] = v; }
-};
-struct BF16Elem {
-    typedef unsigned short T;
-    __device__ static float load(const unsigned short *p, long long i) {
-        return __uint_as_float(((unsigned int)p[i]) << 16);
-    }
-    __device__ static void store(unsigned short *p, long long i, float v) {
-        unsigned int u = __float_as_uint(v);
-        if ((u & 0x7fffffffu) > 0x7f800000u) {
-            p[i] = (unsigned short)((u >> 16) | 0x40u);
-        } else {
-            p[i] = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-        }
-    }
-};
 
 #define BN_SUM_THREADS 256
 

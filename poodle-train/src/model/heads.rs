@@ -10,6 +10,7 @@
 //! `nn.Linear` / `nn.Conv2d` do by default; PyTorch's default init.
 
 use super::layers::{torch_default_uniform, BatchNorm, Conv2d, Linear};
+use super::relu::relu;
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
@@ -94,7 +95,7 @@ impl ModuleT for Mlp {
                 x.dims()
             );
         }
-        let h = self.bn.forward_t(&self.first.forward(x)?, train)?.relu()?;
+        let h = relu(&self.bn.forward_t(&self.first.forward(x)?, train)?)?;
         self.last.forward(&h)
     }
 }

@@ -42,6 +42,7 @@ pub mod decoder;
 pub mod heads;
 pub mod init;
 pub mod layers;
+pub mod relu;
 pub mod resnet;
 pub mod sync_bn_fused;
 

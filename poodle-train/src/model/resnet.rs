@@ -16,6 +16,7 @@
 use super::layers::{
     kaiming_normal_fan_out, max_pool_3x3_s2, torch_default_uniform, BatchNorm, Conv2d,
 };
+use super::relu::relu;
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
@@ -169,7 +170,7 @@ fn residual(y: Tensor, x: &Tensor, downsample: &Option<Downsample>, train: bool)
         Some(d) => d.forward_t(x, train)?,
         None => x.clone(),
     };
-    (y + identity)?.relu()
+    relu(&(y + identity)?)
 }
 
 impl ModuleT for Downsample {
@@ -214,7 +215,7 @@ impl BasicBlock {
 
 impl ModuleT for BasicBlock {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let y = relu(&self.bn1.forward_t(&self.conv1.forward(x)?, train)?)?;
         let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
         residual(y, x, &self.downsample, train)
     }
@@ -277,11 +278,8 @@ impl Bottleneck {
 
 impl ModuleT for Bottleneck {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
-        let y = self
-            .bn2
-            .forward_t(&self.conv2.forward(&y)?, train)?
-            .relu()?;
+        let y = relu(&self.bn1.forward_t(&self.conv1.forward(x)?, train)?)?;
+        let y = relu(&self.bn2.forward_t(&self.conv2.forward(&y)?, train)?)?;
         let y = self.bn3.forward_t(&self.conv3.forward(&y)?, train)?;
         residual(y, x, &self.downsample, train)
     }
@@ -386,7 +384,7 @@ impl ResNet {
 
     /// Stem and layer1..layer4 on an NCHW image batch.
     pub fn forward_stages(&self, x: &Tensor, train: bool) -> Result<Stages> {
-        let x = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let x = relu(&self.bn1.forward_t(&self.conv1.forward(x)?, train)?)?;
         let x = max_pool_3x3_s2(&x)?;
         let x = self.run_layer(0, &x, train)?;
         let c3 = self.run_layer(1, &x, train)?;
