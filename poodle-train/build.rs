@@ -90,6 +90,7 @@ fn cuda_kernels() {
         "src/cuda/sync_bn.cuh",
         "src/cuda/relu.cuh",
         "src/cuda/elem.cuh",
+        "src/cuda/optim.cuh",
     ] {
         println!("cargo:rerun-if-changed={f}");
     }

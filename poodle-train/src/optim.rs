@@ -10,6 +10,15 @@ use rayon::prelude::*;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 
+mod inplace;
+use inplace::{AdamMoment, AdamWParam, Ema};
+
+/// Whether `t` is updated in place ([`inplace`]): f32 on CUDA, or on the CPU when asked (the
+/// tests comparing the in-place updates with the composed ops).
+fn in_place(t: &Tensor, on_cpu: bool) -> bool {
+    t.dtype() == DType::F32 && (t.device().is_cuda() || on_cpu)
+}
+
 /// AdamW hyper-parameters other than the per-step learning rate.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamWConfig {
@@ -106,21 +115,35 @@ impl Grads {
         self.map.iter()
     }
 
-    /// Global L2 norm over all gradients, accumulated in f64.
-    pub fn global_norm(&self) -> Result<f64> {
-        let mut s = 0f64;
+    /// Global L2 norm over all gradients, accumulated in f64, as an f64 scalar tensor on the
+    /// gradients' device (0 on the CPU when there are none), not read back: on CUDA a read
+    /// waits for everything queued, so the caller reads it once, after queuing what it can
+    /// (run::train queues the optimiser step first).
+    pub fn global_norm_tensor(&self) -> Result<Tensor> {
+        let mut total: Option<Tensor> = None;
         for g in self.map.values() {
-            s += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+            let s = g.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+            total = Some(match total {
+                Some(t) => (t + s)?,
+                None => s,
+            });
         }
-        Ok(s.sqrt())
+        match total {
+            Some(t) => t.sqrt(),
+            None => Tensor::zeros((), DType::F64, &Device::Cpu),
+        }
     }
 
-    /// Multiplies every gradient by `s`.
+    /// [`Grads::global_norm_tensor`] read back (one device synchronisation on CUDA).
+    pub fn global_norm(&self) -> Result<f64> {
+        self.global_norm_tensor()?.to_scalar::<f64>()
+    }
+
+    /// Multiplies every gradient by `s` (nothing to do for 1).
     pub fn scale(&mut self, s: f64) -> Result<()> {
+        if s == 1.0 {
+            return Ok(());
+        }
         for g in self.map.values_mut() {
             *g = g.affine(s, 0.0)?;
         }
@@ -133,11 +156,17 @@ impl Grads {
     /// default `error_if_nonfinite=False` — check it).
     pub fn clip_global_norm(&mut self, max_norm: f64) -> Result<f64> {
         let total = self.global_norm()?;
+        self.clip_to_norm(max_norm, total)?;
+        Ok(total)
+    }
+
+    /// [`Grads::clip_global_norm`] with the global norm `total` already known.
+    pub fn clip_to_norm(&mut self, max_norm: f64, total: f64) -> Result<()> {
         let coef = max_norm / (total + 1e-6);
         if coef < 1.0 || !coef.is_finite() {
             self.scale(coef)?;
         }
-        Ok(total)
+        Ok(())
     }
 
     /// Adds `other` by name (names missing on one side are taken from the other).
@@ -213,6 +242,7 @@ pub struct AdamW {
     cfg: AdamWConfig,
     params: Vec<ParamState>,
     step: u64,
+    in_place_on_cpu: bool,
 }
 
 impl AdamW {
@@ -249,7 +279,15 @@ impl AdamW {
             cfg,
             params: states,
             step: 0,
+            in_place_on_cpu: false,
         })
+    }
+
+    /// Updates CPU parameters in place too, as CUDA ones always are (3 launches a parameter
+    /// instead of 14 composed ops; same arithmetic): for tests of the CUDA path's control flow.
+    pub fn with_in_place_on_cpu(mut self, on: bool) -> Self {
+        self.in_place_on_cpu = on;
+        self
     }
 
     pub fn config(&self) -> &AdamWConfig {
@@ -294,6 +332,7 @@ impl AdamW {
         let bc1 = 1.0 - b1.powi(t);
         let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
         let step_size = lr / bc1;
+        let on_cpu = self.in_place_on_cpu;
         self.params.par_iter_mut().try_for_each(|p| -> Result<()> {
             let Some(g) = grads.map.get(&p.name) else {
                 return Ok(());
@@ -308,6 +347,35 @@ impl AdamW {
                 );
             }
             let g = g.to_dtype(theta.dtype())?;
+            if in_place(theta, on_cpu) {
+                let g = g.contiguous()?;
+                p.m.inplace_op2(
+                    &g,
+                    &AdamMoment {
+                        beta: b1,
+                        squared: false,
+                    },
+                )?;
+                p.v.inplace_op2(
+                    &g,
+                    &AdamMoment {
+                        beta: b2,
+                        squared: true,
+                    },
+                )?;
+                let decay = if p.decay && wd != 0.0 {
+                    1.0 - lr * wd
+                } else {
+                    1.0
+                };
+                let update = AdamWParam {
+                    decay,
+                    step_size,
+                    inv_bc2_sqrt: 1.0 / bc2_sqrt,
+                    eps,
+                };
+                return theta.inplace_op3(&p.m, &p.v, &update);
+            }
             let mut new = theta.detach();
             if p.decay && wd != 0.0 {
                 new = new.affine(1.0 - lr * wd, 0.0)?;
@@ -321,12 +389,12 @@ impl AdamW {
     }
 
     /// Optimiser state as named tensors for checkpoints: `adam.m.<name>`, `adam.v.<name>` and
-    /// `adam.step` (an i64 scalar).
+    /// `adam.step` (an i64 scalar). Copies: the moments are updated in place on CUDA.
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for p in &self.params {
-            out.insert(format!("adam.m.{}", p.name), p.m.clone());
-            out.insert(format!("adam.v.{}", p.name), p.v.clone());
+            out.insert(format!("adam.m.{}", p.name), p.m.copy()?);
+            out.insert(format!("adam.v.{}", p.name), p.v.copy()?);
         }
         let dev = self
             .params
@@ -379,7 +447,8 @@ impl AdamW {
                         p.var.as_tensor().dims()
                     );
                 }
-                t.to_dtype(p.var.dtype())?.to_device(p.var.device())
+                // A copy of its own: the moments are updated in place on CUDA.
+                t.to_dtype(p.var.dtype())?.to_device(p.var.device())?.copy()
             };
             loaded.push((
                 get(format!("adam.m.{}", p.name))?,
@@ -525,11 +594,25 @@ fn match_by_name<'a>(
 /// `num_batches_tracked`) are copied. BYOL/solo-learn apply the EMA to parameters only and let
 /// the target's BN buffers come from its own train-mode forward passes.
 pub fn ema_update(target: &[(String, Var)], online: &[(String, Var)], m: f64) -> Result<()> {
+    ema_update_with(target, online, m, false)
+}
+
+/// [`ema_update`], in place on the CPU too when `in_place_on_cpu` (it always is for f32 on
+/// CUDA: one launch a parameter instead of four).
+pub fn ema_update_with(
+    target: &[(String, Var)],
+    online: &[(String, Var)],
+    m: f64,
+    in_place_on_cpu: bool,
+) -> Result<()> {
     let pairs = match_by_name(target, online, "ema_update")?;
     pairs.par_iter().try_for_each(|(_, tv, ov)| {
         let o = ov.as_tensor().detach();
         if !tv.dtype().is_float() {
             return tv.set(&o.to_dtype(tv.dtype())?.copy()?);
+        }
+        if in_place(tv.as_tensor(), in_place_on_cpu) && o.dtype() == DType::F32 {
+            return tv.as_tensor().inplace_op2(&o.contiguous()?, &Ema { m });
         }
         let new =
             (tv.as_tensor().affine(m, 0.0)? + o.to_dtype(tv.dtype())?.affine(1.0 - m, 0.0)?)?;
@@ -838,5 +921,68 @@ mod tests {
         let odd = Schedule::new(10, 3, 40, 0.0, 1.0, 0.996);
         assert_eq!(odd.passes, 14);
         assert!(odd.lr(139).abs() < 1e-15);
+    }
+
+    /// The CUDA path's in-place updates (AdamW's moments and parameters, the EMA) give what
+    /// the composed ops give, value for value, over three steps of both weight-decay groups.
+    #[test]
+    fn in_place_updates_equal_the_composed_ops() {
+        let dev = Device::Cpu;
+        let vars = || -> Vec<(String, Var)> {
+            let w = Tensor::arange(0f32, 15., &dev)
+                .unwrap()
+                .reshape((3, 5))
+                .unwrap();
+            let w = ((w * 0.37).unwrap().sin().unwrap() * 2.0).unwrap();
+            let b = Tensor::new(&[0.5f32, -0.25, 0.0, 1e-3, -3.0], &dev).unwrap();
+            vec![
+                ("l.weight".into(), Var::from_tensor(&w).unwrap()),
+                ("l.bias".into(), Var::from_tensor(&b).unwrap()),
+            ]
+        };
+        let (pa, pb) = (vars(), vars());
+        let cfg = AdamWConfig::default();
+        let mut composed = AdamW::new(pa.clone(), cfg).unwrap();
+        let mut in_place = AdamW::new(pb.clone(), cfg)
+            .unwrap()
+            .with_in_place_on_cpu(true);
+        for (t, lr) in [1e-2, 5e-3, 2e-3].into_iter().enumerate() {
+            let mut g = Grads::default();
+            for (i, (n, v)) in pa.iter().enumerate() {
+                let r = Tensor::randn(0f32, 1., v.dims(), &dev).unwrap();
+                // A zero gradient somewhere: the moments' update must still run.
+                let r = if t == 1 && i == 1 {
+                    r.zeros_like().unwrap()
+                } else {
+                    r
+                };
+                g.insert(n.clone(), r);
+            }
+            composed.step(&g, lr).unwrap();
+            in_place.step(&g, lr).unwrap();
+        }
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for ((n, a), (_, b)) in pa.iter().zip(&pb) {
+            assert_eq!(flat(a.as_tensor()), flat(b.as_tensor()), "{n}");
+        }
+        let (sa, sb) = (
+            composed.state_tensors().unwrap(),
+            in_place.state_tensors().unwrap(),
+        );
+        for (k, a) in &sa {
+            if k != "adam.step" {
+                assert_eq!(flat(a), flat(&sb[k]), "{k}");
+            }
+        }
+        // The parameters moved: the comparison is not between two untouched copies.
+        assert_ne!(flat(pa[0].1.as_tensor()), flat(vars()[0].1.as_tensor()));
+
+        let (ta, tb) = (vars(), vars());
+        ema_update(&ta, &pa, 0.996).unwrap();
+        ema_update_with(&tb, &pa, 0.996, true).unwrap();
+        for ((n, a), (_, b)) in ta.iter().zip(&tb) {
+            assert_eq!(flat(a.as_tensor()), flat(b.as_tensor()), "ema {n}");
+        }
+        assert_ne!(flat(ta[0].1.as_tensor()), flat(vars()[0].1.as_tensor()));
     }
 }

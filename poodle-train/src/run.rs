@@ -563,12 +563,22 @@ fn train_rank(
             let n = acc.micro_batches() as f32;
             let mut grads = std::mem::take(&mut acc).finish(1.0 / f64::from(n))?;
             dist::average_gradients(&mut grads, group.as_ref(), bucket_bytes)?;
-            let grad_norm = match cfg.optim.grad_clip {
-                Some(c) => grads.clip_global_norm(c)?,
-                None => grads.global_norm()?,
-            };
+            let norm = grads.global_norm_tensor()?;
+            let mut clipped_norm = None;
+            if let Some(c) = cfg.optim.grad_clip {
+                let total = norm.to_scalar::<f64>()?;
+                grads.clip_to_norm(c, total)?;
+                clipped_norm = Some(total);
+            }
             let (lr, mom) = (sched.lr(step), sched.momentum(step));
             learner.apply(&grads, lr, mom)?;
+            // Without clipping the norm is only logged: read once the step is queued, since on
+            // CUDA the read waits for the backward pass (the optimiser's launches would wait
+            // for it too).
+            let grad_norm = match clipped_norm {
+                Some(v) => v,
+                None => norm.to_scalar::<f64>()?,
+            };
             step += 1;
             let loss = sums.mean_over_ranks(n, group.as_ref())?;
             let (allreduce_bytes, allreduce_calls) = counted.take();

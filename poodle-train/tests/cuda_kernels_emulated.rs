@@ -3,8 +3,9 @@
 //! each block's threads as fibers (barriers, warp shuffles, random thread speeds) and
 //! compares every output with double-precision references: synchronised BatchNorm's kernels
 //! (sync_bn.cuh, `sync_bn_harness.cpp`), the dense loss's (tap formation, gather/scatter,
-//! normalised difference, the fused compare; `dense_harness.cpp`) and ReLU's (relu.cuh,
-//! `relu_harness.cpp`, against PyTorch's rules). CI has no GPU, so this is
+//! normalised difference, the fused compare; `dense_harness.cpp`), and the elementwise ones
+//! (ReLU, relu.cuh; AdamW and the EMA, optim.cuh; `elementwise_harness.cpp`, against PyTorch's
+//! rules). CI has no GPU, so this is
 //! where the kernels' indexing, reductions and rounding are checked on every run;
 //! `gpu-check` checks them on a GPU.
 
@@ -91,16 +92,25 @@ fn dense_loss_kernels_match_references_under_emulation() {
 }
 
 #[test]
-fn relu_kernels_follow_pytorch_under_emulation() {
-    let dir = common::tmpdir("cuda-emulation-relu");
-    let Some(bin) = build_harness(&dir, "relu_harness") else {
+fn elementwise_kernels_follow_pytorch_under_emulation() {
+    let dir = common::tmpdir("cuda-emulation-elementwise");
+    let Some(bin) = build_harness(&dir, "elementwise_harness") else {
         return;
     };
     // relu.cuh: forward and backward on f32 special values and random bit patterns, and on
-    // every bf16 pattern, on the launcher's grid and smaller ones, guards around each buffer.
+    // every bf16 pattern; optim.cuh: three AdamW steps of both weight-decay groups and the
+    // EMA against PyTorch's formulas in double; the launcher's grid and smaller ones, guards
+    // around each buffer.
     let out = run(&bin, "all", false);
     let summary = out.lines().last().unwrap_or_default();
     assert!(summary.ends_with("failures 0"), "{out}");
-    assert!(summary.contains("1986468 values checked"), "{out}");
+    assert!(
+        summary.contains("relu.cuh: 1986468 values checked"),
+        "{out}"
+    );
+    assert!(
+        summary.contains("optim.cuh: 160096 values checked"),
+        "{out}"
+    );
     eprintln!("{summary}");
 }

@@ -299,3 +299,5 @@ extern "C" __global__ void fused_dense_bwd_f32(FUSED_ARGS, int grad_t) {
 #include "sync_bn.cuh"
 // ReLU with PyTorch's backward (relu_fwd_*, relu_bwd_*): relu.cuh, likewise.
 #include "relu.cuh"
+// AdamW and the EMA in place (adam_moment_f32, adamw_param_f32, ema_f32): optim.cuh, likewise.
+#include "optim.cuh"

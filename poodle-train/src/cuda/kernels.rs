@@ -588,3 +588,124 @@ pub fn relu_bwd(
     }
     Ok(dx)
 }
+
+/// Device address of a contiguous f32 tensor updated in place (the first operand of
+/// candle's in-place ops), with cudarc's event guard.
+fn f32_ptr_mut<'a>(
+    op: &'static str,
+    s: &'a mut CudaStorage,
+    l: &Layout,
+    stream: &'a cudarc::driver::CudaStream,
+) -> Result<(u64, cudarc::driver::SyncOnDrop<'a>)> {
+    use cudarc::driver::DevicePtrMut;
+    if !l.is_contiguous() {
+        return Err(super::unsupported(op, "non-contiguous tensor").into());
+    }
+    let off = l.start_offset();
+    let (p, g) = s.as_cuda_slice_mut::<f32>()?.device_ptr_mut(stream);
+    Ok((p + (off * std::mem::size_of::<f32>()) as u64, g))
+}
+
+/// The f32 read operands of an in-place update: `n` values each, contiguous.
+fn f32_inputs<'a, const N: usize>(
+    op: &'static str,
+    srcs: [(&'a CudaStorage, &Layout); N],
+    n: usize,
+    stream: &'a cudarc::driver::CudaStream,
+) -> Result<Vec<(u64, cudarc::driver::SyncOnDrop<'a>)>> {
+    srcs.into_iter()
+        .map(|(s, l)| {
+            if s.dtype() != candle_core::DType::F32 || l.shape().elem_count() != n {
+                let what = format!(
+                    "operand {:?} of {:?}, {n} f32 values wanted",
+                    s.dtype(),
+                    l.shape()
+                );
+                return Err(super::unsupported(op, what).into());
+            }
+            Ok(super::dptr(op, s, l, stream)?)
+        })
+        .collect()
+}
+
+/// `s = s beta + t (1 - beta)` in place, `t = g` or `g^2` (`squared`): an AdamW moment.
+pub fn adam_moment(
+    (s, ls): (&mut CudaStorage, &Layout),
+    g: (&CudaStorage, &Layout),
+    beta: f64,
+    squared: bool,
+) -> Result<()> {
+    let op = "adam_moment_f32";
+    let n = ls.shape().elem_count();
+    let dev = s.device.clone();
+    let stream = dev.cuda_stream();
+    let ins = f32_inputs(op, [g], n, &stream)?;
+    let (sp, _gs) = f32_ptr_mut(op, s, ls, &stream)?;
+    let f = dev.get_or_load_custom_func(op, MODULE, PTX)?;
+    let (n64, b, omb, sq) = (
+        n as i64,
+        beta as f32,
+        (1.0 - beta) as f32,
+        i32::from(squared),
+    );
+    let mut bl = f.builder();
+    bl.arg(&sp)
+        .arg(&ins[0].0)
+        .arg(&n64)
+        .arg(&b)
+        .arg(&omb)
+        .arg(&sq);
+    // SAFETY: argument order and types match adam_moment_f32 (grid-stride); s and g hold n
+    // f32 values.
+    unsafe { bl.launch(launch_cfg(n)) }.map_err(CudaOpError::from)?;
+    Ok(())
+}
+
+/// AdamW's parameter update in place from its moments: `p = p decay - (m / (sqrt(v)
+/// inv_bc2_sqrt + eps)) step_size`.
+pub fn adamw_param(
+    (p, lp): (&mut CudaStorage, &Layout),
+    m: (&CudaStorage, &Layout),
+    v: (&CudaStorage, &Layout),
+    [decay, step_size, inv_bc2_sqrt, eps]: [f64; 4],
+) -> Result<()> {
+    let op = "adamw_param_f32";
+    let n = lp.shape().elem_count();
+    let dev = p.device.clone();
+    let stream = dev.cuda_stream();
+    let ins = f32_inputs(op, [m, v], n, &stream)?;
+    let (pp, _gp) = f32_ptr_mut(op, p, lp, &stream)?;
+    let f = dev.get_or_load_custom_func(op, MODULE, PTX)?;
+    let n64 = n as i64;
+    let [d, s, ib, e] = [decay, step_size, inv_bc2_sqrt, eps].map(|x| x as f32);
+    let mut bl = f.builder();
+    bl.arg(&pp)
+        .arg(&ins[0].0)
+        .arg(&ins[1].0)
+        .arg(&n64)
+        .arg(&d)
+        .arg(&s)
+        .arg(&ib)
+        .arg(&e);
+    // SAFETY: argument order and types match adamw_param_f32 (grid-stride); p, m and v hold n
+    // f32 values.
+    unsafe { bl.launch(launch_cfg(n)) }.map_err(CudaOpError::from)?;
+    Ok(())
+}
+
+/// The EMA in place: `t = t m + o (1 - m)`.
+pub fn ema((t, lt): (&mut CudaStorage, &Layout), o: (&CudaStorage, &Layout), m: f64) -> Result<()> {
+    let op = "ema_f32";
+    let n = lt.shape().elem_count();
+    let dev = t.device.clone();
+    let stream = dev.cuda_stream();
+    let ins = f32_inputs(op, [o], n, &stream)?;
+    let (tp, _gt) = f32_ptr_mut(op, t, lt, &stream)?;
+    let f = dev.get_or_load_custom_func(op, MODULE, PTX)?;
+    let (n64, mf, omm) = (n as i64, m as f32, (1.0 - m) as f32);
+    let mut bl = f.builder();
+    bl.arg(&tp).arg(&ins[0].0).arg(&n64).arg(&mf).arg(&omm);
+    // SAFETY: argument order and types match ema_f32 (grid-stride); t and o hold n f32 values.
+    unsafe { bl.launch(launch_cfg(n)) }.map_err(CudaOpError::from)?;
+    Ok(())
+}
