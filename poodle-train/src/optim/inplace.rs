@@ -47,6 +47,21 @@ fn f32_ref<'a>(op: &str, s: &'a CpuStorage, l: &Layout, n: usize) -> Result<&'a 
     Ok(v)
 }
 
+/// `dst[i] = f(dst[i], src[i])` over a contiguous f32 tensor and an operand of its size.
+fn zip_in_place(
+    op: &str,
+    (s1, l1): (&mut CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    f: impl Fn(f32, f32) -> f32,
+) -> Result<()> {
+    let dst = f32_mut(op, s1, l1)?;
+    let src = f32_ref(op, s2, l2, dst.len())?;
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f(*d, s);
+    }
+    Ok(())
+}
+
 impl InplaceOp2 for AdamMoment {
     fn name(&self) -> &'static str {
         "adam-moment"
@@ -59,14 +74,11 @@ impl InplaceOp2 for AdamMoment {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let s = f32_mut(self.name(), s1, l1)?;
-        let g = f32_ref(self.name(), s2, l2, s.len())?;
         let (b, omb) = (self.beta as f32, (1.0 - self.beta) as f32);
-        for (s, &g) in s.iter_mut().zip(g) {
+        zip_in_place(self.name(), (s1, l1), (s2, l2), |s, g| {
             let t = if self.squared { g * g } else { g };
-            *s = *s * b + t * omb;
-        }
-        Ok(())
+            s * b + t * omb
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -133,13 +145,8 @@ impl InplaceOp2 for Ema {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let t = f32_mut(self.name(), s1, l1)?;
-        let o = f32_ref(self.name(), s2, l2, t.len())?;
         let (m, omm) = (self.m as f32, (1.0 - self.m) as f32);
-        for (t, &o) in t.iter_mut().zip(o) {
-            *t = *t * m + o * omm;
-        }
-        Ok(())
+        zip_in_place(self.name(), (s1, l1), (s2, l2), |t, o| t * m + o * omm)
     }
 
     #[cfg(feature = "cuda")]
