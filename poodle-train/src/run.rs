@@ -264,6 +264,36 @@ impl Learner {
     }
 }
 
+/// Clips the gradients if `clip` says so, then takes the optimiser step; returns the global
+/// gradient norm where it was computed: for clipping, or when `want_norm` (a logged step).
+/// Other steps skip it, since on CUDA it is a few small launches a gradient tensor, and it is
+/// read once the step is queued: on CUDA a read waits for the backward pass, and the
+/// optimiser's launches would wait with it.
+fn clip_and_apply(
+    learner: &mut Learner,
+    grads: &mut Grads,
+    clip: Option<f64>,
+    want_norm: bool,
+    lr: f64,
+    mom: f64,
+) -> Result<Option<f64>> {
+    let norm = (clip.is_some() || want_norm)
+        .then(|| grads.global_norm_tensor())
+        .transpose()?;
+    let mut read = None;
+    if let (Some(c), Some(n)) = (clip, &norm) {
+        let total = n.to_scalar::<f64>()?;
+        grads.clip_to_norm(c, total)?;
+        read = Some(total);
+    }
+    learner.apply(grads, lr, mom)?;
+    Ok(match (read, norm) {
+        (Some(v), _) => Some(v),
+        (None, Some(n)) => Some(n.to_scalar::<f64>()?),
+        (None, None) => None,
+    })
+}
+
 /// Std over the batch of L2-normalised rows, averaged over dimensions. In a data-parallel
 /// job with synchronised BatchNorm the batch is every rank's, as BatchNorm's statistics are:
 /// a std of each rank's 2-4 rows alone is biased low by the batch split, so runs with other
@@ -563,22 +593,11 @@ fn train_rank(
             let n = acc.micro_batches() as f32;
             let mut grads = std::mem::take(&mut acc).finish(1.0 / f64::from(n))?;
             dist::average_gradients(&mut grads, group.as_ref(), bucket_bytes)?;
-            let norm = grads.global_norm_tensor()?;
-            let mut clipped_norm = None;
-            if let Some(c) = cfg.optim.grad_clip {
-                let total = norm.to_scalar::<f64>()?;
-                grads.clip_to_norm(c, total)?;
-                clipped_norm = Some(total);
-            }
             let (lr, mom) = (sched.lr(step), sched.momentum(step));
-            learner.apply(&grads, lr, mom)?;
-            // Without clipping the norm is only logged: read once the step is queued, since on
-            // CUDA the read waits for the backward pass (the optimiser's launches would wait
-            // for it too).
-            let grad_norm = match clipped_norm {
-                Some(v) => v,
-                None => norm.to_scalar::<f64>()?,
-            };
+            let logs =
+                out.is_some() && ((step + 1) % cfg.run.log_every == 0 || step + 1 == max_steps);
+            let grad_norm =
+                clip_and_apply(&mut learner, &mut grads, cfg.optim.grad_clip, logs, lr, mom)?;
             step += 1;
             let loss = sums.mean_over_ranks(n, group.as_ref())?;
             let (allreduce_bytes, allreduce_calls) = counted.take();
@@ -601,7 +620,7 @@ fn train_rank(
                         loss: loss.0,
                         dense_mask_fraction: loss.1,
                         proj_std: loss.2,
-                        grad_norm,
+                        grad_norm: grad_norm.context("no gradient norm for a logged step")?,
                         allreduce_bytes,
                         allreduce_calls,
                         pairs_per_s: (sums.pairs * world) as f64

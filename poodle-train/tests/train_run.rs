@@ -1,5 +1,6 @@
-//! The training loop end to end on CPU: exact resume, the non-finite stop, and learning on
-//! real CamVid frame pairs prepared by poodle-prep with the default flow model.
+//! The training loop end to end on CPU: exact resume, the non-finite stop, the logged
+//! gradient norm and clipping, and learning on real CamVid frame pairs prepared by
+//! poodle-prep with the default flow model.
 
 use poodle_train::config::TrainConfig;
 use std::path::{Path, PathBuf};
@@ -196,6 +197,44 @@ fn resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("another config"), "{e}");
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+/// The gradient norm is computed for logged steps and for clipping only, and read once the
+/// optimiser step is queued: logged steps carry a finite, positive norm; clipping to a tiny
+/// norm logs the norm before clipping and changes the training.
+#[test]
+fn the_gradient_norm_is_logged_and_clipping_reads_it() {
+    let d = tmpdir("gradnorm");
+    let Some(store) = camvid_store(&d, 8) else {
+        return;
+    };
+    let rows = |run: &Path, extra: &[&str]| -> Vec<(u64, f64, f64)> {
+        let mut o = vec!["run.max_steps=3", "run.log_every=2"];
+        o.extend_from_slice(extra);
+        poodle_train::run::train(&tiny(&store, run, &o), false, true).unwrap();
+        metrics(run)
+            .iter()
+            .map(|m| {
+                let f = |k: &str| m[k].as_f64().unwrap();
+                (m["step"].as_u64().unwrap(), f("grad_norm"), f("total"))
+            })
+            .collect()
+    };
+    let plain = rows(&d.join("plain"), &[]);
+    assert_eq!(plain.iter().map(|r| r.0).collect::<Vec<_>>(), [2, 3]);
+    assert!(
+        plain.iter().all(|r| r.1.is_finite() && r.1 > 0.0),
+        "{plain:?}"
+    );
+    let clipped = rows(&d.join("clipped"), &["optim.grad_clip=1e-6"]);
+    assert_eq!(clipped.iter().map(|r| r.0).collect::<Vec<_>>(), [2, 3]);
+    // The warm-up's first step has lr 0, so both runs reach step 2 with the same weights:
+    // the same norm, logged before clipping. Clipping then changes step 2's update, so step
+    // 3's loss differs.
+    assert_eq!(plain[0].1, clipped[0].1, "{plain:?} {clipped:?}");
+    assert!(clipped.iter().all(|r| r.1 > 1e-3), "{clipped:?}");
+    assert_ne!(plain[1].2, clipped[1].2, "{plain:?} {clipped:?}");
     std::fs::remove_dir_all(d).unwrap();
 }
 
