@@ -12,8 +12,7 @@
 //! output is <= 0 (candle's passes the gradient at exactly 0, where the input is >= 0); the
 //! two agree everywhere else.
 
-use crate::custom_op::contiguous_slice;
-use candle_core::backend::BackendStorage;
+use crate::custom_op::f32_part;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// `max(x, 0)`: the fused op on CUDA, candle's `relu` on the CPU.
@@ -33,13 +32,6 @@ pub struct Relu;
 /// `dx = y <= 0 ? 0 : dy` from ReLU's output `y` (first) and its gradient `dy` (second).
 #[derive(Clone, Copy, Debug)]
 pub struct ReluGrad;
-
-fn f32_part<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) => contiguous_slice(v, l, op),
-        _ => candle_core::bail!("{op}: f32 on the CPU, got {:?}", s.dtype()),
-    }
-}
 
 impl CustomOp1 for Relu {
     fn name(&self) -> &'static str {

@@ -17,6 +17,7 @@
 //! sums (the backward of its all-reduce), the scale and shift gradients this rank's batch
 //! only, which data parallel then averages as for any parameter.
 
+use crate::custom_op::f32_part;
 use crate::dist::sync_bn::global_count;
 use crate::dist::{Collective, SumOverRanks};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -129,15 +130,6 @@ pub fn channel_sums(
         SumKind::Grad => Ok(sums),
         _ => sums.squeeze(0),
     }
-}
-
-/// The contiguous part of a CPU f32 input.
-fn f32_part<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        use candle_core::backend::BackendStorage;
-        candle_core::bail!("{op}: f32 on the CPU, got {:?}", s.dtype());
-    };
-    crate::custom_op::contiguous_slice(v, l, op)
 }
 
 fn dims3(l: &Layout) -> Result<(usize, usize, usize)> {

@@ -7,7 +7,7 @@
 //! reference; the ops' CPU sides repeat the composed arithmetic in its order and f32
 //! roundings, so the test can ask for equal results.
 
-use crate::custom_op::contiguous_slice;
+use crate::custom_op::f32_part;
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result};
 
 /// `s = s beta + t (1 - beta)` with `t = g` or `g^2` (`squared`): an AdamW moment, in place.
@@ -37,10 +37,7 @@ fn f32_mut<'a>(op: &str, s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f
 }
 
 fn f32_ref<'a>(op: &str, s: &'a CpuStorage, l: &Layout, n: usize) -> Result<&'a [f32]> {
-    let v = match s {
-        CpuStorage::F32(v) => contiguous_slice(v, l, op)?,
-        _ => candle_core::bail!("{op}: f32 operands"),
-    };
+    let v = f32_part(op, s, l)?;
     if v.len() != n {
         candle_core::bail!("{op}: an operand of {} values for {n}", v.len());
     }
