@@ -609,7 +609,7 @@ fn train_rank(
             }
             // Rank 0 logs, draws and checkpoints; the other ranks go on to the next step.
             if let Some(out) = out.as_mut() {
-                if step % cfg.run.log_every == 0 || step == max_steps {
+                if logs {
                     let m = StepMetrics {
                         step,
                         pass,

@@ -335,8 +335,9 @@ pub fn fused_dense(
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
-/// The `bn_*` kernel of kernels.cu for an activation dtype (f32 or bf16).
-fn bn_kernel(
+/// The kernel of kernels.cu named `stem` for an activation dtype (f32 or bf16): the `bn_*`
+/// and `relu_*` kernels.
+fn act_kernel(
     stem: &'static str,
     dt: candle_core::DType,
 ) -> std::result::Result<&'static str, CudaOpError> {
@@ -348,6 +349,10 @@ fn bn_kernel(
         ("bn_apply", BF16) => "bn_apply_bf16",
         ("bn_input_grad", F32) => "bn_input_grad_f32",
         ("bn_input_grad", BF16) => "bn_input_grad_bf16",
+        ("relu_fwd", F32) => "relu_fwd_f32",
+        ("relu_fwd", BF16) => "relu_fwd_bf16",
+        ("relu_bwd", F32) => "relu_bwd_f32",
+        ("relu_bwd", BF16) => "relu_bwd_bf16",
         _ => return Err(super::unsupported(stem, format!("dtype {dt:?}"))),
     })
 }
@@ -387,7 +392,7 @@ pub fn bn_sums(
     mean: Option<(&CudaStorage, &Layout)>,
     geo: (usize, usize, usize),
 ) -> Result<(CudaStorage, usize)> {
-    let op = bn_kernel("bn_sums", x.dtype())?;
+    let op = act_kernel("bn_sums", x.dtype())?;
     // About 1024 blocks (every SM busy at 2048 channels), at least 2048 values a slice.
     let (cfg, [ni, ci, hwi]) = bn_launch(op, geo, 1024, 2048)?;
     if (dy.is_some(), mean.is_some()) != (kind == SumKind::Grad, kind != SumKind::Values) {
@@ -458,7 +463,7 @@ pub fn bn_apply(
     b: (&CudaStorage, &Layout),
     geo: (usize, usize, usize),
 ) -> Result<CudaStorage> {
-    let op = bn_kernel("bn_apply", x.dtype())?;
+    let op = act_kernel("bn_apply", x.dtype())?;
     let (cfg, [ni, ci, hwi]) = bn_launch(op, geo, BN_PASS.0, BN_PASS.1)?;
     let (n, c, hw) = geo;
     let dev = &x.device;
@@ -495,7 +500,7 @@ pub fn bn_input_grad(
     coef: (&CudaStorage, &Layout),
     geo: (usize, usize, usize),
 ) -> Result<CudaStorage> {
-    let op = bn_kernel("bn_input_grad", x.dtype())?;
+    let op = act_kernel("bn_input_grad", x.dtype())?;
     if dy.dtype() != x.dtype() {
         return Err(super::unsupported(op, "dy and x differ in dtype").into());
     }
@@ -525,24 +530,9 @@ pub fn bn_input_grad(
     Ok(dx)
 }
 
-/// The `relu_*` kernel of kernels.cu for an activation dtype (f32 or bf16).
-fn relu_kernel(
-    bwd: bool,
-    dt: candle_core::DType,
-) -> std::result::Result<&'static str, CudaOpError> {
-    use candle_core::DType::{BF16, F32};
-    Ok(match (bwd, dt) {
-        (false, F32) => "relu_fwd_f32",
-        (false, BF16) => "relu_fwd_bf16",
-        (true, F32) => "relu_bwd_f32",
-        (true, BF16) => "relu_bwd_bf16",
-        _ => return Err(super::unsupported("relu", format!("dtype {dt:?}"))),
-    })
-}
-
 /// `y = max(x, 0)` (NaN kept) over a contiguous map, in x's dtype (`model::relu`).
 pub fn relu_fwd((x, lx): (&CudaStorage, &Layout)) -> Result<CudaStorage> {
-    let op = relu_kernel(false, x.dtype())?;
+    let op = act_kernel("relu_fwd", x.dtype())?;
     let n = lx.shape().elem_count();
     let dev = &x.device;
     let stream = dev.cuda_stream();
@@ -566,7 +556,7 @@ pub fn relu_bwd(
     (y, ly): (&CudaStorage, &Layout),
     (dy, ldy): (&CudaStorage, &Layout),
 ) -> Result<CudaStorage> {
-    let op = relu_kernel(true, y.dtype())?;
+    let op = act_kernel("relu_bwd", y.dtype())?;
     let n = ly.shape().elem_count();
     if dy.dtype() != y.dtype() || ldy.shape().elem_count() != n {
         return Err(super::unsupported(op, "y and dy differ in dtype or size").into());
