@@ -1,13 +1,33 @@
 //! The flow stage shared by `prep` and `flow`: forward and backward flow in one batch, then
 //! occlusion, statistics and quantisation per pair on rayon.
 
-use crate::flowmodel::FlowModel;
-use crate::Result;
+use crate::flowmodel::{Device, FlowModel};
+use crate::tools::find_ort_library;
+use crate::{PrepError, Result};
 use poodle_common::flowmath::{
     flow_stats, occlusion_fb, quantize_flow, Map, FLOW_QUANT_SCALE, FLOW_STAT_NAMES, OCC_ALPHA1,
     OCC_ALPHA2,
 };
-use poodle_common::store::FlowAttrs;
+use poodle_common::store::{FlowArrays, FlowAttrs, Geometry, StoreArrays};
+use std::path::Path;
+
+/// Loads the flow model of a job (`prep` or `flow`) and names its flow group: `group`, else
+/// the model card's name. A name the store cannot hold is refused here, before any work.
+pub fn open_flow_model(
+    card: &Path,
+    device: Device,
+    ort_lib: Option<&Path>,
+    threads: usize,
+    io_binding: bool,
+    group: Option<&str>,
+) -> Result<(FlowModel, String)> {
+    let ort_lib = find_ort_library(ort_lib)?;
+    let mut model = FlowModel::load(card, device, &ort_lib, threads)?;
+    model.set_io_binding(io_binding)?;
+    let group = group.map_or_else(|| model.card.name.clone(), str::to_string);
+    poodle_common::store::validate_group_name(&group).map_err(PrepError::Usage)?;
+    Ok((model, group))
+}
 
 /// The attributes of a flow group written by `model`.
 pub fn flow_attrs(model: &FlowModel, backward: bool) -> FlowAttrs {
@@ -34,6 +54,61 @@ pub struct FlowOut {
     pub stats: Vec<f32>,
     /// Median forward flow magnitude (px), for the near-static filter.
     pub median_mag: f32,
+}
+
+/// One shard's flow-group arrays, filled pair by pair and written in one go: `prep`'s writer
+/// and `flow` both write whole shards.
+pub struct ShardFlow {
+    g: Geometry,
+    forward: Vec<i16>,
+    /// Backward flow and the occlusion of frame t+dt in t: empty unless kept.
+    backward: Vec<i16>,
+    occlusion_bwd: Vec<bool>,
+    occlusion: Vec<bool>,
+    stats: Vec<f32>,
+    keep_bwd: bool,
+}
+
+impl ShardFlow {
+    /// Zeroed arrays for `n` pairs (a pair left unfilled is an invalid one).
+    pub fn new(g: Geometry, n: usize, keep_bwd: bool) -> Self {
+        let kept = |len: usize| if keep_bwd { len } else { 0 };
+        ShardFlow {
+            g,
+            forward: vec![0; n * g.flow_len()],
+            backward: vec![0; kept(n * g.flow_len())],
+            occlusion_bwd: vec![false; kept(n * g.mask_len())],
+            occlusion: vec![false; n * g.mask_len()],
+            stats: vec![0.0; n * FLOW_STAT_NAMES.len()],
+            keep_bwd,
+        }
+    }
+
+    /// Puts the flow of the shard's `j`-th pair.
+    pub fn put(&mut self, j: usize, f: &FlowOut) {
+        let (fl, ml, ns) = (self.g.flow_len(), self.g.mask_len(), FLOW_STAT_NAMES.len());
+        self.forward[j * fl..(j + 1) * fl].copy_from_slice(&f.forward);
+        if let Some((b, ob)) = &f.backward {
+            self.backward[j * fl..(j + 1) * fl].copy_from_slice(b);
+            self.occlusion_bwd[j * ml..(j + 1) * ml].copy_from_slice(ob);
+        }
+        self.occlusion[j * ml..(j + 1) * ml].copy_from_slice(&f.occlusion);
+        self.stats[j * ns..(j + 1) * ns].copy_from_slice(&f.stats);
+    }
+
+    /// Writes the arrays as shard `k` of the flow group `fa`.
+    pub fn write(&self, arrays: &StoreArrays, fa: &FlowArrays, k: usize) -> Result<()> {
+        let backward = (self.backward.as_slice(), self.occlusion_bwd.as_slice());
+        arrays.write_flow_shard(
+            fa,
+            k,
+            &self.forward,
+            self.keep_bwd.then_some(backward),
+            &self.occlusion,
+            &self.stats,
+        )?;
+        Ok(())
+    }
 }
 
 /// Flow for a batch of frame pairs (planar RGB 0..255), then occlusion and statistics.

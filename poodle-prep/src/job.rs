@@ -151,6 +151,17 @@ pub struct StageStats {
     pub per_s: f64,
 }
 
+impl StageStats {
+    /// `items` done in `busy_s` seconds.
+    pub fn of(items: usize, busy_s: f64) -> Self {
+        StageStats {
+            items,
+            busy_s,
+            per_s: items as f64 / busy_s.max(1e-9),
+        }
+    }
+}
+
 /// The job's machine-readable summary (also printed).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Summary {

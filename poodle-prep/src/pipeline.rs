@@ -9,24 +9,25 @@
 use crate::decode::{decode_image, stream_frames, Frame};
 use crate::discover::probe_all;
 use crate::flowmodel::{Device, FlowModel};
-use crate::flowstage::{degenerate, finish_batch, flow_attrs, infer_batch, FlowOut};
+use crate::flowstage::{
+    degenerate, finish_batch, flow_attrs, infer_batch, open_flow_model, FlowOut, ShardFlow,
+};
 use crate::job::{JobDir, Plan, ShardDone, SkippedPair, StageStats, Summary};
-use crate::tools::{check_ffmpeg, find_ort_library};
+use crate::tools::check_ffmpeg;
 use crate::{PrepError, Result};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use poodle_common::atomic::{read_json, write_json_atomic};
 use poodle_common::config::{DatasetConfig, Layout};
-use poodle_common::flowmath::{Map, FLOW_STAT_NAMES};
+use poodle_common::flowmath::Map;
 use poodle_common::manifest::{
-    json_sha256, part_range, sample_pairs, Pair, VideoInfo, VideoManifest,
+    json_sha256, part_range, sample_pairs, Pair, Skipped, VideoInfo, VideoManifest,
 };
-use poodle_common::store::{Codecs, Geometry, StoreArrays, StoreAttrs, SCHEMA_VERSION};
+use poodle_common::store::{Codecs, FlowArrays, Geometry, StoreArrays, StoreAttrs, SCHEMA_VERSION};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -307,10 +308,113 @@ fn decode_segment(
     debug_assert!(emitted <= slots.len());
 }
 
-/// Runs one job part end to end and returns its summary.
+/// Runs one job part end to end and returns its summary: checks, the part's pairs, its store
+/// (finished shards are resumed), the stages over the shards still to do, then the metadata
+/// and the summary.
 pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
     let start = Instant::now();
-    let cfg = &opts.config;
+    check_part_options(opts)?;
+    // Everything that can fail for the whole job fails here, before any work.
+    check_ffmpeg()?;
+    let (mut model, flow_group) = open_flow_model(
+        &opts.model_card,
+        opts.device,
+        opts.ort_lib.as_deref(),
+        opts.flow_threads,
+        opts.io_binding,
+        opts.flow_group.as_deref(),
+    )?;
+    let mp = MultiProgress::with_draw_target(if opts.show_progress {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let part = select_part(opts, &mp)?;
+
+    let store = store_path(&opts.out, &opts.config, opts.part_index, opts.num_parts);
+    let job = JobDir::open(&store)?;
+    job.check_plan(&part.job_plan(opts, &model, &flow_group))?;
+    let geometry = Geometry {
+        num_pairs: part.pairs.len(),
+        height: opts.config.height,
+        width: opts.config.width,
+        pairs_per_shard: opts.config.pairs_per_shard,
+    };
+    let codecs = Codecs::default();
+    let arrays = StoreArrays::new(&store, geometry, codecs)?;
+    let flow_arrays = arrays.flow_arrays(&flow_group, opts.store_backward, codecs)?;
+    let shards_total = geometry.num_shards();
+    let mut done: BTreeMap<usize, ShardDone> = (0..shards_total)
+        .filter_map(|k| job.done(k).map(|d| (k, d)))
+        .collect();
+    let shards_resumed = done.len();
+    let todo: Vec<usize> = (0..shards_total)
+        .filter(|k| !done.contains_key(k))
+        .collect();
+
+    let stages = Stages {
+        opts,
+        geometry,
+        pairs: &part.pairs,
+        videos: &part.videos,
+        arrays: &arrays,
+        flow_arrays: &flow_arrays,
+        job: &job,
+    };
+    let (newly_done, times) = stages.run(&todo, &mut model, &mp)?;
+    let shards_written_now = newly_done.len();
+    done.extend(newly_done.into_iter().map(|d| (d.shard, d)));
+    if done.len() != shards_total {
+        return Err(PrepError::Job {
+            path: store.clone(),
+            reason: format!("only {} of {shards_total} shards finished", done.len()),
+        });
+    }
+    // All shards done: metadata last, so valid metadata means complete data.
+    arrays.finalize_flow(&flow_arrays, &flow_attrs(&model, opts.store_backward))?;
+    arrays.finalize(&part.store_attrs(opts, geometry))?;
+
+    let skipped_pairs: Vec<SkippedPair> = done.values().flat_map(|d| d.skipped.clone()).collect();
+    let written: usize = done.values().map(|d| d.pairs_written).sum();
+    let store_bytes = poodle_common::store::dir_size(&store);
+    // Read back from the finished store, so resumed shards count as much as new ones.
+    let flow_quality = crate::quality::group_quality(
+        &poodle_common::store::PoodleStore::open(&store)?,
+        &flow_group,
+        opts.max_occluded_median,
+    )?;
+    let summary = Summary {
+        store: store.display().to_string(),
+        part_index: opts.part_index,
+        num_parts: opts.num_parts,
+        pairs_total: part.pairs.len(),
+        pairs_written: written,
+        pairs_skipped: skipped_pairs.len(),
+        shards_total,
+        shards_resumed,
+        shards_written_now,
+        skipped_by_kind: skipped_pairs.iter().fold(BTreeMap::new(), |mut m, p| {
+            *m.entry(p.kind().to_string()).or_insert(0) += 1;
+            m
+        }),
+        skipped_pairs,
+        skipped_videos: part.skipped_videos,
+        store_bytes,
+        bytes_per_pair: store_bytes as f64 / written.max(1) as f64,
+        raw_bytes_per_pair: raw_bytes_per_pair(&geometry, opts.store_backward),
+        wall_s: start.elapsed().as_secs_f64(),
+        decode: times.decode,
+        flow: times.flow,
+        write: times.write,
+        occlusion: times.occlusion,
+        flow_quality,
+    };
+    write_json_atomic(&store.with_extension("summary.json"), &summary)?;
+    Ok(summary)
+}
+
+/// Refuses a part index outside the job and an empty flow batch.
+fn check_part_options(opts: &PrepOptions) -> Result<()> {
     if opts.num_parts == 0 || opts.part_index >= opts.num_parts {
         return Err(PrepError::Usage(format!(
             "--part-index {} must be below --num-parts {}",
@@ -320,23 +424,26 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
     if opts.batch_size == 0 {
         return Err(PrepError::Usage("--batch-size must be positive".into()));
     }
-    // Everything that can fail for the whole job fails here, before any work.
-    check_ffmpeg()?;
-    let ort_lib = find_ort_library(opts.ort_lib.as_deref())?;
-    let mut model = FlowModel::load(&opts.model_card, opts.device, &ort_lib, opts.flow_threads)?;
-    model.set_io_binding(opts.io_binding)?;
-    let flow_group = opts
-        .flow_group
-        .clone()
-        .unwrap_or_else(|| model.card.name.clone());
-    poodle_common::store::validate_group_name(&flow_group).map_err(PrepError::Usage)?;
+    Ok(())
+}
 
-    let mp = MultiProgress::with_draw_target(if opts.show_progress {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    });
-    let manifest = load_or_probe(cfg, &opts.root, &opts.out, &mp)?;
+/// One job part's share of the manifest: its pairs, re-indexed into the list of the videos
+/// it uses (only those go into its store).
+struct PartPairs {
+    /// Of the whole job's pairs and videos: every part of one job has the same.
+    manifest_sha256: String,
+    /// The job-wide index of the part's first pair.
+    first_pair: usize,
+    pairs: Vec<Pair>,
+    videos: Vec<VideoInfo>,
+    skipped_videos: Vec<Skipped>,
+}
+
+/// Probes (or reuses) the manifest, samples the job's pairs, records them under
+/// OUT/manifest/, and keeps this part's share.
+fn select_part(opts: &PrepOptions, mp: &MultiProgress) -> Result<PartPairs> {
+    let cfg = &opts.config;
+    let manifest = load_or_probe(cfg, &opts.root, &opts.out, mp)?;
     let (mut all_pairs, mut skipped_videos) = sample_pairs(cfg, &manifest.videos);
     skipped_videos.extend(manifest.skipped.iter().cloned());
     if let Some(m) = opts.max_pairs {
@@ -355,7 +462,7 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
     )?;
     let range = part_range(all_pairs.len(), opts.part_index, opts.num_parts);
     let first_pair = range.start;
-    let part_pairs: Vec<Pair> = all_pairs[range].to_vec();
+    let part_pairs = &all_pairs[range];
     if part_pairs.is_empty() {
         return Err(PrepError::Usage(format!(
             "part {} of {} has no pairs ({} pairs in the manifest, {} videos skipped)",
@@ -365,7 +472,6 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
             skipped_videos.len()
         )));
     }
-    // Only the videos this part uses go into its store; pairs index that list.
     let mut used: Vec<u32> = part_pairs.iter().map(|p| p.video).collect();
     used.dedup();
     let remap: BTreeMap<u32, u32> = used
@@ -373,215 +479,220 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
         .enumerate()
         .map(|(i, &v)| (v, i as u32))
         .collect();
-    let videos: Vec<VideoInfo> = used
-        .iter()
-        .map(|&v| manifest.videos[v as usize].clone())
-        .collect();
-    let pairs: Vec<Pair> = part_pairs
-        .iter()
-        .map(|p| Pair {
-            video: remap[&p.video],
-            ..*p
-        })
-        .collect();
-
-    let store = store_path(&opts.out, cfg, opts.part_index, opts.num_parts);
-    let job = JobDir::open(&store)?;
-    let plan = Plan {
-        schema_version: SCHEMA_VERSION,
-        dataset: cfg.clone(),
-        root: opts.root.display().to_string(),
-        manifest_sha256: manifest_sha256.clone(),
-        part_index: opts.part_index,
-        num_parts: opts.num_parts,
+    Ok(PartPairs {
+        manifest_sha256,
         first_pair,
-        pairs: pairs.clone(),
-        videos: videos.iter().map(|v| v.path.clone()).collect(),
-        flow_group: flow_group.clone(),
-        model_sha256: model.model_sha256.clone(),
-        model_card: model.card_json.clone(),
-        store_backward: opts.store_backward,
-    };
-    job.check_plan(&plan)?;
+        pairs: part_pairs
+            .iter()
+            .map(|p| Pair {
+                video: remap[&p.video],
+                ..*p
+            })
+            .collect(),
+        videos: used
+            .iter()
+            .map(|&v| manifest.videos[v as usize].clone())
+            .collect(),
+        skipped_videos,
+    })
+}
 
-    let geometry = Geometry {
-        num_pairs: pairs.len(),
-        height: cfg.height,
-        width: cfg.width,
-        pairs_per_shard: cfg.pairs_per_shard,
-    };
-    let codecs = Codecs::default();
-    let arrays = StoreArrays::new(&store, geometry, codecs)?;
-    let flow_arrays = arrays.flow_arrays(&flow_group, opts.store_backward, codecs)?;
-
-    let shards_total = geometry.num_shards();
-    let mut done: BTreeMap<usize, ShardDone> = BTreeMap::new();
-    for k in 0..shards_total {
-        if let Some(d) = job.done(k) {
-            done.insert(k, d);
-        }
-    }
-    let shards_resumed = done.len();
-    let todo: Vec<usize> = (0..shards_total)
-        .filter(|k| !done.contains_key(k))
-        .collect();
-
-    // Work list: the runs of consecutive slots of one video (one decode each), over the
-    // shards still to do.
-    let slots: Vec<Slot> = todo
-        .iter()
-        .flat_map(|&k| geometry.shard_pairs(k))
-        .map(|i| Slot {
-            index: i,
-            pair: pairs[i],
-        })
-        .collect();
-    let mut segments: Vec<Vec<&Slot>> = Vec::new();
-    for s in &slots {
-        match segments.last_mut() {
-            Some(seg) if seg[0].pair.video == s.pair.video => seg.push(s),
-            _ => segments.push(vec![s]),
+impl PartPairs {
+    /// The plan a resumed job must match.
+    fn job_plan(&self, opts: &PrepOptions, model: &FlowModel, flow_group: &str) -> Plan {
+        Plan {
+            schema_version: SCHEMA_VERSION,
+            dataset: opts.config.clone(),
+            root: opts.root.display().to_string(),
+            manifest_sha256: self.manifest_sha256.clone(),
+            part_index: opts.part_index,
+            num_parts: opts.num_parts,
+            first_pair: self.first_pair,
+            pairs: self.pairs.clone(),
+            videos: self.video_paths(),
+            flow_group: flow_group.to_string(),
+            model_sha256: model.model_sha256.clone(),
+            model_card: model.card_json.clone(),
+            store_backward: opts.store_backward,
         }
     }
 
-    let n_todo = slots.len();
-    let pb_dec = bar(&mp, n_todo as u64, "decode");
-    let pb_flow = bar(&mp, n_todo as u64, "flow");
-    let pb_write = bar(&mp, todo.len() as u64, "shards");
-    let cap = 2 * opts.batch_size.max(2);
-    let (tx_dec, rx_dec): (Sender<Decoded>, Receiver<Decoded>) = bounded(cap);
-    let (tx_flow, rx_flow): (Sender<Flowed>, Receiver<Flowed>) = bounded(cap);
-    let decode_pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.decode_workers.max(1))
-        .thread_name(|i| format!("decode-{i}"))
-        .build()
-        .map_err(|e| PrepError::Usage(format!("decode pool: {e}")))?;
-    let videos = Arc::new(videos);
-    let shard_of = |slot: usize| slot / geometry.pairs_per_shard;
+    /// The store's metadata, written once every shard is.
+    fn store_attrs(&self, opts: &PrepOptions, geometry: Geometry) -> StoreAttrs {
+        StoreAttrs {
+            schema_version: SCHEMA_VERSION,
+            tool_version: poodle_common::TOOL_VERSION.to_string(),
+            dataset: opts.config.clone(),
+            manifest_sha256: self.manifest_sha256.clone(),
+            part_index: opts.part_index,
+            num_parts: opts.num_parts,
+            first_pair: self.first_pair,
+            geometry,
+            videos: self.video_paths(),
+            root: opts.root.display().to_string(),
+            video_fps: self.videos.iter().map(|v| v.fps).collect(),
+        }
+    }
 
-    let mut dec_stats = StageStats::default();
-    let mut flow_stats_s = StageStats::default();
-    let mut write_stats = StageStats::default();
-    let mut post_stats = StageStats::default();
-    let mut newly_done: Vec<ShardDone> = Vec::new();
+    fn video_paths(&self) -> Vec<String> {
+        self.videos.iter().map(|v| v.path.clone()).collect()
+    }
+}
 
-    std::thread::scope(|scope| -> Result<()> {
-        // Stage 1: decode (rayon pool), in manifest order as workers free up.
-        let dec_handle = {
-            let videos = videos.clone();
-            let segments = &segments;
-            let pb = pb_dec.clone();
-            let root = opts.root.clone();
-            scope.spawn(move || {
-                let t0 = Instant::now();
-                decode_pool.install(|| {
-                    segments
-                        .iter()
-                        .par_bridge()
-                        .for_each_with(tx_dec, |tx, seg| {
-                            let v = &videos[seg[0].pair.video as usize];
-                            // A failed send means downstream failed; it reports why.
-                            decode_segment(cfg, &root, v, seg, opts.drop_degenerate, &mut |d| {
-                                pb.inc(1);
-                                tx.send(d).is_ok()
-                            });
-                        })
-                });
-                t0.elapsed().as_secs_f64()
+/// What the stages of one part share.
+#[derive(Clone, Copy)]
+struct Stages<'a> {
+    opts: &'a PrepOptions,
+    geometry: Geometry,
+    pairs: &'a [Pair],
+    videos: &'a [VideoInfo],
+    arrays: &'a StoreArrays,
+    flow_arrays: &'a FlowArrays,
+    job: &'a JobDir,
+}
+
+/// Each stage's throughput over the pairs of the shards done in this run.
+struct StageTimes {
+    decode: StageStats,
+    flow: StageStats,
+    occlusion: StageStats,
+    write: StageStats,
+}
+
+impl Stages<'_> {
+    /// Decode, flow, occlusion and write over the shards `todo`, joined by bounded channels;
+    /// returns the shards written and each stage's busy time.
+    fn run(
+        self,
+        todo: &[usize],
+        model: &mut FlowModel,
+        mp: &MultiProgress,
+    ) -> Result<(Vec<ShardDone>, StageTimes)> {
+        // Work list: the runs of consecutive slots of one video (one decode each).
+        let slots: Vec<Slot> = todo
+            .iter()
+            .flat_map(|&k| self.geometry.shard_pairs(k))
+            .map(|i| Slot {
+                index: i,
+                pair: self.pairs[i],
             })
-        };
-
-        // Stage 3: write whole shards, one writer.
-        let write_handle = {
-            let pb = pb_write.clone();
-            let arrays = &arrays;
-            let flow_arrays = &flow_arrays;
-            let job = &job;
-            let videos = videos.clone();
-            let pairs = &pairs;
-            scope.spawn(move || -> Result<(Vec<ShardDone>, f64)> {
-                let mut busy = 0.0;
-                let mut open: BTreeMap<usize, Vec<Flowed>> = BTreeMap::new();
-                let mut finished = Vec::new();
-                for item in rx_flow {
-                    let slot = match &item {
-                        Flowed::Ok(p) => p.slot,
-                        Flowed::Failed { slot, .. } => *slot,
-                    };
-                    let k = shard_of(slot);
-                    let entry = open.entry(k).or_default();
-                    entry.push(item);
-                    if entry.len() < geometry.shard_pairs(k).len() {
-                        continue;
-                    }
-                    let mut items = open.remove(&k).expect("open shard");
-                    items.sort_by_key(|i| match i {
-                        Flowed::Ok(p) => p.slot,
-                        Flowed::Failed { slot, .. } => *slot,
-                    });
-                    let t0 = Instant::now();
-                    let d = write_shard(
-                        arrays,
-                        flow_arrays,
-                        geometry,
-                        k,
-                        items,
-                        pairs,
-                        &videos,
-                        opts.store_backward,
-                    )?;
-                    job.mark_done(&d)?;
-                    busy += t0.elapsed().as_secs_f64();
-                    finished.push(d);
-                    pb.inc(1);
-                }
-                Ok((finished, busy))
-            })
-        };
-
-        // Stage 2b: occlusion, statistics and quantisation on rayon, beside the next batch's
-        // inference, so that the model never waits for them.
+            .collect();
+        let mut segments: Vec<Vec<&Slot>> = Vec::new();
+        for s in &slots {
+            match segments.last_mut() {
+                Some(seg) if seg[0].pair.video == s.pair.video => seg.push(s),
+                _ => segments.push(vec![s]),
+            }
+        }
+        let n_todo = slots.len();
+        let pb_dec = bar(mp, n_todo as u64, "decode");
+        let pb_flow = bar(mp, n_todo as u64, "flow");
+        let pb_write = bar(mp, todo.len() as u64, "shards");
+        let cap = 2 * self.opts.batch_size.max(2);
+        let (tx_dec, rx_dec) = bounded::<Decoded>(cap);
+        let (tx_flow, rx_flow) = bounded::<Flowed>(cap);
+        // Occlusion and statistics run on rayon beside the next batch's inference, so that
+        // the model never waits for them.
         let (tx_inf, rx_inf) = bounded::<Inferred>(2);
-        let post_handle = {
-            let tx = tx_flow.clone();
-            let pb = pb_flow.clone();
-            scope.spawn(move || post_stage(rx_inf, tx, &pb, opts))
-        };
+        let decode_pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(self.opts.decode_workers.max(1))
+            .thread_name(|i| format!("decode-{i}"))
+            .build()
+            .map_err(|e| PrepError::Usage(format!("decode pool: {e}")))?;
+        let (times, finished) = std::thread::scope(|scope| -> Result<_> {
+            let segments = &segments;
+            let (pb, pbw) = (&pb_dec, &pb_write);
+            let dec = scope.spawn(move || self.decode_stage(segments, &decode_pool, tx_dec, pb));
+            let write = scope.spawn(move || self.write_stage(rx_flow, pbw));
+            let post = {
+                let (tx, pb) = (tx_flow.clone(), &pb_flow);
+                scope.spawn(move || post_stage(rx_inf, tx, pb, self.opts))
+            };
+            let (flow_busy, flow_err) = self.flow_stage(rx_dec, model, tx_inf, tx_flow, &pb_flow);
+            let dec_s = dec.join().expect("decode thread");
+            let post_busy = post.join().expect("occlusion thread");
+            let (finished, write_busy) = write.join().expect("writer thread")?;
+            if let Some(e) = flow_err {
+                return Err(e);
+            }
+            let times = StageTimes {
+                decode: StageStats::of(n_todo, dec_s),
+                flow: StageStats::of(n_todo, flow_busy),
+                occlusion: StageStats::of(n_todo, post_busy),
+                write: StageStats::of(n_todo, write_busy),
+            };
+            Ok((times, finished))
+        })?;
+        pb_dec.finish_and_clear();
+        pb_flow.finish_and_clear();
+        pb_write.finish_and_clear();
+        Ok((finished, times))
+    }
 
-        // Stage 2: flow in fixed slot groups (forward and backward in one model call).
-        let t_flow = Instant::now();
-        let mut flow_busy = 0.0;
-        let b = opts.batch_size;
+    /// Stage 1: decodes the segments on the pool, in manifest order as workers free up;
+    /// returns its wall seconds.
+    fn decode_stage(
+        self,
+        segments: &[Vec<&Slot>],
+        pool: &rayon::ThreadPool,
+        tx: Sender<Decoded>,
+        pb: &ProgressBar,
+    ) -> f64 {
+        let t0 = Instant::now();
+        pool.install(|| {
+            segments.iter().par_bridge().for_each_with(tx, |tx, seg| {
+                let v = &self.videos[seg[0].pair.video as usize];
+                // A failed send means downstream failed; it reports why.
+                let emit = &mut |d| {
+                    pb.inc(1);
+                    tx.send(d).is_ok()
+                };
+                let o = self.opts;
+                decode_segment(&o.config, &o.root, v, seg, o.drop_degenerate, emit);
+            })
+        });
+        t0.elapsed().as_secs_f64()
+    }
+
+    /// Stage 2: flow in fixed slot groups (forward and backward in one model call), handed
+    /// to the occlusion stage; decode failures go straight to the writer. Returns the
+    /// model's busy seconds and the error that stopped it, if any.
+    fn flow_stage(
+        self,
+        rx: Receiver<Decoded>,
+        model: &mut FlowModel,
+        tx_inf: Sender<Inferred>,
+        tx_flow: Sender<Flowed>,
+        pb: &ProgressBar,
+    ) -> (f64, Option<PrepError>) {
+        let (g, b) = (self.geometry, self.opts.batch_size);
         let group_of = |slot: usize| {
-            let k = shard_of(slot);
-            (k, (slot - geometry.shard_pairs(k).start) / b)
+            let k = slot / g.pairs_per_shard;
+            (k, (slot - g.shard_pairs(k).start) / b)
         };
-        let group_len = |(k, g): (usize, usize)| {
-            let r = geometry.shard_pairs(k);
-            (r.len() - g * b).min(b)
-        };
+        let group_len = |(k, i): (usize, usize)| (g.shard_pairs(k).len() - i * b).min(b);
         let mut groups: BTreeMap<(usize, usize), GroupBuf> = BTreeMap::new();
-        let mut flow_err: Option<PrepError> = None;
-        for d in rx_dec {
+        let mut busy = 0.0;
+        for d in rx {
             let slot = match &d {
                 Decoded::Ok { slot, .. } | Decoded::Failed { slot, .. } => *slot,
             };
-            let g = group_of(slot);
-            let entry = groups.entry(g).or_insert((0, Vec::new()));
+            let key = group_of(slot);
+            let entry = groups.entry(key).or_insert((0, Vec::new()));
             entry.0 += 1;
             match d {
                 Decoded::Ok { slot, f1, f2 } => entry.1.push((slot, f1, f2)),
                 Decoded::Failed { slot, reason } => {
-                    pb_flow.inc(1);
+                    pb.inc(1);
                     if tx_flow.send(Flowed::Failed { slot, reason }).is_err() {
                         break;
                     }
                 }
             }
-            if entry.0 < group_len(g) {
+            if entry.0 < group_len(key) {
                 continue;
             }
-            let (_, mut batch) = groups.remove(&g).expect("group");
+            let (_, mut batch) = groups.remove(&key).expect("group");
             batch.sort_by_key(|x| x.0);
             let t0 = Instant::now();
             let imgs: Vec<(Map, Map)> = batch
@@ -593,196 +704,92 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
                     )
                 })
                 .collect();
-            match infer_batch(&mut model, &imgs) {
+            match infer_batch(model, &imgs) {
                 Ok(flows) => {
-                    flow_busy += t0.elapsed().as_secs_f64();
+                    busy += t0.elapsed().as_secs_f64();
                     if tx_inf.send(Inferred { batch, imgs, flows }).is_err() {
                         break;
                     }
                 }
-                Err(e) => {
-                    flow_err = Some(e);
-                    break;
-                }
+                Err(e) => return (busy, Some(e)),
             }
         }
-        drop(tx_inf);
-        drop(tx_flow);
-        let dec_s = dec_handle.join().expect("decode thread");
-        let post_busy = post_handle.join().expect("occlusion thread");
-        let (finished, write_busy) = write_handle.join().expect("writer thread")?;
-        if let Some(e) = flow_err {
-            return Err(e);
+        (busy, None)
+    }
+
+    /// Stage 3: one writer; each shard is written as soon as all its pairs arrived, then
+    /// marked done. Returns the shards written and the busy seconds.
+    fn write_stage(self, rx: Receiver<Flowed>, pb: &ProgressBar) -> Result<(Vec<ShardDone>, f64)> {
+        let g = self.geometry;
+        let slot_of = |i: &Flowed| match i {
+            Flowed::Ok(p) => p.slot,
+            Flowed::Failed { slot, .. } => *slot,
+        };
+        let mut busy = 0.0;
+        let mut open: BTreeMap<usize, Vec<Flowed>> = BTreeMap::new();
+        let mut finished = Vec::new();
+        for item in rx {
+            let k = slot_of(&item) / g.pairs_per_shard;
+            let entry = open.entry(k).or_default();
+            entry.push(item);
+            if entry.len() < g.shard_pairs(k).len() {
+                continue;
+            }
+            let mut items = open.remove(&k).expect("open shard");
+            items.sort_by_key(slot_of);
+            let t0 = Instant::now();
+            let d = self.write_shard(k, items)?;
+            self.job.mark_done(&d)?;
+            busy += t0.elapsed().as_secs_f64();
+            finished.push(d);
+            pb.inc(1);
         }
-        let _ = t_flow;
-        dec_stats = StageStats {
-            items: n_todo,
-            busy_s: dec_s,
-            per_s: n_todo as f64 / dec_s.max(1e-9),
-        };
-        flow_stats_s = StageStats {
-            items: n_todo,
-            busy_s: flow_busy,
-            per_s: n_todo as f64 / flow_busy.max(1e-9),
-        };
-        post_stats = StageStats {
-            items: n_todo,
-            busy_s: post_busy,
-            per_s: n_todo as f64 / post_busy.max(1e-9),
-        };
-        write_stats = StageStats {
-            items: n_todo,
-            busy_s: write_busy,
-            per_s: n_todo as f64 / write_busy.max(1e-9),
-        };
-        newly_done = finished;
-        Ok(())
-    })?;
-    pb_dec.finish_and_clear();
-    pb_flow.finish_and_clear();
-    pb_write.finish_and_clear();
-
-    for d in &newly_done {
-        done.insert(d.shard, d.clone());
+        Ok((finished, busy))
     }
-    if done.len() != shards_total {
-        return Err(PrepError::Job {
-            path: store.clone(),
-            reason: format!("only {} of {shards_total} shards finished", done.len()),
-        });
-    }
-    // All shards done: metadata last, so valid metadata means complete data.
-    let attrs = StoreAttrs {
-        schema_version: SCHEMA_VERSION,
-        tool_version: poodle_common::TOOL_VERSION.to_string(),
-        dataset: cfg.clone(),
-        manifest_sha256,
-        part_index: opts.part_index,
-        num_parts: opts.num_parts,
-        first_pair,
-        geometry,
-        videos: videos.iter().map(|v| v.path.clone()).collect(),
-        root: opts.root.display().to_string(),
-        video_fps: videos.iter().map(|v| v.fps).collect(),
-    };
-    arrays.finalize_flow(&flow_arrays, &flow_attrs(&model, opts.store_backward))?;
-    arrays.finalize(&attrs)?;
 
-    let skipped_pairs: Vec<SkippedPair> = done.values().flat_map(|d| d.skipped.clone()).collect();
-    let written: usize = done.values().map(|d| d.pairs_written).sum();
-    let store_bytes = poodle_common::store::dir_size(&store);
-    // Read back from the finished store, so resumed shards count as much as new ones.
-    let flow_quality = crate::quality::group_quality(
-        &poodle_common::store::PoodleStore::open(&store)?,
-        &flow_group,
-        opts.max_occluded_median,
-    )?;
-    let summary = Summary {
-        store: store.display().to_string(),
-        part_index: opts.part_index,
-        num_parts: opts.num_parts,
-        pairs_total: pairs.len(),
-        pairs_written: written,
-        pairs_skipped: skipped_pairs.len(),
-        shards_total,
-        shards_resumed,
-        shards_written_now: newly_done.len(),
-        skipped_by_kind: skipped_pairs.iter().fold(BTreeMap::new(), |mut m, p| {
-            *m.entry(p.kind().to_string()).or_insert(0) += 1;
-            m
-        }),
-        skipped_pairs,
-        skipped_videos,
-        store_bytes,
-        bytes_per_pair: store_bytes as f64 / written.max(1) as f64,
-        raw_bytes_per_pair: raw_bytes_per_pair(&geometry, opts.store_backward),
-        wall_s: start.elapsed().as_secs_f64(),
-        decode: dec_stats,
-        flow: flow_stats_s,
-        write: write_stats,
-        occlusion: post_stats,
-        flow_quality,
-    };
-    write_json_atomic(&store.with_extension("summary.json"), &summary)?;
-    Ok(summary)
+    /// Writes shard `k` from its items in slot order: frames, pair metadata and validity,
+    /// then its flow group's arrays; the failed pairs are the shard's skips.
+    fn write_shard(self, k: usize, items: Vec<Flowed>) -> Result<ShardDone> {
+        let g = self.geometry;
+        let n = items.len();
+        let mut frames = vec![0u8; n * g.frame_len()];
+        let mut meta = Vec::with_capacity(n * 3);
+        let mut valid = vec![false; n];
+        let mut flow = ShardFlow::new(g, n, self.opts.store_backward);
+        let mut d = ShardDone {
+            shard: k,
+            ..Default::default()
+        };
+        let start = g.shard_pairs(k).start;
+        for (j, item) in items.into_iter().enumerate() {
+            let slot = start + j;
+            let p = self.pairs[slot];
+            meta.extend([i64::from(p.video), p.t as i64, p.dt as i64]);
+            match item {
+                Flowed::Ok(o) => {
+                    debug_assert_eq!(o.slot, slot);
+                    valid[j] = true;
+                    frames[j * g.frame_len()..(j + 1) * g.frame_len()].copy_from_slice(&o.frames);
+                    flow.put(j, &o.flow);
+                    d.pairs_written += 1;
+                }
+                Flowed::Failed { reason, .. } => d.skipped.push(SkippedPair {
+                    pair: slot,
+                    video: self.videos[p.video as usize].path.clone(),
+                    t: p.t,
+                    dt: p.dt,
+                    reason,
+                }),
+            }
+        }
+        self.arrays.write_shard(k, &frames, &meta, &valid)?;
+        flow.write(self.arrays, self.flow_arrays, k)?;
+        Ok(d)
+    }
 }
 
 /// Raw size of a pair: two uint8 RGB frames plus float32 forward (and backward) flow.
 pub fn raw_bytes_per_pair(g: &Geometry, backward: bool) -> f64 {
     let px = (g.height * g.width) as f64;
     2.0 * 3.0 * px + 8.0 * px * if backward { 2.0 } else { 1.0 }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn write_shard(
-    arrays: &StoreArrays,
-    fa: &poodle_common::store::FlowArrays,
-    g: Geometry,
-    k: usize,
-    items: Vec<Flowed>,
-    pairs: &[Pair],
-    videos: &[VideoInfo],
-    keep_bwd: bool,
-) -> Result<ShardDone> {
-    let n = items.len();
-    let mut frames = vec![0u8; n * g.frame_len()];
-    let mut meta = Vec::with_capacity(n * 3);
-    let mut valid = vec![false; n];
-    let mut fwd = vec![0i16; n * g.flow_len()];
-    let mut bwd = if keep_bwd {
-        vec![0i16; n * g.flow_len()]
-    } else {
-        vec![]
-    };
-    let mut occ_bwd = if keep_bwd {
-        vec![false; n * g.mask_len()]
-    } else {
-        vec![]
-    };
-    let mut occ = vec![false; n * g.mask_len()];
-    let mut stats = vec![0f32; n * FLOW_STAT_NAMES.len()];
-    let mut d = ShardDone {
-        shard: k,
-        ..Default::default()
-    };
-    let start = g.shard_pairs(k).start;
-    for (j, item) in items.into_iter().enumerate() {
-        let slot = start + j;
-        let p = pairs[slot];
-        meta.extend([i64::from(p.video), p.t as i64, p.dt as i64]);
-        match item {
-            Flowed::Ok(o) => {
-                debug_assert_eq!(o.slot, slot);
-                valid[j] = true;
-                frames[j * g.frame_len()..(j + 1) * g.frame_len()].copy_from_slice(&o.frames);
-                let f = &o.flow;
-                fwd[j * g.flow_len()..(j + 1) * g.flow_len()].copy_from_slice(&f.forward);
-                if let Some((b, ob)) = &f.backward {
-                    bwd[j * g.flow_len()..(j + 1) * g.flow_len()].copy_from_slice(b);
-                    occ_bwd[j * g.mask_len()..(j + 1) * g.mask_len()].copy_from_slice(ob);
-                }
-                occ[j * g.mask_len()..(j + 1) * g.mask_len()].copy_from_slice(&f.occlusion);
-                let s = FLOW_STAT_NAMES.len();
-                stats[j * s..(j + 1) * s].copy_from_slice(&f.stats);
-                d.pairs_written += 1;
-            }
-            Flowed::Failed { reason, .. } => d.skipped.push(SkippedPair {
-                pair: slot,
-                video: videos[p.video as usize].path.clone(),
-                t: p.t,
-                dt: p.dt,
-                reason,
-            }),
-        }
-    }
-    arrays.write_shard(k, &frames, &meta, &valid)?;
-    arrays.write_flow_shard(
-        fa,
-        k,
-        &fwd,
-        keep_bwd.then_some((bwd.as_slice(), occ_bwd.as_slice())),
-        &occ,
-        &stats,
-    )?;
-    Ok(d)
 }

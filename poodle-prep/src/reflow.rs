@@ -5,15 +5,14 @@
 //! plan, done shards), and the group's metadata is written last, so the store stays valid
 //! (without the new group) until the group is complete.
 
-use crate::flowmodel::{Device, FlowModel};
-use crate::flowstage::{flow_attrs, flow_batch};
+use crate::flowmodel::Device;
+use crate::flowstage::{flow_attrs, flow_batch, open_flow_model, ShardFlow};
 use crate::job::{JobDir, ShardDone, StageStats};
 use crate::quality::{group_quality, GroupQuality};
-use crate::tools::find_ort_library;
 use crate::{PrepError, Result};
 use crossbeam_channel::bounded;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use poodle_common::flowmath::{Map, FLOW_STAT_NAMES};
+use poodle_common::flowmath::Map;
 use poodle_common::store::{Codecs, PoodleStore, StoreArrays};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -71,15 +70,15 @@ pub fn run_reflow(opts: &ReflowOptions) -> Result<ReflowSummary> {
     if opts.batch_size == 0 {
         return Err(PrepError::Usage("--batch-size must be positive".into()));
     }
-    let ort_lib = find_ort_library(opts.ort_lib.as_deref())?;
-    let mut model = FlowModel::load(&opts.model_card, opts.device, &ort_lib, opts.flow_threads)?;
-    model.set_io_binding(opts.io_binding)?;
+    let (mut model, group) = open_flow_model(
+        &opts.model_card,
+        opts.device,
+        opts.ort_lib.as_deref(),
+        opts.flow_threads,
+        opts.io_binding,
+        opts.flow_group.as_deref(),
+    )?;
     let store = PoodleStore::open(&opts.store)?;
-    let group = opts
-        .flow_group
-        .clone()
-        .unwrap_or_else(|| model.card.name.clone());
-    poodle_common::store::validate_group_name(&group).map_err(PrepError::Usage)?;
     if let Some((_, fa)) = store.flow_groups.iter().find(|(g, _)| g == &group) {
         if fa.model_sha256 == model.model_sha256 && fa.card == model.card_json {
             return Ok(ReflowSummary {
@@ -167,20 +166,7 @@ pub fn run_reflow(opts: &ReflowOptions) -> Result<ReflowSummary> {
             let (k, pairs) = item?;
             let n = geometry.shard_pairs(k).len();
             let start = geometry.shard_pairs(k).start;
-            let mut fwd = vec![0i16; n * geometry.flow_len()];
-            let mut bwd = if opts.store_backward {
-                fwd.clone()
-            } else {
-                vec![]
-            };
-            let mut occ_bwd = if opts.store_backward {
-                vec![false; n * geometry.mask_len()]
-            } else {
-                vec![]
-            };
-            let mut occ = vec![false; n * geometry.mask_len()];
-            let ns = FLOW_STAT_NAMES.len();
-            let mut stats = vec![0f32; n * ns];
+            let mut flow = ShardFlow::new(geometry, n, opts.store_backward);
             let t0 = Instant::now();
             // Fixed batches of slots, as in prep, so reruns compute the same values.
             for chunk in pairs.chunks(opts.batch_size) {
@@ -196,29 +182,12 @@ pub fn run_reflow(opts: &ReflowOptions) -> Result<ReflowSummary> {
                     .collect();
                 let outs = flow_batch(&mut model, &imgs, opts.store_backward)?;
                 for ((slot, _), o) in chunk.iter().zip(outs) {
-                    let j = slot - start;
-                    let fl = geometry.flow_len();
-                    fwd[j * fl..(j + 1) * fl].copy_from_slice(&o.forward);
-                    let ml = geometry.mask_len();
-                    if let Some((b, ob)) = &o.backward {
-                        bwd[j * fl..(j + 1) * fl].copy_from_slice(b);
-                        occ_bwd[j * ml..(j + 1) * ml].copy_from_slice(ob);
-                    }
-                    occ[j * ml..(j + 1) * ml].copy_from_slice(&o.occlusion);
-                    stats[j * ns..(j + 1) * ns].copy_from_slice(&o.stats);
+                    flow.put(slot - start, &o);
                 }
                 pb.inc(chunk.len() as u64);
             }
             busy += t0.elapsed().as_secs_f64();
-            arrays.write_flow_shard(
-                &fa,
-                k,
-                &fwd,
-                opts.store_backward
-                    .then_some((bwd.as_slice(), occ_bwd.as_slice())),
-                &occ,
-                &stats,
-            )?;
+            flow.write(&arrays, &fa, k)?;
             job.mark_done(&ShardDone {
                 shard: k,
                 pairs_written: pairs.len(),
@@ -248,10 +217,6 @@ pub fn run_reflow(opts: &ReflowOptions) -> Result<ReflowSummary> {
         shards_resumed,
         group_bytes: poodle_common::store::dir_size(&opts.store.join("flow").join(&group)),
         wall_s: start.elapsed().as_secs_f64(),
-        flow: StageStats {
-            items: flowed,
-            busy_s: busy,
-            per_s: flowed as f64 / busy.max(1e-9),
-        },
+        flow: StageStats::of(flowed, busy),
     })
 }
