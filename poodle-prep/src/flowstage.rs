@@ -11,6 +11,21 @@ use poodle_common::flowmath::{
 use poodle_common::store::{FlowArrays, FlowAttrs, Geometry, StoreArrays};
 use std::path::Path;
 
+/// Loads a flow model card's ONNX model through ort (`ort_lib`, else the one found), with or
+/// without an I/O binding.
+pub fn load_flow_model(
+    card: &Path,
+    device: Device,
+    ort_lib: Option<&Path>,
+    threads: usize,
+    io_binding: bool,
+) -> Result<FlowModel> {
+    let ort_lib = find_ort_library(ort_lib)?;
+    let mut model = FlowModel::load(card, device, &ort_lib, threads)?;
+    model.set_io_binding(io_binding)?;
+    Ok(model)
+}
+
 /// Loads the flow model of a job (`prep` or `flow`) and names its flow group: `group`, else
 /// the model card's name. A name the store cannot hold is refused here, before any work.
 pub fn open_flow_model(
@@ -21,9 +36,7 @@ pub fn open_flow_model(
     io_binding: bool,
     group: Option<&str>,
 ) -> Result<(FlowModel, String)> {
-    let ort_lib = find_ort_library(ort_lib)?;
-    let mut model = FlowModel::load(card, device, &ort_lib, threads)?;
-    model.set_io_binding(io_binding)?;
+    let model = load_flow_model(card, device, ort_lib, threads, io_binding)?;
     let group = group.map_or_else(|| model.card.name.clone(), str::to_string);
     poodle_common::store::validate_group_name(&group).map_err(PrepError::Usage)?;
     Ok((model, group))

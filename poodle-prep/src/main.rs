@@ -272,181 +272,10 @@ fn check_model_tools() -> Result<()> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Prep(a) => {
-            let (config, root) = a.dataset.load()?;
-            let threads = a.model.threads();
-            let opts = PrepOptions {
-                config,
-                root,
-                out: a.dataset.out,
-                part_index: a.part_index,
-                num_parts: a.num_parts,
-                model_card: a.model.model,
-                device: a.model.device,
-                ort_lib: a.model.ort_lib,
-                flow_group: a.output.flow_group,
-                store_backward: !a.output.no_backward,
-                batch_size: a.output.batch_size,
-                io_binding: !a.model.no_io_binding,
-                decode_workers: a.decode_workers,
-                flow_threads: threads,
-                show_progress: !a.quiet,
-                max_pairs: a.max_pairs,
-                min_median_flow: a.min_median_flow,
-                drop_degenerate: a.drop_degenerate,
-                max_occluded_median: a.output.max_occluded_median,
-            };
-            let s = run_prep(&opts).context("prep failed")?;
-            eprintln!(
-                "prep: {} pairs written, {} skipped, {} shards ({} resumed), {:.0} bytes/pair ({:.1}% of raw), {:.1} s; decode {:.2} pairs/s, flow {:.2} pairs/s, write {:.2} pairs/s",
-                s.pairs_written,
-                s.pairs_skipped,
-                s.shards_total,
-                s.shards_resumed,
-                s.bytes_per_pair,
-                100.0 * s.bytes_per_pair / s.raw_bytes_per_pair,
-                s.wall_s,
-                s.decode.per_s,
-                s.flow.per_s,
-                s.write.per_s
-            );
-            for sp in &s.skipped_pairs {
-                eprintln!(
-                    "skipped pair {} ({} t={} dt={}): {}",
-                    sp.pair, sp.video, sp.t, sp.dt, sp.reason
-                );
-            }
-            for sv in &s.skipped_videos {
-                eprintln!("skipped video {}: {}", sv.path, sv.reason);
-            }
-            report_quality(&s.flow_quality);
-            println!("{}", serde_json::to_string(&s)?);
-        }
-        Cmd::Flow(a) => {
-            let opts = poodle_prep::reflow::ReflowOptions {
-                store: a.store,
-                model_card: a.model.model.clone(),
-                device: a.model.device,
-                ort_lib: a.model.ort_lib.clone(),
-                flow_group: a.output.flow_group,
-                store_backward: !a.output.no_backward,
-                batch_size: a.output.batch_size,
-                io_binding: !a.model.no_io_binding,
-                flow_threads: a.model.threads(),
-                show_progress: !a.quiet,
-                max_occluded_median: a.output.max_occluded_median,
-            };
-            let s = poodle_prep::reflow::run_reflow(&opts).context("flow failed")?;
-            eprintln!(
-                "flow: group {} over {}: {} pairs flowed, {} shards ({} resumed), {} bytes, {:.1} s",
-                s.flow_group, s.store, s.pairs_flowed, s.shards_total, s.shards_resumed, s.group_bytes, s.wall_s
-            );
-            report_quality(&s.flow_quality);
-            println!("{}", serde_json::to_string(&s)?);
-        }
-        Cmd::EvalFlow(a) => {
-            use poodle_prep::evalflow::{eval_pair, known_pairs};
-            let mut pairs = known_pairs(&a.data);
-            for p in &a.pair {
-                let parts: Vec<&str> = p.split(',').collect();
-                anyhow::ensure!(parts.len() == 3, "--pair {p:?}: expected IMG1,IMG2,GT");
-                pairs.push((
-                    std::path::Path::new(parts[0])
-                        .file_stem()
-                        .map_or(p.clone(), |s| s.to_string_lossy().into_owned()),
-                    parts[0].into(),
-                    parts[1].into(),
-                    parts[2].into(),
-                ));
-            }
-            let use_videos = a.video_pairs > 0 && a.videos.is_dir();
-            anyhow::ensure!(
-                !pairs.is_empty() || use_videos,
-                "no pairs: {} has none of the known files, {} is not a folder and no --pair was given",
-                a.data.display(),
-                a.videos.display()
-            );
-            check_model_tools()?;
-            let ort = poodle_prep::tools::find_ort_library(a.model.ort_lib.as_deref())?;
-            let mut model = poodle_prep::flowmodel::FlowModel::load(
-                &a.model.model,
-                a.model.device,
-                &ort,
-                a.model.threads(),
-            )?;
-            model.set_io_binding(!a.model.no_io_binding)?;
-            let mut rows = Vec::new();
-            for (name, i1, i2, gt) in &pairs {
-                rows.push(eval_pair(&mut model, name, i1, i2, gt)?);
-            }
-            let clips = if use_videos {
-                let cfg = DatasetConfig::load(&a.video_config)?;
-                poodle_prep::evalflow::eval_clips(&mut model, &cfg, &a.videos, a.video_pairs)
-                    .with_context(|| format!("consistency check on {}", a.videos.display()))?
-            } else {
-                vec![]
-            };
-            if a.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &serde_json::json!({"model": model.card.name, "model_sha256": model.model_sha256, "pairs": rows, "videos": clips})
-                    )?
-                );
-            } else {
-                println!("model {} ({})", model.card.name, a.model.model.display());
-                println!(
-                    "{:<24} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8}",
-                    "pair", "size", "AEE px", "Fl-all %", "photo", "photo0", "photoGT", "time s"
-                );
-                for r in &rows {
-                    println!(
-                        "{:<24} {:>10} {:>8.3} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8.2}",
-                        r.name,
-                        format!("{}x{}", r.size[1], r.size[0]),
-                        r.aee,
-                        r.fl_all,
-                        r.photometric_pred,
-                        r.photometric_zero,
-                        r.photometric_gt,
-                        r.seconds
-                    );
-                }
-                println!("photo: mean |frame1 - warp(frame2)| (0-255) with the predicted flow; photo0 with zero flow; photoGT with the ground truth where it is valid");
-                print_clips(&clips);
-            }
-        }
-        Cmd::Discover(d) => {
-            let (cfg, root) = d.load()?;
-            let out = d.out;
-            poodle_prep::tools::check_ffmpeg()?;
-            let mp = indicatif::MultiProgress::new();
-            let m = poodle_prep::pipeline::load_or_probe(&cfg, &root, &out, &mp)?;
-            let (pairs, skipped) = poodle_common::manifest::sample_pairs(&cfg, &m.videos);
-            for s in m.skipped.iter().chain(&skipped) {
-                eprintln!("skipped video {}: {}", s.path, s.reason);
-            }
-            let pair_videos: Vec<u32> = pairs.iter().map(|p| p.video).collect();
-            let plan = poodle_prep::plan::plan(&cfg, m.videos.len(), &pair_videos, &out);
-            eprintln!(
-                "{} pairs from {} videos ({}-{} per video), about {} on disk ({} per pair, {})",
-                plan.pairs,
-                plan.videos,
-                plan.pairs_per_video_min,
-                plan.pairs_per_video_max,
-                poodle_prep::plan::human_bytes(plan.total_bytes),
-                poodle_prep::plan::human_bytes(plan.bytes_per_pair),
-                plan.measured_from
-                    .as_deref()
-                    .map_or("poodle's reference measurement".to_string(), |s| format!(
-                        "measured on {s}"
-                    ))
-            );
-            println!(
-                "{}",
-                serde_json::json!({"videos": m.videos.len(), "videos_skipped": m.skipped.len() + skipped.len(), "pairs": pairs.len(), "manifest": out.join("manifest"), "disk": plan})
-            );
-        }
+        Cmd::Prep(a) => prep(a)?,
+        Cmd::Flow(a) => flow(a)?,
+        Cmd::EvalFlow(a) => eval_flow(a)?,
+        Cmd::Discover(d) => discover(d)?,
         Cmd::Inspect {
             store,
             json,
@@ -469,5 +298,197 @@ fn main() -> Result<()> {
             eprintln!("wrote {}", out.display());
         }
     }
+    Ok(())
+}
+
+/// `prep`: one part of a dataset, then its summary (stderr) and JSON report (stdout).
+fn prep(a: PrepArgs) -> Result<()> {
+    let (config, root) = a.dataset.load()?;
+    let threads = a.model.threads();
+    let opts = PrepOptions {
+        config,
+        root,
+        out: a.dataset.out,
+        part_index: a.part_index,
+        num_parts: a.num_parts,
+        model_card: a.model.model,
+        device: a.model.device,
+        ort_lib: a.model.ort_lib,
+        flow_group: a.output.flow_group,
+        store_backward: !a.output.no_backward,
+        batch_size: a.output.batch_size,
+        io_binding: !a.model.no_io_binding,
+        decode_workers: a.decode_workers,
+        flow_threads: threads,
+        show_progress: !a.quiet,
+        max_pairs: a.max_pairs,
+        min_median_flow: a.min_median_flow,
+        drop_degenerate: a.drop_degenerate,
+        max_occluded_median: a.output.max_occluded_median,
+    };
+    let s = run_prep(&opts).context("prep failed")?;
+    eprintln!(
+        "prep: {} pairs written, {} skipped, {} shards ({} resumed), {:.0} bytes/pair ({:.1}% of raw), {:.1} s; decode {:.2} pairs/s, flow {:.2} pairs/s, write {:.2} pairs/s",
+        s.pairs_written,
+        s.pairs_skipped,
+        s.shards_total,
+        s.shards_resumed,
+        s.bytes_per_pair,
+        100.0 * s.bytes_per_pair / s.raw_bytes_per_pair,
+        s.wall_s,
+        s.decode.per_s,
+        s.flow.per_s,
+        s.write.per_s
+    );
+    for sp in &s.skipped_pairs {
+        eprintln!(
+            "skipped pair {} ({} t={} dt={}): {}",
+            sp.pair, sp.video, sp.t, sp.dt, sp.reason
+        );
+    }
+    for sv in &s.skipped_videos {
+        eprintln!("skipped video {}: {}", sv.path, sv.reason);
+    }
+    report_quality(&s.flow_quality);
+    println!("{}", serde_json::to_string(&s)?);
+    Ok(())
+}
+
+/// `flow`: another model's flow over a finished store.
+fn flow(a: FlowArgs) -> Result<()> {
+    let opts = poodle_prep::reflow::ReflowOptions {
+        store: a.store,
+        model_card: a.model.model.clone(),
+        device: a.model.device,
+        ort_lib: a.model.ort_lib.clone(),
+        flow_group: a.output.flow_group,
+        store_backward: !a.output.no_backward,
+        batch_size: a.output.batch_size,
+        io_binding: !a.model.no_io_binding,
+        flow_threads: a.model.threads(),
+        show_progress: !a.quiet,
+        max_occluded_median: a.output.max_occluded_median,
+    };
+    let s = poodle_prep::reflow::run_reflow(&opts).context("flow failed")?;
+    eprintln!(
+        "flow: group {} over {}: {} pairs flowed, {} shards ({} resumed), {} bytes, {:.1} s",
+        s.flow_group,
+        s.store,
+        s.pairs_flowed,
+        s.shards_total,
+        s.shards_resumed,
+        s.group_bytes,
+        s.wall_s
+    );
+    report_quality(&s.flow_quality);
+    println!("{}", serde_json::to_string(&s)?);
+    Ok(())
+}
+
+/// `eval-flow`: a flow model against ground truth and on real clips.
+fn eval_flow(a: EvalFlowArgs) -> Result<()> {
+    use poodle_prep::evalflow::{eval_pair, known_pairs};
+    let mut pairs = known_pairs(&a.data);
+    for p in &a.pair {
+        let parts: Vec<&str> = p.split(',').collect();
+        anyhow::ensure!(parts.len() == 3, "--pair {p:?}: expected IMG1,IMG2,GT");
+        pairs.push((
+            std::path::Path::new(parts[0])
+                .file_stem()
+                .map_or(p.clone(), |s| s.to_string_lossy().into_owned()),
+            parts[0].into(),
+            parts[1].into(),
+            parts[2].into(),
+        ));
+    }
+    let use_videos = a.video_pairs > 0 && a.videos.is_dir();
+    anyhow::ensure!(
+        !pairs.is_empty() || use_videos,
+        "no pairs: {} has none of the known files, {} is not a folder and no --pair was given",
+        a.data.display(),
+        a.videos.display()
+    );
+    check_model_tools()?;
+    let mut model = poodle_prep::flowstage::load_flow_model(
+        &a.model.model,
+        a.model.device,
+        a.model.ort_lib.as_deref(),
+        a.model.threads(),
+        !a.model.no_io_binding,
+    )?;
+    let mut rows = Vec::new();
+    for (name, i1, i2, gt) in &pairs {
+        rows.push(eval_pair(&mut model, name, i1, i2, gt)?);
+    }
+    let clips = if use_videos {
+        let cfg = DatasetConfig::load(&a.video_config)?;
+        poodle_prep::evalflow::eval_clips(&mut model, &cfg, &a.videos, a.video_pairs)
+            .with_context(|| format!("consistency check on {}", a.videos.display()))?
+    } else {
+        vec![]
+    };
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"model": model.card.name, "model_sha256": model.model_sha256, "pairs": rows, "videos": clips})
+            )?
+        );
+    } else {
+        println!("model {} ({})", model.card.name, a.model.model.display());
+        println!(
+            "{:<24} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8}",
+            "pair", "size", "AEE px", "Fl-all %", "photo", "photo0", "photoGT", "time s"
+        );
+        for r in &rows {
+            println!(
+                "{:<24} {:>10} {:>8.3} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8.2}",
+                r.name,
+                format!("{}x{}", r.size[1], r.size[0]),
+                r.aee,
+                r.fl_all,
+                r.photometric_pred,
+                r.photometric_zero,
+                r.photometric_gt,
+                r.seconds
+            );
+        }
+        println!("photo: mean |frame1 - warp(frame2)| (0-255) with the predicted flow; photo0 with zero flow; photoGT with the ground truth where it is valid");
+        print_clips(&clips);
+    }
+    Ok(())
+}
+
+/// `discover`: the manifest, the pairs and the disk estimate, before a job array.
+fn discover(d: DatasetArgs) -> Result<()> {
+    let (cfg, root) = d.load()?;
+    let out = d.out;
+    poodle_prep::tools::check_ffmpeg()?;
+    let mp = indicatif::MultiProgress::new();
+    let m = poodle_prep::pipeline::load_or_probe(&cfg, &root, &out, &mp)?;
+    let (pairs, skipped) = poodle_common::manifest::sample_pairs(&cfg, &m.videos);
+    for s in m.skipped.iter().chain(&skipped) {
+        eprintln!("skipped video {}: {}", s.path, s.reason);
+    }
+    let pair_videos: Vec<u32> = pairs.iter().map(|p| p.video).collect();
+    let plan = poodle_prep::plan::plan(&cfg, m.videos.len(), &pair_videos, &out);
+    eprintln!(
+        "{} pairs from {} videos ({}-{} per video), about {} on disk ({} per pair, {})",
+        plan.pairs,
+        plan.videos,
+        plan.pairs_per_video_min,
+        plan.pairs_per_video_max,
+        poodle_prep::plan::human_bytes(plan.total_bytes),
+        poodle_prep::plan::human_bytes(plan.bytes_per_pair),
+        plan.measured_from
+            .as_deref()
+            .map_or("poodle's reference measurement".to_string(), |s| format!(
+                "measured on {s}"
+            ))
+    );
+    println!(
+        "{}",
+        serde_json::json!({"videos": m.videos.len(), "videos_skipped": m.skipped.len() + skipped.len(), "pairs": pairs.len(), "manifest": out.join("manifest"), "disk": plan})
+    );
     Ok(())
 }

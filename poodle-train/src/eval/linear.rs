@@ -573,332 +573,20 @@ fn split_stats(samples: &[Sample], k: usize) -> Result<ClassStats> {
 pub fn run(cfg: &LinearEvalConfig) -> Result<LinearReport> {
     let t0 = Instant::now();
     let dev = crate::run::device(&cfg.device)?;
-    let kind = cfg.dataset;
-    let k = kind.num_classes();
-    let (h, w) = cfg.size.unwrap_or_else(|| kind.default_size());
-    ensure!(
-        h > 0 && w > 0 && h % 32 == 0 && w % 32 == 0,
-        "readout size {h}x{w}: height and width must be positive multiples of 32"
-    );
-    ensure!(
-        cfg.epochs > 0 && cfg.batch_size > 0,
-        "epochs and batch_size must be positive"
-    );
-
-    // Encoder.
-    let model = match (&cfg.model, &cfg.checkpoint) {
-        (Some(m), _) => m.clone(),
-        (None, Some(c)) => model_config_of(c)?,
-        (None, None) => bail!("scratch readout needs a model architecture (model: Some(..))"),
-    };
-    let (ckpt_file, ckpt_step) = match &cfg.checkpoint {
-        Some(c) => {
-            let (f, s) = resolve_checkpoint(c)?;
-            (Some(f), s)
-        }
-        None => (None, None),
-    };
-    let (enc, _map) = load_encoder(&model, ckpt_file.as_deref(), cfg.use_target, cfg.seed, &dev)?;
-    let weights = match (&cfg.checkpoint, cfg.use_target) {
-        (None, _) => format!("random(seed={})", cfg.seed),
-        (Some(_), false) => "online".into(),
-        (Some(_), true) => "target".into(),
-    };
-    let model_name = cfg
-        .checkpoint
-        .as_ref()
-        .map_or("scratch".into(), |c| c.display().to_string());
-    log(
-        cfg.quiet,
-        format!(
-            "{model_name} ({weights}), {:?}, input {h}x{w}",
-            model.backbone
-        ),
-    );
-
-    // Data.
-    let (train_all, skip_t) = kind.list(&cfg.root, &cfg.train_split)?;
-    let (val_all, skip_v) = kind.list(&cfg.root, &cfg.val_split)?;
-    let train = spaced(&train_all, cfg.max_train);
-    let val = spaced(&val_all, cfg.max_val);
-    let stats = split_stats(&train_all, k)?;
-    let groups = ClassGroups::with_thresholds(&stats, cfg.small_share, cfg.rare_share);
-
-    // Training features (kept, or only their moments without the cache).
+    let ev = LinearEval::new(cfg)?;
+    let frozen = ev.load_frozen(&dev)?;
+    let splits = ev.load_splits()?;
     let ex = Extractor {
-        enc: &enc,
+        enc: &frozen.enc,
         dev: dev.clone(),
-        size: (h, w),
+        size: ev.size,
         batch: cfg.feature_batch,
     };
-    let t_feat = Instant::now();
-    let chunk = cfg.feature_batch.max(1) * 8;
-    let mut cache: Vec<(Feat, LabelMap)> = Vec::new();
-    let mut moments = Moments::new();
-    let mut fdims = (0, 0, 0);
-    for part in train.chunks(chunk) {
-        let e = ex.run(part)?;
-        fdims = e.dims;
-        for (f, l) in e.feats.into_iter().zip(e.labels) {
-            moments.add(&f, fdims.2);
-            if cfg.cache_features {
-                cache.push((f, resize_label_nearest(&l, h, w)));
-            }
-        }
-    }
-    let std = moments.finish();
-    cache.par_iter_mut().for_each(|(f, _)| std.apply(f));
-    let feature_s = t_feat.elapsed().as_secs_f64();
-    let fsize = (fdims.0, fdims.1);
-    log(
-        cfg.quiet,
-        format!(
-            "features of {} training images ({}x{}x{}) in {feature_s:.1} s",
-            train.len(),
-            fdims.2,
-            fdims.0,
-            fdims.1
-        ),
-    );
-
-    // Standardised training features and (H, W) labels of a batch (owned when recomputed).
-    let fetch = |ids: &[usize]| -> Result<Option<Vec<(Feat, LabelMap)>>> {
-        if cfg.cache_features {
-            return Ok(None);
-        }
-        let s: Vec<Sample> = ids.iter().map(|&i| train[i].clone()).collect();
-        let e = ex.run(&s)?;
-        Ok(Some(
-            e.feats
-                .into_iter()
-                .zip(e.labels)
-                .map(|(mut f, l)| {
-                    std.apply(&mut f);
-                    (f, resize_label_nearest(&l, h, w))
-                })
-                .collect(),
-        ))
-    };
-
-    // Readout training.
-    let t_train = Instant::now();
-    let mut head = LinearHead::zeros(fdims.2, k);
-    let mut opt = AdamW::new(&head, cfg.weight_decay)?;
-    let n = train.len();
-    let steps_per_epoch = n.div_ceil(cfg.batch_size);
-    let total = (steps_per_epoch * cfg.epochs) as u64;
-    // One epoch of linear warm-up (Adam's first steps are sign-sized), then cosine to 0.
-    let warmup = if cfg.epochs > 1 {
-        steps_per_epoch as u64
-    } else {
-        0
-    };
-    let mut rng = SplitMix64::new(cfg.seed ^ 0x05ee_d0f1_1ea5);
-    let mut step = 0u64;
-    let mut epoch_loss = Vec::with_capacity(cfg.epochs);
-    for epoch in 0..cfg.epochs {
-        let mut order: Vec<usize> = (0..n).collect();
-        for i in (1..n).rev() {
-            let j = rng.range_inclusive(0, i as u64) as usize;
-            order.swap(i, j);
-        }
-        let (mut loss_sum, mut count) = (0.0, 0u64);
-        for ids in order.chunks(cfg.batch_size) {
-            let owned = fetch(ids)?;
-            let items: Vec<(&[f32], &[u8])> = match &owned {
-                Some(v) => v.iter().map(|(f, l)| (&f[..], &l.data[..])).collect(),
-                None => ids
-                    .iter()
-                    .map(|&i| (&cache[i].0[..], &cache[i].1.data[..]))
-                    .collect(),
-            };
-            let g = head.batch_loss_grad(&items, fsize, (h, w));
-            if g.count > 0 {
-                let s = 1.0 / g.count as f32;
-                let gw: Vec<f32> = g.gw.iter().map(|v| v * s).collect();
-                let gb: Vec<f32> = g.gb.iter().map(|v| v * s).collect();
-                // Shifted by one: neither the first nor the last step has lr 0.
-                let lr = crate::optim::lr_at(step + 1, total + 1, warmup, cfg.lr);
-                opt.step(&mut head, &gw, &gb, lr)?;
-            }
-            step += 1;
-            loss_sum += g.loss_sum;
-            count += g.count;
-        }
-        let mean = loss_sum / count.max(1) as f64;
-        ensure!(
-            mean.is_finite(),
-            "readout loss is not finite at epoch {}",
-            epoch + 1
-        );
-        epoch_loss.push(mean);
-        log(cfg.quiet, format!("epoch {:>3}: loss {mean:.4}", epoch + 1));
-    }
-    // Training metrics at (H, W).
-    let mut train_conf = Confusion::new(k);
-    let all: Vec<usize> = (0..n).collect();
-    for ids in all.chunks(cfg.batch_size.max(16)) {
-        let owned = fetch(ids)?;
-        let items: Vec<(&Feat, &LabelMap)> = match &owned {
-            Some(v) => v.iter().map(|(f, l)| (f, l)).collect(),
-            None => ids.iter().map(|&i| (&cache[i].0, &cache[i].1)).collect(),
-        };
-        let preds: Vec<Vec<u8>> = items
-            .par_iter()
-            .map(|(f, _)| head.predict(f, fsize, (h, w)))
-            .collect();
-        for ((_, l), p) in items.iter().zip(&preds) {
-            train_conf.add(&l.data, p);
-        }
-    }
-    drop(cache);
-    let readout_s = t_train.elapsed().as_secs_f64();
-
-    // Validation at native label resolution, with pictures.
-    let t_eval = Instant::now();
-    let mut conf = Confusion::new(k);
-    let mut vis = Vec::new();
-    let vis_dir = cfg.out.as_ref().map(|o| o.join("vis"));
-    if let (Some(d), true) = (&vis_dir, cfg.num_vis > 0) {
-        std::fs::create_dir_all(d).with_context(|| format!("{}", d.display()))?;
-    }
-    let mut seen = 0;
-    for part in val.chunks(chunk) {
-        let Extracted {
-            mut feats, labels, ..
-        } = ex.run(part)?;
-        let preds: Vec<Vec<u8>> = feats
-            .par_iter_mut()
-            .zip(&labels)
-            .map(|(f, l)| {
-                std.apply(f);
-                head.predict(f, fsize, (l.height, l.width))
-            })
-            .collect();
-        for (i, (l, pred)) in labels.iter().zip(&preds).enumerate() {
-            conf.add(&l.data, pred);
-            if let (Some(d), true) = (&vis_dir, seen < cfg.num_vis) {
-                let stem = part[i]
-                    .image
-                    .file_stem()
-                    .and_then(|s| s.to_str())
-                    .unwrap_or("image");
-                let path = d.join(format!("{seen:03}_{stem}.png"));
-                write_vis(&path, &part[i], l, pred, kind.palette())?;
-                vis.push(path.display().to_string());
-            }
-            seen += 1;
-        }
-    }
-    let eval_s = t_eval.elapsed().as_secs_f64();
-
-    // Report.
-    let iou = conf.iou();
-    let acc = conf.class_acc();
-    let gt = conf.gt_counts();
-    let names = kind.class_names();
-    let classes = (0..k)
-        .map(|c| ClassResult {
-            id: c,
-            name: names[c].to_string(),
-            iou: iou[c],
-            acc: acc[c],
-            val_pixels: gt[c],
-            avg_pixel_share: stats.avg_pixel_share[c],
-            total_pixel_share: stats.total_pixel_share[c],
-            image_share: stats.image_share[c],
-            size: if groups.small.contains(&c) {
-                "small"
-            } else {
-                "large"
-            }
-            .into(),
-            freq: if groups.rare.contains(&c) {
-                "rare"
-            } else {
-                "common"
-            }
-            .into(),
-        })
-        .collect();
-    let group = |m: &[usize]| GroupResult {
-        classes: m.iter().map(|&c| names[c].to_string()).collect(),
-        miou: group_miou(&iou, m),
-    };
-    let report = LinearReport {
-        model: model_name,
-        checkpoint_step: ckpt_step,
-        weights,
-        backbone: match &model.backbone {
-            crate::model::Backbone::Resnet18 => "resnet18".into(),
-            crate::model::Backbone::Resnet50 => "resnet50".into(),
-            crate::model::Backbone::Custom(_) => "custom".into(),
-        },
-        decoder: model.decoder.enabled,
-        dataset: kind.name().into(),
-        root: cfg.root.display().to_string(),
-        num_classes: k,
-        train_images: train.len(),
-        val_images: val.len(),
-        skipped_unlabelled: skip_t + skip_v,
-        input_size: [h, w],
-        feature_size: [fdims.0, fdims.1, fdims.2],
-        epochs: cfg.epochs,
-        batch_size: cfg.batch_size,
-        lr: cfg.lr,
-        weight_decay: cfg.weight_decay,
-        seed: cfg.seed,
-        epoch_loss,
-        miou: conf.miou(),
-        pixel_acc: conf.pixel_acc(),
-        mean_class_acc: super::metrics::mean_defined(&acc).unwrap_or(0.0),
-        train_miou: train_conf.miou(),
-        train_pixel_acc: train_conf.pixel_acc(),
-        classes,
-        groups: GroupsReport {
-            small: group(&groups.small),
-            large: group(&groups.large),
-            rare: group(&groups.rare),
-            common: group(&groups.common),
-            stats_images: stats.images,
-            small_share: cfg.small_share,
-            rare_share: cfg.rare_share,
-        },
-        confusion: conf,
-        visualisations: vis,
-        feature_s,
-        readout_s,
-        eval_s,
-        wall_s: t0.elapsed().as_secs_f64(),
-    };
+    let fit = ev.fit(&ex, &splits.train)?;
+    let val = ev.validate(&ex, &splits.val, &fit)?;
+    let report = ev.report(&frozen, &splits, &fit, val, t0);
     if let Some(o) = &cfg.out {
-        std::fs::create_dir_all(o).with_context(|| format!("{}", o.display()))?;
-        poodle_common::atomic::write_json_atomic(&o.join("report.json"), &report)?;
-        poodle_common::atomic::write_atomic(&o.join("report.md"), report.to_table().as_bytes())?;
-        let (w, h, rgb) = report.confusion.picture(16, cfg.dataset.palette());
-        poodle_common::flowmath::write_png_rgb(&o.join("confusion.png"), w as u32, h as u32, &rgb)
-            .with_context(|| format!("{}", o.join("confusion.png").display()))?;
-        let c = fdims.2;
-        let mut t = HashMap::new();
-        t.insert(
-            "readout.weight".to_string(),
-            Tensor::from_vec(head.w.clone(), (k, c, 1, 1), &Device::Cpu)?,
-        );
-        t.insert(
-            "readout.bias".to_string(),
-            Tensor::from_vec(head.b.clone(), k, &Device::Cpu)?,
-        );
-        t.insert(
-            "feature_mean".to_string(),
-            Tensor::from_vec(std.mean.clone(), c, &Device::Cpu)?,
-        );
-        t.insert(
-            "feature_inv_std".to_string(),
-            Tensor::from_vec(std.inv_std.clone(), c, &Device::Cpu)?,
-        );
-        poodle_common::atomic::write_with(&o.join("readout.safetensors"), |tmp| {
-            candle_core::safetensors::save(&t, tmp)
-        })?;
+        ev.write_outputs(o, &report, &fit)?;
     }
     log(
         cfg.quiet,
@@ -910,6 +598,563 @@ pub fn run(cfg: &LinearEvalConfig) -> Result<LinearReport> {
         ),
     );
     Ok(report)
+}
+
+/// What the stages of [`run`] share: the checked config and what follows from it.
+struct LinearEval<'a> {
+    cfg: &'a LinearEvalConfig,
+    kind: DatasetKind,
+    /// Number of classes.
+    k: usize,
+    /// Readout input (H, W).
+    size: (usize, usize),
+    /// Images per feature-extraction pass over a split (bounds the decoded images in memory).
+    chunk: usize,
+}
+
+/// The frozen encoder and how the report names it.
+struct Frozen {
+    enc: Encoder,
+    /// The variables behind `enc`, kept alive as long as it.
+    _vars: VarMap,
+    model: ModelConfig,
+    /// The checkpoint path, or "scratch".
+    name: String,
+    /// Training step of the checkpoint.
+    step: Option<u64>,
+    /// "online", "target" or "random(seed=N)".
+    weights: String,
+}
+
+/// The images the readout trains and is scored on, and the full training split's class
+/// statistics and groups.
+struct Splits {
+    train: Vec<Sample>,
+    val: Vec<Sample>,
+    stats: ClassStats,
+    groups: ClassGroups,
+    /// Images of both splits skipped for a missing label file.
+    skipped: usize,
+}
+
+/// What [`LinearEval::train_features`] returns.
+struct TrainFeatures {
+    /// Standardised features and (H, W) labels; empty without `cache_features`.
+    cache: Vec<(Feat, LabelMap)>,
+    std: Standardise,
+    /// `(h, w, C)` of the feature maps.
+    dims: (usize, usize, usize),
+    /// Seconds spent.
+    secs: f64,
+}
+
+/// The trained readout and its training-set numbers.
+struct Fitted {
+    head: LinearHead,
+    std: Standardise,
+    /// `(h, w, C)` of the feature maps.
+    fdims: (usize, usize, usize),
+    /// Mean training loss of each epoch.
+    epoch_loss: Vec<f64>,
+    /// Training-set confusion at (H, W).
+    train_conf: Confusion,
+    feature_s: f64,
+    readout_s: f64,
+}
+
+/// What [`LinearEval::validate`] returns.
+struct Validation {
+    conf: Confusion,
+    /// Paths of the pictures written.
+    vis: Vec<String>,
+    eval_s: f64,
+}
+
+impl<'a> LinearEval<'a> {
+    /// Checks the config: the readout size (the dataset's default unless set) and schedule.
+    fn new(cfg: &'a LinearEvalConfig) -> Result<Self> {
+        let kind = cfg.dataset;
+        let k = kind.num_classes();
+        let (h, w) = cfg.size.unwrap_or_else(|| kind.default_size());
+        ensure!(
+            h > 0 && w > 0 && h % 32 == 0 && w % 32 == 0,
+            "readout size {h}x{w}: height and width must be positive multiples of 32"
+        );
+        ensure!(
+            cfg.epochs > 0 && cfg.batch_size > 0,
+            "epochs and batch_size must be positive"
+        );
+        Ok(LinearEval {
+            cfg,
+            kind,
+            k,
+            size: (h, w),
+            chunk: cfg.feature_batch.max(1) * 8,
+        })
+    }
+
+    /// Resolves the architecture and checkpoint and loads the frozen encoder (or a seeded
+    /// random one).
+    fn load_frozen(&self, dev: &Device) -> Result<Frozen> {
+        let cfg = self.cfg;
+        let (h, w) = self.size;
+        let model = match (&cfg.model, &cfg.checkpoint) {
+            (Some(m), _) => m.clone(),
+            (None, Some(c)) => model_config_of(c)?,
+            (None, None) => bail!("scratch readout needs a model architecture (model: Some(..))"),
+        };
+        let (ckpt_file, ckpt_step) = match &cfg.checkpoint {
+            Some(c) => {
+                let (f, s) = resolve_checkpoint(c)?;
+                (Some(f), s)
+            }
+            None => (None, None),
+        };
+        let (enc, map) = load_encoder(&model, ckpt_file.as_deref(), cfg.use_target, cfg.seed, dev)?;
+        let weights = match (&cfg.checkpoint, cfg.use_target) {
+            (None, _) => format!("random(seed={})", cfg.seed),
+            (Some(_), false) => "online".into(),
+            (Some(_), true) => "target".into(),
+        };
+        let model_name = cfg
+            .checkpoint
+            .as_ref()
+            .map_or("scratch".into(), |c| c.display().to_string());
+        log(
+            cfg.quiet,
+            format!(
+                "{model_name} ({weights}), {:?}, input {h}x{w}",
+                model.backbone
+            ),
+        );
+        Ok(Frozen {
+            enc,
+            _vars: map,
+            model,
+            name: model_name,
+            step: ckpt_step,
+            weights,
+        })
+    }
+
+    /// Lists both splits, takes the evenly spaced subsets, and computes the class
+    /// statistics and groups from the **full** training split.
+    fn load_splits(&self) -> Result<Splits> {
+        let cfg = self.cfg;
+        let (train_all, skip_t) = self.kind.list(&cfg.root, &cfg.train_split)?;
+        let (val_all, skip_v) = self.kind.list(&cfg.root, &cfg.val_split)?;
+        let train = spaced(&train_all, cfg.max_train);
+        let val = spaced(&val_all, cfg.max_val);
+        let stats = split_stats(&train_all, self.k)?;
+        let groups = ClassGroups::with_thresholds(&stats, cfg.small_share, cfg.rare_share);
+        Ok(Splits {
+            train,
+            val,
+            stats,
+            groups,
+            skipped: skip_t + skip_v,
+        })
+    }
+
+    /// Extracts the training features once: their moments give the standardisation, and
+    /// with `cache_features` they are kept (standardised, with (H, W) labels).
+    fn train_features(&self, ex: &Extractor<'_>, train: &[Sample]) -> Result<TrainFeatures> {
+        let (h, w) = self.size;
+        let t_feat = Instant::now();
+        let mut cache: Vec<(Feat, LabelMap)> = Vec::new();
+        let mut moments = Moments::new();
+        let mut fdims = (0, 0, 0);
+        for part in train.chunks(self.chunk) {
+            let e = ex.run(part)?;
+            fdims = e.dims;
+            for (f, l) in e.feats.into_iter().zip(e.labels) {
+                moments.add(&f, fdims.2);
+                if self.cfg.cache_features {
+                    cache.push((f, resize_label_nearest(&l, h, w)));
+                }
+            }
+        }
+        let std = moments.finish();
+        cache.par_iter_mut().for_each(|(f, _)| std.apply(f));
+        let feature_s = t_feat.elapsed().as_secs_f64();
+        log(
+            self.cfg.quiet,
+            format!(
+                "features of {} training images ({}x{}x{}) in {feature_s:.1} s",
+                train.len(),
+                fdims.2,
+                fdims.0,
+                fdims.1
+            ),
+        );
+        Ok(TrainFeatures {
+            cache,
+            std,
+            dims: fdims,
+            secs: feature_s,
+        })
+    }
+
+    /// Fits the readout: training features, the head's training epochs, and the training
+    /// metrics (the feature cache is freed before `readout_s` is taken).
+    fn fit(&self, ex: &Extractor<'_>, train: &[Sample]) -> Result<Fitted> {
+        let TrainFeatures {
+            cache,
+            std,
+            dims: fdims,
+            secs: feature_s,
+        } = self.train_features(ex, train)?;
+        let t_train = Instant::now();
+        let batches = TrainBatches {
+            ev: self,
+            ex,
+            train,
+            std: &std,
+            cache,
+            fsize: (fdims.0, fdims.1),
+        };
+        let (head, epoch_loss) = batches.train_head(fdims.2)?;
+        let train_conf = batches.confusion(&head)?;
+        drop(batches);
+        let readout_s = t_train.elapsed().as_secs_f64();
+        Ok(Fitted {
+            head,
+            std,
+            fdims,
+            epoch_loss,
+            train_conf,
+            feature_s,
+            readout_s,
+        })
+    }
+
+    /// Scores the validation images at their labels' native resolution and draws the first
+    /// `num_vis` of them into `out/vis/`.
+    fn validate(&self, ex: &Extractor<'_>, val: &[Sample], fit: &Fitted) -> Result<Validation> {
+        let cfg = self.cfg;
+        let fsize = (fit.fdims.0, fit.fdims.1);
+        let t_eval = Instant::now();
+        let mut conf = Confusion::new(self.k);
+        let mut vis = Vec::new();
+        let vis_dir = cfg.out.as_ref().map(|o| o.join("vis"));
+        if let (Some(d), true) = (&vis_dir, cfg.num_vis > 0) {
+            std::fs::create_dir_all(d).with_context(|| format!("{}", d.display()))?;
+        }
+        let mut seen = 0;
+        for part in val.chunks(self.chunk) {
+            let Extracted {
+                mut feats, labels, ..
+            } = ex.run(part)?;
+            let preds: Vec<Vec<u8>> = feats
+                .par_iter_mut()
+                .zip(&labels)
+                .map(|(f, l)| {
+                    fit.std.apply(f);
+                    fit.head.predict(f, fsize, (l.height, l.width))
+                })
+                .collect();
+            for (i, (l, pred)) in labels.iter().zip(&preds).enumerate() {
+                conf.add(&l.data, pred);
+                if let (Some(d), true) = (&vis_dir, seen < cfg.num_vis) {
+                    let stem = part[i]
+                        .image
+                        .file_stem()
+                        .and_then(|s| s.to_str())
+                        .unwrap_or("image");
+                    let path = d.join(format!("{seen:03}_{stem}.png"));
+                    write_vis(&path, &part[i], l, pred, self.kind.palette())?;
+                    vis.push(path.display().to_string());
+                }
+                seen += 1;
+            }
+        }
+        Ok(Validation {
+            conf,
+            vis,
+            eval_s: t_eval.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Assembles the report; `wall_s` is the time since `t0`.
+    fn report(
+        &self,
+        frozen: &Frozen,
+        splits: &Splits,
+        fit: &Fitted,
+        val: Validation,
+        t0: Instant,
+    ) -> LinearReport {
+        let cfg = self.cfg;
+        let (h, w) = self.size;
+        let conf = val.conf;
+        let iou = conf.iou();
+        let acc = conf.class_acc();
+        let classes = self.class_results(&iou, &acc, &conf.gt_counts(), splits);
+        let model = &frozen.model;
+        LinearReport {
+            model: frozen.name.clone(),
+            checkpoint_step: frozen.step,
+            weights: frozen.weights.clone(),
+            backbone: match &model.backbone {
+                crate::model::Backbone::Resnet18 => "resnet18".into(),
+                crate::model::Backbone::Resnet50 => "resnet50".into(),
+                crate::model::Backbone::Custom(_) => "custom".into(),
+            },
+            decoder: model.decoder.enabled,
+            dataset: self.kind.name().into(),
+            root: cfg.root.display().to_string(),
+            num_classes: self.k,
+            train_images: splits.train.len(),
+            val_images: splits.val.len(),
+            skipped_unlabelled: splits.skipped,
+            input_size: [h, w],
+            feature_size: [fit.fdims.0, fit.fdims.1, fit.fdims.2],
+            epochs: cfg.epochs,
+            batch_size: cfg.batch_size,
+            lr: cfg.lr,
+            weight_decay: cfg.weight_decay,
+            seed: cfg.seed,
+            epoch_loss: fit.epoch_loss.clone(),
+            miou: conf.miou(),
+            pixel_acc: conf.pixel_acc(),
+            mean_class_acc: super::metrics::mean_defined(&acc).unwrap_or(0.0),
+            train_miou: fit.train_conf.miou(),
+            train_pixel_acc: fit.train_conf.pixel_acc(),
+            classes,
+            groups: self.groups_report(&iou, splits),
+            confusion: conf,
+            visualisations: val.vis,
+            feature_s: fit.feature_s,
+            readout_s: fit.readout_s,
+            eval_s: val.eval_s,
+            wall_s: t0.elapsed().as_secs_f64(),
+        }
+    }
+
+    /// Validation IoU, recall and pixels of each class, with its training-split statistics
+    /// and groups.
+    fn class_results(
+        &self,
+        iou: &[Option<f64>],
+        acc: &[Option<f64>],
+        gt: &[u64],
+        splits: &Splits,
+    ) -> Vec<ClassResult> {
+        let names = self.kind.class_names();
+        let (stats, groups) = (&splits.stats, &splits.groups);
+        (0..self.k)
+            .map(|c| ClassResult {
+                id: c,
+                name: names[c].to_string(),
+                iou: iou[c],
+                acc: acc[c],
+                val_pixels: gt[c],
+                avg_pixel_share: stats.avg_pixel_share[c],
+                total_pixel_share: stats.total_pixel_share[c],
+                image_share: stats.image_share[c],
+                size: if groups.small.contains(&c) {
+                    "small"
+                } else {
+                    "large"
+                }
+                .into(),
+                freq: if groups.rare.contains(&c) {
+                    "rare"
+                } else {
+                    "common"
+                }
+                .into(),
+            })
+            .collect()
+    }
+
+    /// The class groups' members and mIoUs, and the thresholds they come from.
+    fn groups_report(&self, iou: &[Option<f64>], splits: &Splits) -> GroupsReport {
+        let names = self.kind.class_names();
+        let group = |m: &[usize]| GroupResult {
+            classes: m.iter().map(|&c| names[c].to_string()).collect(),
+            miou: group_miou(iou, m),
+        };
+        let groups = &splits.groups;
+        GroupsReport {
+            small: group(&groups.small),
+            large: group(&groups.large),
+            rare: group(&groups.rare),
+            common: group(&groups.common),
+            stats_images: splits.stats.images,
+            small_share: self.cfg.small_share,
+            rare_share: self.cfg.rare_share,
+        }
+    }
+
+    /// Writes `report.json`, `report.md`, `confusion.png` and `readout.safetensors` (the
+    /// head and the feature standardisation) into `o`.
+    fn write_outputs(&self, o: &Path, report: &LinearReport, fit: &Fitted) -> Result<()> {
+        std::fs::create_dir_all(o).with_context(|| format!("{}", o.display()))?;
+        poodle_common::atomic::write_json_atomic(&o.join("report.json"), report)?;
+        poodle_common::atomic::write_atomic(&o.join("report.md"), report.to_table().as_bytes())?;
+        let (w, h, rgb) = report.confusion.picture(16, self.cfg.dataset.palette());
+        poodle_common::flowmath::write_png_rgb(&o.join("confusion.png"), w as u32, h as u32, &rgb)
+            .with_context(|| format!("{}", o.join("confusion.png").display()))?;
+        let (k, c) = (self.k, fit.fdims.2);
+        let mut t = HashMap::new();
+        t.insert(
+            "readout.weight".to_string(),
+            Tensor::from_vec(fit.head.w.clone(), (k, c, 1, 1), &Device::Cpu)?,
+        );
+        t.insert(
+            "readout.bias".to_string(),
+            Tensor::from_vec(fit.head.b.clone(), k, &Device::Cpu)?,
+        );
+        t.insert(
+            "feature_mean".to_string(),
+            Tensor::from_vec(fit.std.mean.clone(), c, &Device::Cpu)?,
+        );
+        t.insert(
+            "feature_inv_std".to_string(),
+            Tensor::from_vec(fit.std.inv_std.clone(), c, &Device::Cpu)?,
+        );
+        poodle_common::atomic::write_with(&o.join("readout.safetensors"), |tmp| {
+            candle_core::safetensors::save(&t, tmp)
+        })?;
+        Ok(())
+    }
+}
+
+/// The training images as readout batches: standardised features and (H, W) labels, from
+/// the cache or recomputed per batch without `cache_features`.
+struct TrainBatches<'a> {
+    ev: &'a LinearEval<'a>,
+    ex: &'a Extractor<'a>,
+    train: &'a [Sample],
+    std: &'a Standardise,
+    cache: Vec<(Feat, LabelMap)>,
+    /// `(h, w)` of the feature maps.
+    fsize: (usize, usize),
+}
+
+impl TrainBatches<'_> {
+    /// The images `ids` recomputed (owned); `None` when they are in the cache.
+    fn fetch(&self, ids: &[usize]) -> Result<Option<Vec<(Feat, LabelMap)>>> {
+        if self.ev.cfg.cache_features {
+            return Ok(None);
+        }
+        let (h, w) = self.ev.size;
+        let s: Vec<Sample> = ids.iter().map(|&i| self.train[i].clone()).collect();
+        let e = self.ex.run(&s)?;
+        Ok(Some(
+            e.feats
+                .into_iter()
+                .zip(e.labels)
+                .map(|(mut f, l)| {
+                    self.std.apply(&mut f);
+                    (f, resize_label_nearest(&l, h, w))
+                })
+                .collect(),
+        ))
+    }
+
+    /// Trains a zero-initialised head on `c` channels over shuffled mini-batches; the head
+    /// and each epoch's mean loss.
+    fn train_head(&self, c: usize) -> Result<(LinearHead, Vec<f64>)> {
+        let cfg = self.ev.cfg;
+        let mut head = LinearHead::zeros(c, self.ev.k);
+        let mut opt = AdamW::new(&head, cfg.weight_decay)?;
+        let n = self.train.len();
+        let steps_per_epoch = n.div_ceil(cfg.batch_size);
+        let total = (steps_per_epoch * cfg.epochs) as u64;
+        // One epoch of linear warm-up (Adam's first steps are sign-sized), then cosine to 0.
+        let warmup = if cfg.epochs > 1 {
+            steps_per_epoch as u64
+        } else {
+            0
+        };
+        let mut rng = SplitMix64::new(cfg.seed ^ 0x05ee_d0f1_1ea5);
+        let mut step = 0u64;
+        let mut epoch_loss = Vec::with_capacity(cfg.epochs);
+        for epoch in 0..cfg.epochs {
+            let order = shuffled(n, &mut rng);
+            let (mut loss_sum, mut count) = (0.0, 0u64);
+            for ids in order.chunks(cfg.batch_size) {
+                // Shifted by one: neither the first nor the last step has lr 0.
+                let lr = crate::optim::lr_at(step + 1, total + 1, warmup, cfg.lr);
+                let (l, m) = self.step(&mut head, &mut opt, ids, lr)?;
+                step += 1;
+                loss_sum += l;
+                count += m;
+            }
+            let mean = loss_sum / count.max(1) as f64;
+            ensure!(
+                mean.is_finite(),
+                "readout loss is not finite at epoch {}",
+                epoch + 1
+            );
+            epoch_loss.push(mean);
+            log(cfg.quiet, format!("epoch {:>3}: loss {mean:.4}", epoch + 1));
+        }
+        Ok((head, epoch_loss))
+    }
+
+    /// One AdamW step at `lr` on the images `ids` (skipped if they have no labelled pixel);
+    /// their summed loss and labelled pixel count.
+    fn step(
+        &self,
+        head: &mut LinearHead,
+        opt: &mut AdamW,
+        ids: &[usize],
+        lr: f64,
+    ) -> Result<(f64, u64)> {
+        let owned = self.fetch(ids)?;
+        let items: Vec<(&[f32], &[u8])> = match &owned {
+            Some(v) => v.iter().map(|(f, l)| (&f[..], &l.data[..])).collect(),
+            None => ids
+                .iter()
+                .map(|&i| (&self.cache[i].0[..], &self.cache[i].1.data[..]))
+                .collect(),
+        };
+        let g = head.batch_loss_grad(&items, self.fsize, self.ev.size);
+        if g.count > 0 {
+            let s = 1.0 / g.count as f32;
+            let gw: Vec<f32> = g.gw.iter().map(|v| v * s).collect();
+            let gb: Vec<f32> = g.gb.iter().map(|v| v * s).collect();
+            opt.step(head, &gw, &gb, lr)?;
+        }
+        Ok((g.loss_sum, g.count))
+    }
+
+    /// Confusion of the head's predictions on the training images at (H, W).
+    fn confusion(&self, head: &LinearHead) -> Result<Confusion> {
+        let mut train_conf = Confusion::new(self.ev.k);
+        let all: Vec<usize> = (0..self.train.len()).collect();
+        for ids in all.chunks(self.ev.cfg.batch_size.max(16)) {
+            let owned = self.fetch(ids)?;
+            let items: Vec<(&Feat, &LabelMap)> = match &owned {
+                Some(v) => v.iter().map(|(f, l)| (f, l)).collect(),
+                None => ids
+                    .iter()
+                    .map(|&i| (&self.cache[i].0, &self.cache[i].1))
+                    .collect(),
+            };
+            let preds: Vec<Vec<u8>> = items
+                .par_iter()
+                .map(|(f, _)| head.predict(f, self.fsize, self.ev.size))
+                .collect();
+            for ((_, l), p) in items.iter().zip(&preds) {
+                train_conf.add(&l.data, p);
+            }
+        }
+        Ok(train_conf)
+    }
+}
+
+/// `0..n` shuffled by Fisher-Yates (one draw per position, from the end).
+fn shuffled(n: usize, rng: &mut SplitMix64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = rng.range_inclusive(0, i as u64) as usize;
+        order.swap(i, j);
+    }
+    order
 }
 
 /// Writes `image | ground truth | prediction` side by side at the label's resolution.
