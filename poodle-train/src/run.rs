@@ -189,8 +189,17 @@ impl Learner {
         Ok(())
     }
 
-    /// Forward both frame orders and return the differentiable total with its terms.
+    /// Forward both frame orders and return the differentiable total with its terms, the
+    /// dense mask fraction and the projection std (read from the device: see
+    /// [`Self::queue_losses`] for the form that does not wait).
     pub fn losses(&self, b: &Batch) -> Result<(Tensor, LossTerms, f32, f32)> {
+        let q = self.queue_losses(b)?;
+        let (terms, proj_std) = read_logged(&q.logged)?;
+        Ok((q.total, terms, q.mask_fraction, proj_std))
+    }
+
+    /// Forward both frame orders; the losses as queued on the device, nothing read back.
+    pub fn queue_losses(&self, b: &Batch) -> Result<QueuedLosses> {
         let m = &self.cfg.method;
         let (h, w) = (b.views[0].dim(2)?, b.views[0].dim(3)?);
         let zero = Tensor::zeros((), DType::F32, b.views[0].device())?;
@@ -258,10 +267,35 @@ impl Learner {
         let (tot, terms) = total(&d_ab, &d_ba, &p_ab, &p_ba, wd, wp)?;
         let proj_std = match collapse_rows {
             Some(rows) => collapse_std(&rows)?,
-            None => 0.0,
+            None => Tensor::zeros((), DType::F32, tot.device())?,
         };
-        Ok((tot, terms, mask_fraction, proj_std))
+        Ok(QueuedLosses {
+            total: tot,
+            logged: Tensor::cat(&[terms, proj_std.reshape(1)?], 0)?,
+            mask_fraction,
+        })
     }
+}
+
+/// One micro-batch's losses as queued on the device. On CUDA, reading a value waits for
+/// everything queued before it; the training loop reads these once the whole step (backward
+/// pass and update included) is queued, so the device never idles while the host walks the
+/// backward graph.
+pub struct QueuedLosses {
+    /// The differentiable total.
+    pub total: Tensor,
+    /// Detached f32: the 7 terms in [`LossTerms::named`] order, then the projection std.
+    logged: Tensor,
+    /// Of the dense loss's mask (computed on the host).
+    pub mask_fraction: f32,
+}
+
+/// The terms and the projection std of a [`QueuedLosses::logged`] vector (or a sum of them).
+fn read_logged(v: &Tensor) -> Result<(LossTerms, f32)> {
+    let v: Vec<f32> = v.to_vec1()?;
+    ensure!(v.len() == 8, "logged loss values: {} of 8", v.len());
+    let terms: [f32; 7] = v[..7].try_into().expect("7 terms");
+    Ok((LossTerms::from_values(terms), v[7]))
 }
 
 /// Clips the gradients if `clip` says so, then takes the optimiser step; returns the global
@@ -298,7 +332,7 @@ fn clip_and_apply(
 /// job with synchronised BatchNorm the batch is every rank's, as BatchNorm's statistics are:
 /// a std of each rank's 2-4 rows alone is biased low by the batch split, so runs with other
 /// world sizes would log other values for the same training.
-fn collapse_std(x: &Tensor) -> Result<f32> {
+fn collapse_std(x: &Tensor) -> Result<Tensor> {
     let z = crate::loss::l2_normalize(&x.to_dtype(DType::F32)?, 1)?;
     let (n, d) = z.dims2()?;
     let mut sums = Tensor::cat(&[z.sum(0)?, z.sqr()?.sum(0)?], 0)?;
@@ -310,7 +344,7 @@ fn collapse_std(x: &Tensor) -> Result<f32> {
     let mean = (sums.narrow(0, 0, d)? / count as f64)?;
     let mean_sq = (sums.narrow(0, d, d)? / count as f64)?;
     let var = (mean_sq - mean.sqr()?)?.relu()?;
-    Ok(var.sqrt()?.mean_all()?.to_scalar::<f32>()?)
+    Ok(var.sqrt()?.mean_all()?.detach())
 }
 
 /// The git commit this binary was built from (recorded at build time by build.rs, so a job
@@ -454,20 +488,47 @@ pub fn open_loader_shard(cfg: &TrainConfig, dev: &Device, shard: Shard) -> Resul
 /// Sums of one optimiser step's micro-batches.
 #[derive(Default)]
 struct StepSums {
-    loss: LossTerms,
+    /// Of the micro-batches' [`QueuedLosses::logged`] vectors, on the device.
+    logged: Option<Tensor>,
     mask: f32,
-    proj_std: f32,
     wait_s: f64,
     pairs: usize,
 }
 
 impl StepSums {
-    /// The step's loss terms, mask fraction and projection std: the mean over its `n`
-    /// micro-batches, then over ranks (one small all-reduce).
-    fn mean_over_ranks(&self, n: f32, group: &dyn Collective) -> Result<(LossTerms, f32, f32)> {
+    fn add(&mut self, q: &QueuedLosses, b: &Batch) -> Result<()> {
+        self.logged = Some(match self.logged.take() {
+            Some(sum) => (sum + &q.logged)?,
+            None => q.logged.clone(),
+        });
+        self.mask += q.mask_fraction;
+        self.wait_s += b.wait.as_secs_f64();
+        self.pairs += b.len();
+        Ok(())
+    }
+
+    /// The summed terms and projection std, read from the device: on CUDA the step's one
+    /// wait for it (with the logged gradient norm's).
+    fn read(&self) -> Result<(LossTerms, f32)> {
+        read_logged(
+            self.logged
+                .as_ref()
+                .context("a step without micro-batches")?,
+        )
+    }
+
+    /// The step's loss terms, mask fraction and projection std from the summed `terms` and
+    /// `proj_std`: the mean over its `n` micro-batches, then over ranks (one small
+    /// all-reduce).
+    fn mean_over_ranks(
+        &self,
+        (terms, proj_std): (LossTerms, f32),
+        n: f32,
+        group: &dyn Collective,
+    ) -> Result<(LossTerms, f32, f32)> {
         let mut v = [0f32; 9];
-        v[..7].copy_from_slice(&self.loss.values());
-        (v[7], v[8]) = (self.mask, self.proj_std);
+        v[..7].copy_from_slice(&terms.values());
+        (v[7], v[8]) = (self.mask, proj_std);
         v.iter_mut().for_each(|x| *x /= n);
         dist::mean_over_ranks(&mut v, group)?;
         let terms = LossTerms::from_values(v[..7].try_into().expect("7 terms"));
@@ -505,7 +566,8 @@ pub fn train(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<RunSummary>
     res
 }
 
-/// One rank's training loop.
+/// One rank's training: set-up (loader, learner, run folder, schedule, resume point), then
+/// the loop.
 fn train_rank(
     cfg: &TrainConfig,
     resume: bool,
@@ -551,7 +613,6 @@ fn train_rank(
             sched.epochs_per_pass
         );
     }
-    let config_json = identity_json(cfg)?;
     let (mut step, mut pass, mut start_batch, mut resumed_from) = (0u64, 0u64, 0usize, None);
     if let Some(p) = &state.resume {
         (step, pass, start_batch, resumed_from) = (p.step, p.epoch, p.batch, Some(p.step));
@@ -559,125 +620,218 @@ fn train_rank(
             eprintln!("resuming at step {step} (pass {pass}, batch {start_batch})");
         }
     }
-    let mut out = (rank == 0).then(|| RunOutputs::open(cfg)).transpose()?;
-    let pairs_per_step = (cfg.data.batch_size * cfg.optim.accumulate * world) as u64;
-    let (mut first_loss, mut last_loss, mut last_ckpt) = (None, None, None);
     let max_steps = cfg
         .run
         .max_steps
         .unwrap_or(sched.total_steps)
         .min(sched.total_steps);
-    let reporter = StepReporter::new(max_steps, step, quiet);
-    let bucket_bytes = (cfg.dist.bucket_mb * 1024.0 * 1024.0) as usize;
-    counted.take(); // the start-up check is not a step's traffic
-    'passes: while pass < sched.passes && step < max_steps {
-        let mut acc = GradAccumulator::new();
-        let mut sums = StepSums::default();
-        let mut t_step = Instant::now();
-        for (bi, batch) in (start_batch..).zip(loader.epoch_from(pass, start_batch)) {
-            let b = batch?;
-            if acc.micro_batches() == 0 {
-                t_step = Instant::now();
-            }
-            let (tot, terms, maskf, pstd) = learner.losses(&b)?;
-            check_finite(step + 1, &terms).map_err(|e| anyhow::anyhow!("{e}; stopping"))?;
-            acc.add(&tot.backward()?, &learner.online_params)?;
-            sums.loss = sums.loss.add(&terms);
-            sums.mask += maskf;
-            sums.proj_std += pstd;
-            sums.wait_s += b.wait.as_secs_f64();
-            sums.pairs += b.len();
-            if acc.micro_batches() < cfg.optim.accumulate {
-                continue;
-            }
-            let n = acc.micro_batches() as f32;
-            let mut grads = std::mem::take(&mut acc).finish(1.0 / f64::from(n))?;
-            dist::average_gradients(&mut grads, group.as_ref(), bucket_bytes)?;
-            let (lr, mom) = (sched.lr(step), sched.momentum(step));
-            let logs =
-                out.is_some() && ((step + 1) % cfg.run.log_every == 0 || step + 1 == max_steps);
-            let grad_norm =
-                clip_and_apply(&mut learner, &mut grads, cfg.optim.grad_clip, logs, lr, mom)?;
-            step += 1;
-            let loss = sums.mean_over_ranks(n, group.as_ref())?;
-            let (allreduce_bytes, allreduce_calls) = counted.take();
-            first_loss.get_or_insert(loss.0.total);
-            last_loss = Some(loss.0.total);
-            if cfg.dist.check_every.is_some_and(|e| step % e == 0) {
-                dist::check_identical(&learner.online_params, group.as_ref(), "online")?;
-                dist::check_identical(&learner.target_params, group.as_ref(), "target")?;
-            }
-            // Rank 0 logs, draws and checkpoints; the other ranks go on to the next step.
-            if let Some(out) = out.as_mut() {
-                if logs {
-                    let m = StepMetrics {
-                        step,
-                        pass,
-                        epoch: sched.paper_epoch(step),
-                        pairs_seen: step * pairs_per_step,
-                        lr,
-                        momentum: mom,
-                        loss: loss.0,
-                        dense_mask_fraction: loss.1,
-                        proj_std: loss.2,
-                        grad_norm: grad_norm.context("no gradient norm for a logged step")?,
-                        allreduce_bytes,
-                        allreduce_calls,
-                        pairs_per_s: (sums.pairs * world) as f64
-                            / t_step.elapsed().as_secs_f64().max(1e-9),
-                        data_wait_s: sums.wait_s,
-                    };
-                    let line = serde_json::to_string(&m)?;
-                    writeln!(out.log, "{line}")?;
-                    out.tb.scalars(step, &tb_scalars(&m))?;
-                    reporter.report(&m, &line);
-                }
-                if cfg
-                    .run
-                    .picture_every
-                    .is_some_and(|e| e > 0 && step % e == 0)
-                {
-                    step_picture(cfg, &loader, pass, loader.position(bi, 0), step, quiet)?;
-                }
-                if step % cfg.run.checkpoint_every == 0 || step == max_steps {
-                    let p = Progress {
-                        step,
-                        epoch: pass,
-                        batch: bi + 1,
-                        file: String::new(),
-                        config_json: config_json.clone(),
-                        world_size: world,
-                    };
-                    let path = checkpoint::save(
-                        &cfg.run.dir,
-                        &learner.online_map,
-                        &learner.target_map,
-                        learner.opt.state_tensors()?,
-                        p,
-                    )?;
-                    last_ckpt = Some(path.display().to_string());
-                }
-            }
-            sums = StepSums::default();
-            if step >= max_steps {
-                break 'passes;
-            }
-        }
-        pass += 1;
-        start_batch = 0;
-    }
-    reporter.finish();
+    let mut t = Trainer {
+        cfg,
+        config_json: identity_json(cfg)?,
+        learner,
+        out: (rank == 0).then(|| RunOutputs::open(cfg)).transpose()?,
+        reporter: StepReporter::new(max_steps, step, quiet),
+        quiet,
+        group,
+        counted,
+        world,
+        sched,
+        max_steps,
+        step,
+        first_loss: None,
+        last_loss: None,
+        last_ckpt: None,
+    };
+    t.counted.take(); // the start-up check is not a step's traffic
+    t.run(&loader, pass, start_batch)?;
+    t.reporter.finish();
     // The other ranks wait until rank 0 has written the last checkpoint.
-    group.barrier()?;
+    t.group.barrier()?;
     Ok(RunSummary {
-        steps: step,
+        steps: t.step,
         resumed_from,
-        paper_epochs: sched.paper_epoch(step),
-        pairs_seen: step * pairs_per_step,
-        first_loss,
-        last_loss,
-        checkpoint: last_ckpt,
+        paper_epochs: t.sched.paper_epoch(t.step),
+        pairs_seen: t.step * t.pairs_per_step(),
+        first_loss: t.first_loss,
+        last_loss: t.last_loss,
+        checkpoint: t.last_ckpt,
     })
+}
+
+/// What one rank's training loop carries from step to step.
+struct Trainer<'a> {
+    cfg: &'a TrainConfig,
+    /// The resolved config as checkpoints record it.
+    config_json: String,
+    learner: Learner,
+    /// Rank 0's metric lines and TensorBoard events; `None` on the other ranks.
+    out: Option<RunOutputs>,
+    reporter: StepReporter,
+    quiet: bool,
+    group: Arc<dyn Collective>,
+    /// The same group, counting each step's all-reduce traffic.
+    counted: Arc<dist::Counted>,
+    world: usize,
+    sched: Schedule,
+    max_steps: u64,
+    /// Optimiser steps done.
+    step: u64,
+    first_loss: Option<f32>,
+    last_loss: Option<f32>,
+    last_ckpt: Option<String>,
+}
+
+impl Trainer<'_> {
+    fn pairs_per_step(&self) -> u64 {
+        (self.cfg.data.batch_size * self.cfg.optim.accumulate * self.world) as u64
+    }
+
+    /// Passes over the loader from `pass`, batch `start_batch`, until `max_steps`: each
+    /// micro-batch's forward and backward passes are queued, and every `accumulate` of them
+    /// make an optimiser step.
+    fn run(&mut self, loader: &Loader, mut pass: u64, mut start_batch: usize) -> Result<()> {
+        while pass < self.sched.passes && self.step < self.max_steps {
+            let mut acc = GradAccumulator::new();
+            let mut sums = StepSums::default();
+            let mut t_step = Instant::now();
+            for (bi, batch) in (start_batch..).zip(loader.epoch_from(pass, start_batch)) {
+                let b = batch?;
+                if acc.micro_batches() == 0 {
+                    t_step = Instant::now();
+                }
+                let q = self.learner.queue_losses(&b)?;
+                acc.add(&q.total.backward()?, &self.learner.online_params)?;
+                sums.add(&q, &b)?;
+                if acc.micro_batches() < self.cfg.optim.accumulate {
+                    continue;
+                }
+                let (acc, sums) = (std::mem::take(&mut acc), std::mem::take(&mut sums));
+                self.finish_step(loader, acc, sums, (pass, bi), t_step)?;
+                if self.step >= self.max_steps {
+                    return Ok(());
+                }
+            }
+            pass += 1;
+            start_batch = 0;
+        }
+        Ok(())
+    }
+
+    /// Ends an optimiser step at batch `bi` of `pass`: averages the gradients over
+    /// micro-batches and ranks and queues the update; then reads the step's loss values,
+    /// stops on a non-finite one (before anything is logged or saved), and on rank 0 logs,
+    /// draws and checkpoints.
+    fn finish_step(
+        &mut self,
+        loader: &Loader,
+        acc: GradAccumulator,
+        sums: StepSums,
+        (pass, bi): (u64, usize),
+        t_step: Instant,
+    ) -> Result<()> {
+        let cfg = self.cfg;
+        let n = acc.micro_batches() as f32;
+        let mut grads = acc.finish(1.0 / f64::from(n))?;
+        let bucket_bytes = (cfg.dist.bucket_mb * 1024.0 * 1024.0) as usize;
+        dist::average_gradients(&mut grads, self.group.as_ref(), bucket_bytes)?;
+        let (lr, mom) = (self.sched.lr(self.step), self.sched.momentum(self.step));
+        let logs = self.out.is_some()
+            && ((self.step + 1).is_multiple_of(cfg.run.log_every)
+                || self.step + 1 == self.max_steps);
+        let grad_norm = clip_and_apply(
+            &mut self.learner,
+            &mut grads,
+            cfg.optim.grad_clip,
+            logs,
+            lr,
+            mom,
+        )?;
+        self.step += 1;
+        let local = sums.read()?;
+        check_finite(self.step, &local.0).map_err(|e| anyhow::anyhow!("{e}; stopping"))?;
+        let loss = sums.mean_over_ranks(local, n, self.group.as_ref())?;
+        let (allreduce_bytes, allreduce_calls) = self.counted.take();
+        self.first_loss.get_or_insert(loss.0.total);
+        self.last_loss = Some(loss.0.total);
+        if cfg
+            .dist
+            .check_every
+            .is_some_and(|e| self.step.is_multiple_of(e))
+        {
+            let g = self.group.as_ref();
+            dist::check_identical(&self.learner.online_params, g, "online")?;
+            dist::check_identical(&self.learner.target_params, g, "target")?;
+        }
+        // Rank 0 logs, draws and checkpoints; the other ranks go on to the next step.
+        if self.out.is_none() {
+            return Ok(());
+        }
+        if logs {
+            let m = StepMetrics {
+                step: self.step,
+                pass,
+                epoch: self.sched.paper_epoch(self.step),
+                pairs_seen: self.step * self.pairs_per_step(),
+                lr,
+                momentum: mom,
+                loss: loss.0,
+                dense_mask_fraction: loss.1,
+                proj_std: loss.2,
+                grad_norm: grad_norm.context("no gradient norm for a logged step")?,
+                allreduce_bytes,
+                allreduce_calls,
+                pairs_per_s: (sums.pairs * self.world) as f64
+                    / t_step.elapsed().as_secs_f64().max(1e-9),
+                data_wait_s: sums.wait_s,
+            };
+            self.log(&m)?;
+        }
+        if cfg
+            .run
+            .picture_every
+            .is_some_and(|e| e > 0 && self.step.is_multiple_of(e))
+        {
+            let pos = loader.position(bi, 0);
+            step_picture(cfg, loader, pass, pos, self.step, self.quiet)?;
+        }
+        if self.step.is_multiple_of(cfg.run.checkpoint_every) || self.step == self.max_steps {
+            self.checkpoint(pass, bi)?;
+        }
+        Ok(())
+    }
+
+    /// Rank 0: one metrics line, its TensorBoard scalars and the progress report.
+    fn log(&mut self, m: &StepMetrics) -> Result<()> {
+        let out = self.out.as_mut().context("only rank 0 logs")?;
+        let line = serde_json::to_string(m)?;
+        writeln!(out.log, "{line}")?;
+        out.tb.scalars(m.step, &tb_scalars(m))?;
+        self.reporter.report(m, &line);
+        Ok(())
+    }
+
+    /// Rank 0: an atomic checkpoint after batch `bi` of `pass`, where a resumed run
+    /// continues.
+    fn checkpoint(&mut self, pass: u64, bi: usize) -> Result<()> {
+        let p = Progress {
+            step: self.step,
+            epoch: pass,
+            batch: bi + 1,
+            file: String::new(),
+            config_json: self.config_json.clone(),
+            world_size: self.world,
+        };
+        let l = &self.learner;
+        let path = checkpoint::save(
+            &self.cfg.run.dir,
+            &l.online_map,
+            &l.target_map,
+            l.opt.state_tensors()?,
+            p,
+        )?;
+        self.last_ckpt = Some(path.display().to_string());
+        Ok(())
+    }
 }
 
 /// What rank 0 writes while training: metric lines and TensorBoard events.

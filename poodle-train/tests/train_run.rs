@@ -1,6 +1,6 @@
-//! The training loop end to end on CPU: exact resume, the non-finite stop, the logged
-//! gradient norm and clipping, and learning on real CamVid frame pairs prepared by
-//! poodle-prep with the default flow model.
+//! The training loop end to end on CPU: exact resume, the non-finite stop, gradient
+//! accumulation, the logged gradient norm and clipping, and learning on real CamVid frame
+//! pairs prepared by poodle-prep with the default flow model.
 
 use poodle_train::config::TrainConfig;
 use std::path::{Path, PathBuf};
@@ -197,6 +197,43 @@ fn resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("another config"), "{e}");
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+/// Gradient accumulation: a step of `optim.accumulate = 2` takes two micro-batches with the
+/// same weights, logs the mean of their losses (summed on the device, read once the step is
+/// queued) and counts both batches' pairs.
+#[test]
+fn an_accumulated_step_logs_the_mean_of_its_micro_batches() {
+    let d = tmpdir("accumulate");
+    let Some(store) = camvid_store(&d, 16) else {
+        return;
+    };
+    let run = d.join("run");
+    let cfg = tiny(&store, &run, &["optim.accumulate=2", "run.max_steps=1"]);
+    let s = poodle_train::run::train(&cfg, false, true).unwrap();
+    assert_eq!((s.steps, s.pairs_seen), (1, 2 * cfg.data.batch_size as u64));
+    let m = metrics(&run);
+    assert_eq!(m.len(), 1);
+    // The run's first two batches through a fresh learner: the same seed, so the run's
+    // initial weights.
+    let dev = candle_core::Device::Cpu;
+    let learner = poodle_train::run::Learner::new(&cfg, &dev).unwrap();
+    let loader = poodle_train::run::open_loader(&cfg, &dev).unwrap();
+    let terms: Vec<_> = loader
+        .epoch_from(0, 0)
+        .take(2)
+        .map(|b| learner.losses(&b.unwrap()).unwrap().1.named())
+        .collect();
+    assert_ne!(terms[0], terms[1], "two different micro-batches");
+    for ((name, a), (_, b)) in terms[0].iter().zip(&terms[1]) {
+        let mean = (f64::from(*a) + f64::from(*b)) / 2.0;
+        let logged = m[0][name].as_f64().unwrap();
+        assert!(
+            (logged - mean).abs() <= 1e-6 * mean.abs().max(1.0),
+            "{name}: logged {logged}, micro-batches {a} and {b}"
+        );
+    }
     std::fs::remove_dir_all(d).unwrap();
 }
 

@@ -101,8 +101,11 @@ impl LossTerms {
 
 /// The symmetric total: `w_dense * (dense_ab + dense_ba) / 2 + w_pooled * (pooled_ab +
 /// pooled_ba) / 2`, each argument a scalar tensor (rank 0 or one element). Returns the
-/// differentiable total and the per-term values. The paper uses `w_dense = w_pooled = 0.5`
-/// ([`W_DENSE`], [`W_POOLED`]); a disabled objective can pass zeros with weight 0.
+/// differentiable total and the per-term values as one detached f32 vector in
+/// [`LossTerms::named`] order ([`LossTerms::from_values`] of its values): nothing here waits for
+/// the device, so the training loop reads the values once the whole step is queued. The
+/// paper uses `w_dense = w_pooled = 0.5` ([`W_DENSE`], [`W_POOLED`]); a disabled objective
+/// can pass zeros with weight 0.
 pub fn total(
     dense_ab: &Tensor,
     dense_ba: &Tensor,
@@ -110,7 +113,7 @@ pub fn total(
     pooled_ba: &Tensor,
     w_dense: f64,
     w_pooled: f64,
-) -> Result<(Tensor, LossTerms)> {
+) -> Result<(Tensor, Tensor)> {
     let s = |t: &Tensor| -> Result<Tensor> {
         if t.elem_count() != 1 {
             candle_core::bail!("loss::total: term {:?} is not a scalar", t.dims());
@@ -121,16 +124,9 @@ pub fn total(
     let dense = ((&dab + &dba)? * 0.5)?;
     let pooled = ((&pab + &pba)? * 0.5)?;
     let tot = ((&dense * w_dense)? + (&pooled * w_pooled)?)?;
-    let v = |t: &Tensor| -> Result<f32> { t.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>() };
-    let terms = LossTerms {
-        dense_ab: v(&dab)?,
-        dense_ba: v(&dba)?,
-        pooled_ab: v(&pab)?,
-        pooled_ba: v(&pba)?,
-        dense: v(&dense)?,
-        pooled: v(&pooled)?,
-        total: v(&tot)?,
-    };
+    let terms = Tensor::stack(&[&dab, &dba, &pab, &pba, &dense, &pooled, &tot], 0)?
+        .to_dtype(candle_core::DType::F32)?
+        .detach();
     Ok((tot, terms))
 }
 
@@ -164,6 +160,10 @@ mod tests {
         let pa = Tensor::new(&[0.5f32], &dev).unwrap();
         let pb = Tensor::new(1.5f32, &dev).unwrap();
         let (t, terms) = total(da.as_tensor(), &db, &pa, &pb, 0.5, 0.5).unwrap();
+        assert!(!terms.track_op(), "the logged terms keep no graph");
+        let read =
+            |t: &Tensor| LossTerms::from_values(t.to_vec1::<f32>().unwrap().try_into().unwrap());
+        let terms = read(&terms);
         assert_eq!(terms.dense, 2.0);
         assert_eq!(terms.pooled, 1.0);
         assert_eq!(terms.total, 1.5);
@@ -175,7 +175,7 @@ mod tests {
             0.25
         );
         let (_, t2) = total(da.as_tensor(), &db, &pa, &pb, 1.0, 0.0).unwrap();
-        assert_eq!(t2.total, 2.0);
+        assert_eq!(read(&t2).total, 2.0);
         let two = Tensor::new(&[1.0f32, 2.0], &dev).unwrap();
         assert!(total(&two, &db, &pa, &pb, 0.5, 0.5).is_err());
     }
