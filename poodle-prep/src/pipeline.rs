@@ -71,7 +71,17 @@ pub fn store_path(out: &Path, cfg: &DatasetConfig, part: usize, parts: usize) ->
     out.join(format!("{}-part-{part:05}-of-{parts:05}.zarr", cfg.name))
 }
 
-fn bar(mp: &MultiProgress, len: u64, what: &str) -> ProgressBar {
+/// The job's progress display: on stderr, or hidden (`--quiet`).
+pub(crate) fn progress(show: bool) -> MultiProgress {
+    MultiProgress::with_draw_target(if show {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    })
+}
+
+/// One stage's bar: `what` right-aligned, done/total, rate and ETA.
+pub(crate) fn bar(mp: &MultiProgress, len: u64, what: &str) -> ProgressBar {
     let pb = mp.add(ProgressBar::new(len));
     pb.set_style(
         ProgressStyle::with_template(&format!(
@@ -324,11 +334,7 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
         opts.io_binding,
         opts.flow_group.as_deref(),
     )?;
-    let mp = MultiProgress::with_draw_target(if opts.show_progress {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    });
+    let mp = progress(opts.show_progress);
     let part = select_part(opts, &mp)?;
 
     let store = store_path(&opts.out, &opts.config, opts.part_index, opts.num_parts);

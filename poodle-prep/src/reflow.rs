@@ -5,15 +5,16 @@
 //! plan, done shards), and the group's metadata is written last, so the store stays valid
 //! (without the new group) until the group is complete.
 
-use crate::flowmodel::Device;
+use crate::flowmodel::{Device, FlowModel};
 use crate::flowstage::{flow_attrs, flow_batch, open_flow_model, ShardFlow};
 use crate::job::{JobDir, ShardDone, StageStats};
+use crate::pipeline::{bar, progress};
 use crate::quality::{group_quality, GroupQuality};
 use crate::{PrepError, Result};
 use crossbeam_channel::bounded;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 use poodle_common::flowmath::Map;
-use poodle_common::store::{Codecs, PoodleStore, StoreArrays};
+use poodle_common::store::{Codecs, FlowArrays, PoodleStore, StoreArrays};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -65,6 +66,8 @@ pub struct ReflowSummary {
 /// One shard's pairs as read from the store: (slot, frames (2,3,H,W)) of valid pairs.
 type ShardFrames = (usize, Vec<(usize, Vec<u8>)>);
 
+/// Recomputes flow over the store `opts.store` into its flow group (the model card's name
+/// unless given), resuming the shards already done; the group's metadata last.
 pub fn run_reflow(opts: &ReflowOptions) -> Result<ReflowSummary> {
     let start = Instant::now();
     if opts.batch_size == 0 {
@@ -79,24 +82,8 @@ pub fn run_reflow(opts: &ReflowOptions) -> Result<ReflowSummary> {
         opts.flow_group.as_deref(),
     )?;
     let store = PoodleStore::open(&opts.store)?;
-    if let Some((_, fa)) = store.flow_groups.iter().find(|(g, _)| g == &group) {
-        if fa.model_sha256 == model.model_sha256 && fa.card == model.card_json {
-            return Ok(ReflowSummary {
-                store: opts.store.display().to_string(),
-                flow_quality: group_quality(&store, &group, opts.max_occluded_median)?,
-                flow_group: group,
-                model_sha256: model.model_sha256,
-                wall_s: start.elapsed().as_secs_f64(),
-                ..Default::default()
-            });
-        }
-        return Err(PrepError::Job {
-            path: opts.store.clone(),
-            reason: format!(
-                "flow group {group:?} already holds flow of another model or model card ({}); choose another --flow-group",
-                fa.model_name
-            ),
-        });
+    if let Some(done) = finished_group(opts, &store, &model, &group, start)? {
+        return Ok(done);
     }
     let geometry = store.attrs.geometry;
     let job = JobDir::open_in(
@@ -121,83 +108,18 @@ pub fn run_reflow(opts: &ReflowOptions) -> Result<ReflowSummary> {
     let shards_resumed = shards_total - todo.len();
     let valid = store.read_all_valid()?;
 
-    let pb = ProgressBar::with_draw_target(
-        Some(
-            todo.iter()
-                .map(|&k| geometry.shard_pairs(k).len() as u64)
-                .sum(),
-        ),
-        if opts.show_progress {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        },
-    );
-    pb.set_style(
-        ProgressStyle::with_template("   flow {bar:30} {pos}/{len} {per_sec} eta {eta}")
-            .expect("template"),
-    );
-    let (tx, rx) = bounded::<Result<ShardFrames>>(2);
-    let (h, w) = (geometry.height, geometry.width);
-    let mut flowed = 0usize;
-    let mut busy = 0.0;
-    std::thread::scope(|scope| -> Result<()> {
-        // Reader: whole shards of frames, ahead of the flow model.
-        let store = &store;
-        let valid = &valid;
-        let todo = &todo;
-        scope.spawn(move || {
-            for &k in todo {
-                let read = || -> Result<ShardFrames> {
-                    let mut v = Vec::new();
-                    for i in geometry.shard_pairs(k) {
-                        if valid[i] {
-                            v.push((i, store.read_pair(i)?.frames));
-                        }
-                    }
-                    Ok((k, v))
-                };
-                if tx.send(read()).is_err() {
-                    return;
-                }
-            }
-        });
-        for item in rx {
-            let (k, pairs) = item?;
-            let n = geometry.shard_pairs(k).len();
-            let start = geometry.shard_pairs(k).start;
-            let mut flow = ShardFlow::new(geometry, n, opts.store_backward);
-            let t0 = Instant::now();
-            // Fixed batches of slots, as in prep, so reruns compute the same values.
-            for chunk in pairs.chunks(opts.batch_size) {
-                let to_map = |f: &[u8]| Map {
-                    c: 3,
-                    h,
-                    w,
-                    data: f.iter().map(|&v| f32::from(v)).collect(),
-                };
-                let imgs: Vec<(Map, Map)> = chunk
-                    .iter()
-                    .map(|(_, f)| (to_map(&f[..3 * h * w]), to_map(&f[3 * h * w..])))
-                    .collect();
-                let outs = flow_batch(&mut model, &imgs, opts.store_backward)?;
-                for ((slot, _), o) in chunk.iter().zip(outs) {
-                    flow.put(slot - start, &o);
-                }
-                pb.inc(chunk.len() as u64);
-            }
-            busy += t0.elapsed().as_secs_f64();
-            flow.write(&arrays, &fa, k)?;
-            job.mark_done(&ShardDone {
-                shard: k,
-                pairs_written: pairs.len(),
-                skipped: vec![],
-            })?;
-            flowed += pairs.len();
-            pb.inc((n - pairs.len()) as u64);
-        }
-        Ok(())
-    })?;
+    let mp = progress(opts.show_progress);
+    let pairs_todo: usize = todo.iter().map(|&k| geometry.shard_pairs(k).len()).sum();
+    let pb = bar(&mp, pairs_todo as u64, "flow");
+    let shards = Reflow {
+        opts,
+        store: &store,
+        valid: &valid,
+        arrays: &arrays,
+        fa: &fa,
+        job: &job,
+    };
+    let (flowed, busy) = shards.run(&todo, &mut model, &pb)?;
     pb.finish_and_clear();
     arrays.finalize_flow(&fa, &flow_attrs(&model, opts.store_backward))?;
     // Reopened: the group's metadata exists only now.
@@ -219,4 +141,127 @@ pub fn run_reflow(opts: &ReflowOptions) -> Result<ReflowSummary> {
         wall_s: start.elapsed().as_secs_f64(),
         flow: StageStats::of(flowed, busy),
     })
+}
+
+/// A group that already exists: done if the same model and card wrote it (the summary of a
+/// rerun), refused otherwise; `None` for a new group.
+fn finished_group(
+    opts: &ReflowOptions,
+    store: &PoodleStore,
+    model: &FlowModel,
+    group: &str,
+    start: Instant,
+) -> Result<Option<ReflowSummary>> {
+    let Some((_, fa)) = store.flow_groups.iter().find(|(g, _)| g == group) else {
+        return Ok(None);
+    };
+    if fa.model_sha256 == model.model_sha256 && fa.card == model.card_json {
+        return Ok(Some(ReflowSummary {
+            store: opts.store.display().to_string(),
+            flow_quality: group_quality(store, group, opts.max_occluded_median)?,
+            flow_group: group.to_string(),
+            model_sha256: model.model_sha256.clone(),
+            wall_s: start.elapsed().as_secs_f64(),
+            ..Default::default()
+        }));
+    }
+    Err(PrepError::Job {
+        path: opts.store.clone(),
+        reason: format!(
+            "flow group {group:?} already holds flow of another model or model card ({}); choose another --flow-group",
+            fa.model_name
+        ),
+    })
+}
+
+/// What the reader and the flow loop of one `flow` run share.
+#[derive(Clone, Copy)]
+struct Reflow<'a> {
+    opts: &'a ReflowOptions,
+    store: &'a PoodleStore,
+    /// Of every pair of the store: invalid pairs have no frames to flow.
+    valid: &'a [bool],
+    arrays: &'a StoreArrays,
+    fa: &'a FlowArrays,
+    job: &'a JobDir,
+}
+
+impl Reflow<'_> {
+    /// Flows the shards `todo`, a reader thread fetching whole shards of frames ahead of the
+    /// model; each shard is written and marked done as it is finished. Returns the pairs
+    /// flowed and the seconds spent in the flow stage.
+    fn run(self, todo: &[usize], model: &mut FlowModel, pb: &ProgressBar) -> Result<(usize, f64)> {
+        let g = self.store.attrs.geometry;
+        let (tx, rx) = bounded::<Result<ShardFrames>>(2);
+        let (mut flowed, mut busy) = (0usize, 0.0);
+        std::thread::scope(|scope| -> Result<()> {
+            scope.spawn(move || {
+                for &k in todo {
+                    if tx.send(self.read_shard(k)).is_err() {
+                        return;
+                    }
+                }
+            });
+            for item in rx {
+                let (k, pairs) = item?;
+                let t0 = Instant::now();
+                let flow = self.flow_shard(k, &pairs, model, pb)?;
+                busy += t0.elapsed().as_secs_f64();
+                flow.write(self.arrays, self.fa, k)?;
+                self.job.mark_done(&ShardDone {
+                    shard: k,
+                    pairs_written: pairs.len(),
+                    skipped: vec![],
+                })?;
+                flowed += pairs.len();
+                pb.inc((g.shard_pairs(k).len() - pairs.len()) as u64);
+            }
+            Ok(())
+        })?;
+        Ok((flowed, busy))
+    }
+
+    /// The frames of shard `k`'s valid pairs.
+    fn read_shard(self, k: usize) -> Result<ShardFrames> {
+        let mut v = Vec::new();
+        for i in self.store.attrs.geometry.shard_pairs(k) {
+            if self.valid[i] {
+                v.push((i, self.store.read_pair(i)?.frames));
+            }
+        }
+        Ok((k, v))
+    }
+
+    /// Flow of shard `k`'s pairs, in fixed batches of slots as in prep, so that reruns
+    /// compute the same values.
+    fn flow_shard(
+        self,
+        k: usize,
+        pairs: &[(usize, Vec<u8>)],
+        model: &mut FlowModel,
+        pb: &ProgressBar,
+    ) -> Result<ShardFlow> {
+        let g = self.store.attrs.geometry;
+        let (h, w) = (g.height, g.width);
+        let start = g.shard_pairs(k).start;
+        let mut flow = ShardFlow::new(g, g.shard_pairs(k).len(), self.opts.store_backward);
+        let to_map = |f: &[u8]| Map {
+            c: 3,
+            h,
+            w,
+            data: f.iter().map(|&v| f32::from(v)).collect(),
+        };
+        for chunk in pairs.chunks(self.opts.batch_size) {
+            let imgs: Vec<(Map, Map)> = chunk
+                .iter()
+                .map(|(_, f)| (to_map(&f[..3 * h * w]), to_map(&f[3 * h * w..])))
+                .collect();
+            let outs = flow_batch(model, &imgs, self.opts.store_backward)?;
+            for ((slot, _), o) in chunk.iter().zip(outs) {
+                flow.put(slot - start, &o);
+            }
+            pb.inc(chunk.len() as u64);
+        }
+        Ok(flow)
+    }
 }
