@@ -9,37 +9,45 @@ use poodle_common::flowmath::{
     OCC_ALPHA2,
 };
 use poodle_common::store::{FlowArrays, FlowAttrs, Geometry, StoreArrays};
-use std::path::Path;
+use rayon::prelude::*;
+use std::path::PathBuf;
 
-/// Loads a flow model card's ONNX model through ort (`ort_lib`, else the one found), with or
-/// without an I/O binding.
-pub fn load_flow_model(
-    card: &Path,
-    device: Device,
-    ort_lib: Option<&Path>,
-    threads: usize,
-    io_binding: bool,
-) -> Result<FlowModel> {
-    let ort_lib = find_ort_library(ort_lib)?;
-    let mut model = FlowModel::load(card, device, &ort_lib, threads)?;
-    model.set_io_binding(io_binding)?;
-    Ok(model)
+/// The flow model of a job (`prep`, `flow`, `eval-flow`) and the flow group it writes.
+#[derive(Clone, Debug)]
+pub struct FlowModelOptions {
+    /// The model card (JSON beside the ONNX file).
+    pub card: PathBuf,
+    pub device: Device,
+    /// The ONNX Runtime library; `None` finds it.
+    pub ort_lib: Option<PathBuf>,
+    /// ONNX Runtime's intra-op threads on the CPU.
+    pub threads: usize,
+    /// Run the model through an ort I/O binding (see `FlowModel::set_io_binding`).
+    pub io_binding: bool,
+    /// Flow group name; defaults to the model card's name.
+    pub flow_group: Option<String>,
 }
 
-/// Loads the flow model of a job (`prep` or `flow`) and names its flow group: `group`, else
-/// the model card's name. A name the store cannot hold is refused here, before any work.
-pub fn open_flow_model(
-    card: &Path,
-    device: Device,
-    ort_lib: Option<&Path>,
-    threads: usize,
-    io_binding: bool,
-    group: Option<&str>,
-) -> Result<(FlowModel, String)> {
-    let model = load_flow_model(card, device, ort_lib, threads, io_binding)?;
-    let group = group.map_or_else(|| model.card.name.clone(), str::to_string);
-    poodle_common::store::validate_group_name(&group).map_err(PrepError::Usage)?;
-    Ok((model, group))
+impl FlowModelOptions {
+    /// Loads the model card's ONNX model through ort.
+    pub fn load(&self) -> Result<FlowModel> {
+        let ort_lib = find_ort_library(self.ort_lib.as_deref())?;
+        let mut model = FlowModel::load(&self.card, self.device, &ort_lib, self.threads)?;
+        model.set_io_binding(self.io_binding)?;
+        Ok(model)
+    }
+
+    /// Loads the model and names its flow group: `flow_group`, else the model card's name.
+    /// A name the store cannot hold is refused here, before any work.
+    pub fn open(&self) -> Result<(FlowModel, String)> {
+        let model = self.load()?;
+        let group = self
+            .flow_group
+            .clone()
+            .unwrap_or_else(|| model.card.name.clone());
+        poodle_common::store::validate_group_name(&group).map_err(PrepError::Usage)?;
+        Ok((model, group))
+    }
 }
 
 /// The attributes of a flow group written by `model`.
@@ -56,7 +64,6 @@ pub fn flow_attrs(model: &FlowModel, backward: bool) -> FlowAttrs {
         stat_names: FLOW_STAT_NAMES.iter().map(|s| s.to_string()).collect(),
     }
 }
-use rayon::prelude::*;
 
 /// What the flow stage produces for one pair, ready for the store.
 pub struct FlowOut {

@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use poodle_common::config::DatasetConfig;
 use poodle_prep::flowmodel::Device;
+use poodle_prep::flowstage::FlowModelOptions;
 use poodle_prep::pipeline::{run_prep, PrepOptions};
 use std::path::PathBuf;
 
@@ -81,13 +82,22 @@ struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn threads(&self) -> usize {
-        if self.flow_threads == 0 {
+    /// The model to load, writing `flow_group`; `--flow-threads 0` means every core.
+    fn options(&self, flow_group: Option<String>) -> FlowModelOptions {
+        let threads = if self.flow_threads == 0 {
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
         } else {
             self.flow_threads
+        };
+        FlowModelOptions {
+            card: self.model.clone(),
+            device: self.device,
+            ort_lib: self.ort_lib.clone(),
+            threads,
+            io_binding: !self.no_io_binding,
+            flow_group,
         }
     }
 }
@@ -304,22 +314,16 @@ fn main() -> Result<()> {
 /// `prep`: one part of a dataset, then its summary (stderr) and JSON report (stdout).
 fn prep(a: PrepArgs) -> Result<()> {
     let (config, root) = a.dataset.load()?;
-    let threads = a.model.threads();
     let opts = PrepOptions {
         config,
         root,
         out: a.dataset.out,
         part_index: a.part_index,
         num_parts: a.num_parts,
-        model_card: a.model.model,
-        device: a.model.device,
-        ort_lib: a.model.ort_lib,
-        flow_group: a.output.flow_group,
+        model: a.model.options(a.output.flow_group),
         store_backward: !a.output.no_backward,
         batch_size: a.output.batch_size,
-        io_binding: !a.model.no_io_binding,
         decode_workers: a.decode_workers,
-        flow_threads: threads,
         show_progress: !a.quiet,
         max_pairs: a.max_pairs,
         min_median_flow: a.min_median_flow,
@@ -358,14 +362,9 @@ fn prep(a: PrepArgs) -> Result<()> {
 fn flow(a: FlowArgs) -> Result<()> {
     let opts = poodle_prep::reflow::ReflowOptions {
         store: a.store,
-        model_card: a.model.model.clone(),
-        device: a.model.device,
-        ort_lib: a.model.ort_lib.clone(),
-        flow_group: a.output.flow_group,
+        model: a.model.options(a.output.flow_group),
         store_backward: !a.output.no_backward,
         batch_size: a.output.batch_size,
-        io_binding: !a.model.no_io_binding,
-        flow_threads: a.model.threads(),
         show_progress: !a.quiet,
         max_occluded_median: a.output.max_occluded_median,
     };
@@ -409,13 +408,7 @@ fn eval_flow(a: EvalFlowArgs) -> Result<()> {
         a.videos.display()
     );
     check_model_tools()?;
-    let mut model = poodle_prep::flowstage::load_flow_model(
-        &a.model.model,
-        a.model.device,
-        a.model.ort_lib.as_deref(),
-        a.model.threads(),
-        !a.model.no_io_binding,
-    )?;
+    let mut model = a.model.options(None).load()?;
     let mut rows = Vec::new();
     for (name, i1, i2, gt) in &pairs {
         rows.push(eval_pair(&mut model, name, i1, i2, gt)?);

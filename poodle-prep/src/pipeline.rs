@@ -8,9 +8,9 @@
 
 use crate::decode::{decode_image, stream_frames, Frame};
 use crate::discover::probe_all;
-use crate::flowmodel::{Device, FlowModel};
+use crate::flowmodel::FlowModel;
 use crate::flowstage::{
-    degenerate, finish_batch, flow_attrs, infer_batch, open_flow_model, FlowOut, ShardFlow,
+    degenerate, finish_batch, flow_attrs, infer_batch, FlowModelOptions, FlowOut, ShardFlow,
 };
 use crate::job::{JobDir, Plan, ShardDone, SkippedPair, StageStats, Summary};
 use crate::tools::check_ffmpeg;
@@ -37,17 +37,11 @@ pub struct PrepOptions {
     pub out: PathBuf,
     pub part_index: usize,
     pub num_parts: usize,
-    pub model_card: PathBuf,
-    pub device: Device,
-    pub ort_lib: Option<PathBuf>,
-    /// Flow group name; defaults to the model card's name.
-    pub flow_group: Option<String>,
+    /// The flow model and the group it writes.
+    pub model: FlowModelOptions,
     pub store_backward: bool,
     pub batch_size: usize,
-    /// Run the model through an ort I/O binding (see `FlowModel::set_io_binding`).
-    pub io_binding: bool,
     pub decode_workers: usize,
-    pub flow_threads: usize,
     pub show_progress: bool,
     /// Use only the first N pairs of the manifest (demos, quick checks).
     pub max_pairs: Option<usize>,
@@ -326,14 +320,7 @@ pub fn run_prep(opts: &PrepOptions) -> Result<Summary> {
     check_part_options(opts)?;
     // Everything that can fail for the whole job fails here, before any work.
     check_ffmpeg()?;
-    let (mut model, flow_group) = open_flow_model(
-        &opts.model_card,
-        opts.device,
-        opts.ort_lib.as_deref(),
-        opts.flow_threads,
-        opts.io_binding,
-        opts.flow_group.as_deref(),
-    )?;
+    let (mut model, flow_group) = opts.model.open()?;
     let mp = progress(opts.show_progress);
     let part = select_part(opts, &mp)?;
 

@@ -5,8 +5,8 @@
 //! plan, done shards), and the group's metadata is written last, so the store stays valid
 //! (without the new group) until the group is complete.
 
-use crate::flowmodel::{Device, FlowModel};
-use crate::flowstage::{flow_attrs, flow_batch, open_flow_model, ShardFlow};
+use crate::flowmodel::FlowModel;
+use crate::flowstage::{flow_attrs, flow_batch, FlowModelOptions, ShardFlow};
 use crate::job::{JobDir, ShardDone, StageStats};
 use crate::pipeline::{bar, progress};
 use crate::quality::{group_quality, GroupQuality};
@@ -22,15 +22,10 @@ use std::time::Instant;
 #[derive(Clone, Debug)]
 pub struct ReflowOptions {
     pub store: PathBuf,
-    pub model_card: PathBuf,
-    pub device: Device,
-    pub ort_lib: Option<PathBuf>,
-    pub flow_group: Option<String>,
+    /// The flow model and the group it writes.
+    pub model: FlowModelOptions,
     pub store_backward: bool,
     pub batch_size: usize,
-    /// Run the model through an ort I/O binding (see `FlowModel::set_io_binding`).
-    pub io_binding: bool,
-    pub flow_threads: usize,
     pub show_progress: bool,
     /// Warn when the group's median occluded fraction is above this.
     pub max_occluded_median: f32,
@@ -73,14 +68,7 @@ pub fn run_reflow(opts: &ReflowOptions) -> Result<ReflowSummary> {
     if opts.batch_size == 0 {
         return Err(PrepError::Usage("--batch-size must be positive".into()));
     }
-    let (mut model, group) = open_flow_model(
-        &opts.model_card,
-        opts.device,
-        opts.ort_lib.as_deref(),
-        opts.flow_threads,
-        opts.io_binding,
-        opts.flow_group.as_deref(),
-    )?;
+    let (mut model, group) = opts.model.open()?;
     let store = PoodleStore::open(&opts.store)?;
     if let Some(done) = finished_group(opts, &store, &model, &group, start)? {
         return Ok(done);
