@@ -604,7 +604,52 @@ fn sync_batch_norm_two_ranks(
     ])
 }
 
+/// Every custom op's CUDA forward and input gradients against the CPU reference, in each
+/// precision the device allows; then the dense loss's ops in f32.
 fn parity_ops(cuda: &Device, out: &mut Out) -> Result<()> {
+    for p in [Precision::F32, Precision::Tf32, Precision::Bf16] {
+        if let Some(why) = refused(cuda, p) {
+            out.emit(skipped("parity", "cuDNN ops", p, why))?;
+            continue;
+        }
+        p.apply();
+        parity_convs(cuda, p, out)?;
+        parity_batch_norms(cuda, p, out)?;
+        parity_max_pool(cuda, p, out)?;
+        // model::relu's op (PyTorch's backward) against candle's ReLU on the CPU; randn has
+        // no exact zeros, where the two gradients differ by design.
+        guarded(out, "relu", p, |out| {
+            let x = randn(&[2, 8, 9, 11], 600, &Device::Cpu)?;
+            let f = |x: &Tensor| Ok(crate::model::relu::relu(x)?);
+            let (yc, dxc) = value_and_input_grad(&x, &Device::Cpu, DType::F32, 19, f)?;
+            let (yg, dxg) = value_and_input_grad(&x, cuda, p.dtype(), 19, f)?;
+            compare(out, "relu", p, &[("y", yg, yc), ("dx", dxg, dxc)])
+        })?;
+    }
+    Precision::F32.apply();
+    parity_loss_ops(cuda, out)?;
+    parity_dense(cuda, out)
+}
+
+/// `f(x)` on `dev` in `dt` and the gradient of `sum(f(x) * r)` with respect to `x`, `r`
+/// drawn from `seed` (f32): what each op's parity row compares.
+fn value_and_input_grad(
+    x: &Tensor,
+    dev: &Device,
+    dt: DType,
+    seed: u64,
+    f: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let xv = Var::from_tensor(&x.to_device(dev)?.to_dtype(dt)?)?;
+    let y = f(xv.as_tensor())?;
+    let r = randn(y.dims(), seed, dev)?;
+    let g = (y.to_dtype(DType::F32)? * r)?.sum_all()?.backward()?;
+    let dx = g.get(xv.as_tensor()).context("dx")?.clone();
+    Ok((y, dx))
+}
+
+/// cuDNN's convolution forward, data and filter gradients against candle's CPU path.
+fn parity_convs(cuda: &Device, p: Precision, out: &mut Out) -> Result<()> {
     let cpu = Device::Cpu;
     // (batch, in, out, h, w, k, stride, pad, dilation, bias): the stem, 3x3 same, a strided
     // 3x3 on mixed-parity sizes (candle's CPU backward needs padding there), 1x1 plain and
@@ -617,137 +662,103 @@ fn parity_ops(cuda: &Device, out: &mut Out) -> Result<()> {
         (2, 32, 16, 9, 10, 1, 2, 0, 1, false),
         (2, 16, 16, 12, 12, 3, 1, 2, 2, true),
     ];
-    for p in [Precision::F32, Precision::Tf32, Precision::Bf16] {
-        if let Some(why) = refused(cuda, p) {
-            out.emit(skipped("parity", "cuDNN ops", p, why))?;
-            continue;
-        }
-        p.apply();
-        for (i, &(n, ci, co, h, w, k, s, pad, d, bias)) in convs.iter().enumerate() {
-            let name = format!("conv2d {n}x{ci}x{h}x{w} k{k} s{s} p{pad} d{d}");
-            guarded(out, &name, p, |out| {
-                let mk = |dev: &Device, vm: &VarMap| {
-                    let vb = VarBuilder::from_varmap(vm, DType::F32, dev);
-                    Conv2d::new(
-                        ci,
-                        co,
-                        k,
-                        s,
-                        pad,
-                        d,
-                        bias,
-                        Init::Randn {
-                            mean: 0.,
-                            stdev: 0.2,
-                        },
-                        vb,
-                    )
+    for (i, &(n, ci, co, h, w, k, s, pad, d, bias)) in convs.iter().enumerate() {
+        let name = format!("conv2d {n}x{ci}x{h}x{w} k{k} s{s} p{pad} d{d}");
+        guarded(out, &name, p, |out| {
+            let mk = |dev: &Device, vm: &VarMap| {
+                let vb = VarBuilder::from_varmap(vm, DType::F32, dev);
+                let init = Init::Randn {
+                    mean: 0.,
+                    stdev: 0.2,
                 };
-                let (vm_c, vm_g) = (VarMap::new(), VarMap::new());
-                let (lc, lg) = (mk(&cpu, &vm_c)?, mk(cuda, &vm_g)?);
-                copy_map(&vm_c, &vm_g, cuda)?;
-                let x = randn(&[n, ci, h, w], 100 + i as u64, &cpu)?;
-                let run =
-                    |layer: &Conv2d, dev: &Device, dt: DType| -> Result<(Tensor, Tensor, Tensor)> {
-                        let xv = Var::from_tensor(&x.to_device(dev)?.to_dtype(dt)?)?;
-                        let y = layer.forward(xv.as_tensor())?;
-                        let r = randn(y.dims(), 7, dev)?.to_dtype(dt)?;
-                        let g = (y.to_dtype(DType::F32)? * r.to_dtype(DType::F32)?)?
-                            .sum_all()?
-                            .backward()?;
-                        let dx = g.get(xv.as_tensor()).context("dx")?.clone();
-                        let dw = g.get(layer.weight()).context("dw")?.clone();
-                        Ok((y, dx, dw))
-                    };
-                let (yc, dxc, dwc) = run(&lc, &cpu, DType::F32)?;
-                let (yg, dxg, dwg) = run(&lg, cuda, p.dtype())?;
-                compare(
-                    out,
-                    &name,
-                    p,
-                    &[("y", yg, yc), ("dx", dxg, dxc), ("dw", dwg, dwc)],
-                )
-            })?;
-        }
-        for (i, dims) in [vec![4, 8, 5, 6], vec![6, 16]].into_iter().enumerate() {
-            let x = randn(&dims, 200 + i as u64, &cpu)?.affine(3.0, 0.5)?;
-            let probe = randn(&dims, 9, &cpu)?;
-            let reference = batch_norm_outputs(&x, &probe, &cpu, DType::F32)?;
-            let name = format!("batchnorm {dims:?}");
-            guarded(out, &name, p, |out| {
-                let cuda_run = batch_norm_outputs(&x, &probe, cuda, p.dtype())?;
-                compare_named(out, &name, p, &BN_OUTPUTS, cuda_run, reference.clone())
-            })?;
-            // Synchronised over two ranks (threads) on this device: the fused passes of
-            // model::sync_bn_fused, against the same one-batch reference.
-            let name = format!("sync batchnorm {dims:?} (2 ranks)");
-            guarded(out, &name, p, |out| {
-                let cuda_run = sync_batch_norm_two_ranks(&x, &probe, cuda, p.dtype())?;
-                compare_named(out, &name, p, &BN_OUTPUTS, cuda_run, reference.clone())
-            })?;
-        }
-        for (i, dims) in [[2, 4, 9, 12], [2, 4, 8, 8], [1, 2, 1, 2]]
-            .into_iter()
-            .enumerate()
-        {
-            let name = format!("maxpool3x3s2 {dims:?}");
-            guarded(out, &name, p, |out| {
-                // Not randn: rounding to bf16 can tie a window's two largest values, and cuDNN
-                // then may route the gradient to another element than the f32 reference does.
-                let x = distinct_bf16(&dims, 300 + i as u64)?;
-                let run = |dev: &Device, dt: DType| -> Result<(Tensor, Tensor)> {
-                    let xv = Var::from_tensor(&x.to_device(dev)?.to_dtype(dt)?)?;
-                    let y = max_pool_3x3_s2(xv.as_tensor())?;
-                    let r = randn(y.dims(), 11, dev)?;
-                    let g = (y.to_dtype(DType::F32)? * r)?.sum_all()?.backward()?;
-                    Ok((y, g.get(xv.as_tensor()).context("dx")?.clone()))
-                };
-                let (yc, dxc) = run(&cpu, DType::F32)?;
-                let (yg, dxg) = run(cuda, p.dtype())?;
-                compare(out, &name, p, &[("y", yg, yc), ("dx", dxg, dxc)])
-            })?;
-        }
-        // model::relu's op (PyTorch's backward) against candle's ReLU on the CPU; randn has
-        // no exact zeros, where the two gradients differ by design.
-        guarded(out, "relu", p, |out| {
-            let x = randn(&[2, 8, 9, 11], 600, &cpu)?;
-            let run = |dev: &Device, dt: DType| -> Result<(Tensor, Tensor)> {
-                let xv = Var::from_tensor(&x.to_device(dev)?.to_dtype(dt)?)?;
-                let y = crate::model::relu::relu(xv.as_tensor())?;
-                let r = randn(y.dims(), 19, dev)?;
-                let g = (y.to_dtype(DType::F32)? * r)?.sum_all()?.backward()?;
-                Ok((y, g.get(xv.as_tensor()).context("dx")?.clone()))
+                Conv2d::new(ci, co, k, s, pad, d, bias, init, vb)
             };
-            let (yc, dxc) = run(&cpu, DType::F32)?;
-            let (yg, dxg) = run(cuda, p.dtype())?;
-            compare(out, "relu", p, &[("y", yg, yc), ("dx", dxg, dxc)])
+            let (vm_c, vm_g) = (VarMap::new(), VarMap::new());
+            let (lc, lg) = (mk(&cpu, &vm_c)?, mk(cuda, &vm_g)?);
+            copy_map(&vm_c, &vm_g, cuda)?;
+            let x = randn(&[n, ci, h, w], 100 + i as u64, &cpu)?;
+            let run = |layer: &Conv2d, dev: &Device, dt: DType| -> Result<[Tensor; 3]> {
+                let xv = Var::from_tensor(&x.to_device(dev)?.to_dtype(dt)?)?;
+                let y = layer.forward(xv.as_tensor())?;
+                let r = randn(y.dims(), 7, dev)?.to_dtype(dt)?;
+                let g = (y.to_dtype(DType::F32)? * r.to_dtype(DType::F32)?)?
+                    .sum_all()?
+                    .backward()?;
+                let dx = g.get(xv.as_tensor()).context("dx")?.clone();
+                let dw = g.get(layer.weight()).context("dw")?.clone();
+                Ok([y, dx, dw])
+            };
+            let [yc, dxc, dwc] = run(&lc, &cpu, DType::F32)?;
+            let [yg, dxg, dwg] = run(&lg, cuda, p.dtype())?;
+            let pairs = [("y", yg, yc), ("dx", dxg, dxc), ("dw", dwg, dwc)];
+            compare(out, &name, p, &pairs)
         })?;
     }
-    // The dense loss's own ops (src/cuda/kernels.cu), f32: bilinear sampling (some points
-    // outside the map) and the normalised squared difference.
-    Precision::F32.apply();
-    guarded(out, "bilinear sample (taps)", Precision::F32, |out| {
+    Ok(())
+}
+
+/// cuDNN's training BatchNorm, and the synchronised BatchNorm's fused passes over two thread
+/// ranks on the device, against the composed CPU path; 4-D and 2-D inputs.
+fn parity_batch_norms(cuda: &Device, p: Precision, out: &mut Out) -> Result<()> {
+    let cpu = Device::Cpu;
+    for (i, dims) in [vec![4, 8, 5, 6], vec![6, 16]].into_iter().enumerate() {
+        let x = randn(&dims, 200 + i as u64, &cpu)?.affine(3.0, 0.5)?;
+        let probe = randn(&dims, 9, &cpu)?;
+        let reference = batch_norm_outputs(&x, &probe, &cpu, DType::F32)?;
+        let name = format!("batchnorm {dims:?}");
+        guarded(out, &name, p, |out| {
+            let cuda_run = batch_norm_outputs(&x, &probe, cuda, p.dtype())?;
+            compare_named(out, &name, p, &BN_OUTPUTS, cuda_run, reference.clone())
+        })?;
+        let name = format!("sync batchnorm {dims:?} (2 ranks)");
+        guarded(out, &name, p, |out| {
+            let cuda_run = sync_batch_norm_two_ranks(&x, &probe, cuda, p.dtype())?;
+            compare_named(out, &name, p, &BN_OUTPUTS, cuda_run, reference.clone())
+        })?;
+    }
+    Ok(())
+}
+
+/// cuDNN's 3x3 stride-2 max-pool and its backward against the CPU path.
+fn parity_max_pool(cuda: &Device, p: Precision, out: &mut Out) -> Result<()> {
+    for (i, dims) in [[2, 4, 9, 12], [2, 4, 8, 8], [1, 2, 1, 2]]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("maxpool3x3s2 {dims:?}");
+        guarded(out, &name, p, |out| {
+            // Not randn: rounding to bf16 can tie a window's two largest values, and cuDNN
+            // then may route the gradient to another element than the f32 reference does.
+            let x = distinct_bf16(&dims, 300 + i as u64)?;
+            let f = |x: &Tensor| Ok(max_pool_3x3_s2(x)?);
+            let (yc, dxc) = value_and_input_grad(&x, &Device::Cpu, DType::F32, 11, f)?;
+            let (yg, dxg) = value_and_input_grad(&x, cuda, p.dtype(), 11, f)?;
+            compare(out, &name, p, &[("y", yg, yc), ("dx", dxg, dxc)])
+        })?;
+    }
+    Ok(())
+}
+
+/// The dense loss's own ops (src/cuda/kernels.cu), f32: bilinear sampling (some points
+/// outside the map) and the normalised squared difference.
+fn parity_loss_ops(cuda: &Device, out: &mut Out) -> Result<()> {
+    let cpu = Device::Cpu;
+    let f32 = Precision::F32;
+    guarded(out, "bilinear sample (taps)", f32, |out| {
         let x = randn(&[2, 5, 7, 9], 400, &cpu)?;
         let pts: Vec<f32> = (0..2 * 6 * 11 * 2)
             .map(|i| ((i as f32 * 0.37).sin() * 0.6 + 0.5) * if i % 2 == 0 { 10.0 } else { 8.0 })
             .collect();
         let coords = Tensor::from_vec(pts, (2, 6, 11, 2), &cpu)?;
-        let run = |dev: &Device| -> Result<(Tensor, Tensor)> {
-            let xv = Var::from_tensor(&x.to_device(dev)?)?;
-            let (y, _mask) = crate::loss::sample_bilinear(xv.as_tensor(), &coords.to_device(dev)?)?;
-            let r = randn(y.dims(), 13, dev)?;
-            let g = (&y * r)?.sum_all()?.backward()?;
-            Ok((y, g.get(xv.as_tensor()).context("dx")?.clone()))
+        let run = |dev: &Device| {
+            let f = |x: &Tensor| Ok(crate::loss::sample_bilinear(x, &coords.to_device(dev)?)?.0);
+            value_and_input_grad(&x, dev, DType::F32, 13, f)
         };
         let ((yc, dxc), (yg, dxg)) = (run(&cpu)?, run(cuda)?);
-        compare(
-            out,
-            "bilinear sample (taps)",
-            Precision::F32,
-            &[("y", yg, yc), ("dx", dxg, dxc)],
-        )
+        let pairs = [("y", yg, yc), ("dx", dxg, dxc)];
+        compare(out, "bilinear sample (taps)", f32, &pairs)
     })?;
-    guarded(out, "normalized sq diff", Precision::F32, |out| {
+    guarded(out, "normalized sq diff", f32, |out| {
         let (a, b) = (
             randn(&[2, 16, 5, 6], 500, &cpu)?,
             randn(&[2, 16, 5, 6], 501, &cpu)?,
@@ -768,9 +779,8 @@ fn parity_ops(cuda: &Device, out: &mut Out) -> Result<()> {
         };
         let (rc, rg) = (run(&cpu)?, run(cuda)?);
         let names = ["d", "da", "db"];
-        compare_named(out, "normalized sq diff", Precision::F32, &names, rg, rc)
-    })?;
-    parity_dense(cuda, out)
+        compare_named(out, "normalized sq diff", f32, &names, rg, rc)
+    })
 }
 
 /// Rotated, zoomed and flipped views, random flow and occlusion for `n` samples of an
