@@ -77,7 +77,7 @@
 
 use crate::checkpoint::Progress;
 use crate::model::{named_vars, BlockKind, ResNetConfig};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
@@ -575,11 +575,43 @@ pub fn load_init_with(map: &VarMap, path: &Path, which: Which) -> Result<InitRep
         bail!("load_init: the model map has no backbone.* variables");
     }
     let keys: BTreeSet<&str> = shapes.keys().map(String::as_str).collect();
-    let names: Vec<String> = vars.iter().map(|(n, _)| n.clone()).collect();
-    let prefix = match (forced, which) {
-        (Some(p), _) => p.to_string(),
-        (None, Which::Online) => find_prefix(&keys, &names, path)?,
-        (None, Which::Target) => {
+    let prefix = match forced {
+        Some(p) => p.to_string(),
+        None => backbone_prefix(&keys, &vars, which, path)?,
+    };
+    let at = |what: String| format!("{}: {what}", path.display());
+    let ignored = check_backbone_keys(&shapes, &vars, &prefix).map_err(|e| anyhow!(at(e)))?;
+    let plan: Vec<(String, candle_core::Var)> = (vars.iter())
+        .map(|(name, var)| (format!("{prefix}{name}"), var.clone()))
+        .collect();
+    let elements = set_all(&file, &plan, &at)?;
+    Ok(InitReport {
+        path: path.to_path_buf(),
+        format,
+        nested_key,
+        prefix,
+        set: vars.len(),
+        elements,
+        ignored,
+        layout,
+        which,
+    })
+}
+
+/// Where a backbone's keys start in a file of one network or of a poodle-train checkpoint:
+/// found from the keys for the online network; `target.backbone.` for the target.
+fn backbone_prefix(
+    keys: &BTreeSet<&str>,
+    vars: &[(String, candle_core::Var)],
+    which: Which,
+    path: &Path,
+) -> Result<String> {
+    match which {
+        Which::Online => {
+            let names: Vec<String> = vars.iter().map(|(n, _)| n.clone()).collect();
+            find_prefix(keys, &names, path)
+        }
+        Which::Target => {
             let p = "target.backbone.";
             if !keys.iter().any(|k| k.starts_with(p)) {
                 bail!(
@@ -589,14 +621,22 @@ pub fn load_init_with(map: &VarMap, path: &Path, which: Which) -> Result<InitRep
                     path.display()
                 );
             }
-            p.to_string()
+            Ok(p.to_string())
         }
-    };
-    let at = |what: String| format!("{}: {what}", path.display());
+    }
+}
 
+/// Checks that the file's keys under `prefix` are exactly the backbone's `vars` with their
+/// shapes, but for a classifier (`fc.`) and BatchNorm's batch counters; returns how many keys
+/// were ignored (those and every key outside `prefix`), or what does not match.
+fn check_backbone_keys(
+    shapes: &BTreeMap<String, Vec<usize>>,
+    vars: &[(String, candle_core::Var)],
+    prefix: &str,
+) -> std::result::Result<usize, String> {
     let mut mismatched = Vec::new();
     let mut missing = Vec::new();
-    for (name, var) in &vars {
+    for (name, var) in vars {
         let key = format!("{prefix}{name}");
         match shapes.get(&key) {
             None => missing.push(key),
@@ -607,12 +647,12 @@ pub fn load_init_with(map: &VarMap, path: &Path, which: Which) -> Result<InitRep
             Some(_) => {}
         }
     }
-    let wanted: BTreeSet<String> = names.iter().map(|n| format!("{prefix}{n}")).collect();
+    let wanted: BTreeSet<String> = vars.iter().map(|(n, _)| format!("{prefix}{n}")).collect();
     let mut ignored = 0;
     let mut unexpected = Vec::new();
-    for key in &keys {
-        let rel = match key.strip_prefix(prefix.as_str()) {
-            Some(rel) if !wanted.contains(*key) => rel,
+    for key in shapes.keys() {
+        let rel = match key.strip_prefix(prefix) {
+            Some(rel) if !wanted.contains(key) => rel,
             Some(_) => continue,
             None => {
                 ignored += 1;
@@ -629,61 +669,61 @@ pub fn load_init_with(map: &VarMap, path: &Path, which: Which) -> Result<InitRep
         }
     }
     if !mismatched.is_empty() {
-        bail!(at(format!(
+        return Err(format!(
             "{} shape mismatch(es) with the model's backbone ({}): {}",
             mismatched.len(),
-            architectures(&shapes, &prefix, &vars),
+            architectures(shapes, prefix, vars),
             list(&mismatched)
-        )));
+        ));
     }
     if !missing.is_empty() {
-        bail!(at(format!(
+        return Err(format!(
             "{} of the model's {} backbone tensors missing from the file (prefix {prefix:?}): {}",
             missing.len(),
             vars.len(),
             list(&missing)
-        )));
+        ));
     }
     if !unexpected.is_empty() {
-        bail!(at(format!(
+        return Err(format!(
             "{} key(s) under prefix {prefix:?} that the model's backbone does not have \
              (a deeper ResNet?): {}",
             unexpected.len(),
             list(&unexpected)
-        )));
+        ));
     }
-    // Read and convert everything first: the map changes only once all tensors are good.
-    let mut values = Vec::with_capacity(vars.len());
-    for (name, var) in &vars {
-        let key = format!("{prefix}{name}");
-        let t = file.load(&key).with_context(|| at(key.clone()))?;
+    Ok(ignored)
+}
+
+/// Reads every `(key, var)` of `plan` from `file`, converted to the variable's shape, dtype
+/// and device, and only then sets them all, so that the map changes only once every tensor
+/// is good; `at` names the file in errors. Returns the number of elements set.
+fn set_all(
+    file: &WeightFile,
+    plan: &[(String, candle_core::Var)],
+    at: &dyn Fn(String) -> String,
+) -> Result<usize> {
+    let mut values = Vec::with_capacity(plan.len());
+    for (key, var) in plan {
+        let value = file.load(key).with_context(|| at(key.clone()))?;
         if !matches!(
-            t.dtype(),
+            value.dtype(),
             DType::F16 | DType::BF16 | DType::F32 | DType::F64
         ) {
             bail!(at(format!(
                 "{key}: dtype {:?} is not a float type",
-                t.dtype()
+                value.dtype()
             )));
         }
-        values.push(t.to_dtype(var.dtype())?.to_device(var.device())?);
+        let value = value.reshape(var.shape())?;
+        values.push(value.to_dtype(var.dtype())?.to_device(var.device())?);
     }
     let mut elements = 0;
-    for ((name, var), t) in vars.iter().zip(values) {
+    for ((key, var), t) in plan.iter().zip(values) {
         elements += t.elem_count();
-        var.set(&t).with_context(|| at(format!("{prefix}{name}")))?;
+        var.set(&t).with_context(|| at(key.clone()))?;
     }
-    Ok(InitReport {
-        path: path.to_path_buf(),
-        format,
-        nested_key,
-        prefix,
-        set: vars.len(),
-        elements,
-        ignored,
-        layout,
-        which,
-    })
+    Ok(elements)
 }
 
 /// The authors' key of a poodle variable in their PooDLe state_dict (`t`: `""` or
@@ -786,27 +826,7 @@ fn load_authors_poodle(
         };
         bail!(at(format!("{first}{more}")));
     }
-    // Read and convert everything first: the map changes only once all tensors are good.
-    let mut values = Vec::with_capacity(plan.len());
-    for (key, var) in &plan {
-        let value = file.load(key).with_context(|| at(key.clone()))?;
-        if !matches!(
-            value.dtype(),
-            DType::F16 | DType::BF16 | DType::F32 | DType::F64
-        ) {
-            bail!(at(format!(
-                "{key}: dtype {:?} is not a float type",
-                value.dtype()
-            )));
-        }
-        let value = value.reshape(var.shape())?;
-        values.push(value.to_dtype(var.dtype())?.to_device(var.device())?);
-    }
-    let mut elements = 0;
-    for ((key, var), t) in plan.iter().zip(values) {
-        elements += t.elem_count();
-        var.set(&t).with_context(|| at(key.clone()))?;
-    }
+    let elements = set_all(file, &plan, &at)?;
     Ok(InitReport {
         path: path.to_path_buf(),
         format,
