@@ -396,36 +396,51 @@ pub struct Loader {
     summary: LoaderSummary,
 }
 
-impl Loader {
-    /// Opens every store, checks the schema and flow group, and indexes the valid pairs.
-    pub fn open(cfg: LoaderConfig, device: Device) -> Result<Loader> {
-        cfg.augment
-            .validate()
-            .map_err(|e| anyhow!("augment config: {e}"))?;
-        if cfg.batch_size == 0 {
-            bail!("batch_size must be positive");
-        }
-        if cfg.prefetch == 0 {
-            bail!("prefetch must be at least 1");
-        }
-        if cfg.shard.world == 0 || cfg.shard.rank >= cfg.shard.world {
-            bail!(
-                "shard: rank {} of world size {} is not a rank",
-                cfg.shard.rank,
-                cfg.shard.world
-            );
-        }
-        let paths = resolve_store_paths(&cfg.stores)?;
-        if paths.is_empty() {
-            bail!("no stores given");
-        }
+/// Refuses a loader config that cannot make batches.
+fn check_config(cfg: &LoaderConfig) -> Result<()> {
+    cfg.augment
+        .validate()
+        .map_err(|e| anyhow!("augment config: {e}"))?;
+    if cfg.batch_size == 0 {
+        bail!("batch_size must be positive");
+    }
+    if cfg.prefetch == 0 {
+        bail!("prefetch must be at least 1");
+    }
+    if cfg.shard.world == 0 || cfg.shard.rank >= cfg.shard.world {
+        bail!(
+            "shard: rank {} of world size {} is not a rank",
+            cfg.shard.rank,
+            cfg.shard.world
+        );
+    }
+    Ok(())
+}
+
+/// The opened stores and their valid pairs, as the pass planner sees them.
+struct StoreIndex {
+    stores: Vec<PoodleStore>,
+    summaries: Vec<StoreSummary>,
+    /// `(store, pair)` of every valid pair.
+    index: Vec<(u32, u32)>,
+    /// The sampling unit of each entry of `index`.
+    keys: Vec<PairKey>,
+    unit: VisitUnit,
+    /// The flow group read from every store.
+    group: String,
+}
+
+impl StoreIndex {
+    /// Opens `paths` (each with the flow group `cfg.flow_group`, else the first store's) and
+    /// lists their valid pairs; the stores must agree on the sampling unit.
+    fn open(cfg: &LoaderConfig, paths: &[PathBuf]) -> Result<Self> {
         let mut stores = Vec::new();
         let mut summaries = Vec::new();
         let mut index = Vec::new();
         let mut keys = Vec::new();
         let mut units_seen = Vec::new();
         let mut group = cfg.flow_group.clone();
-        for p in &paths {
+        for p in paths {
             let (s, g) = open_store(p, group.as_deref())?;
             group.get_or_insert(g);
             let k = u32::try_from(stores.len()).context("too many stores")?;
@@ -458,7 +473,33 @@ impl Loader {
                  video): set data.sampling.unit to \"video\" or \"pair\""
             );
         }
-        let group = group.expect("set by the first store");
+        Ok(StoreIndex {
+            stores,
+            summaries,
+            index,
+            keys,
+            unit,
+            group: group.expect("set by the first store"),
+        })
+    }
+}
+
+impl Loader {
+    /// Opens every store, checks the schema and flow group, and indexes the valid pairs.
+    pub fn open(cfg: LoaderConfig, device: Device) -> Result<Loader> {
+        check_config(&cfg)?;
+        let paths = resolve_store_paths(&cfg.stores)?;
+        if paths.is_empty() {
+            bail!("no stores given");
+        }
+        let StoreIndex {
+            stores,
+            summaries,
+            index,
+            keys,
+            unit,
+            group,
+        } = StoreIndex::open(&cfg, &paths)?;
         let planner = PassPlanner::new(&cfg.sampling, cfg.seed, &keys, unit == VisitUnit::Pair);
         let n = planner.pairs_per_pass();
         // A batch here is one global batch: every rank's local batch of the same index.
