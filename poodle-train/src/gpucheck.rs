@@ -15,13 +15,14 @@ use crate::data::loader::Batch;
 use crate::geom::Affine;
 use crate::model::layers::{max_pool_3x3_s2, BatchNorm, Conv2d};
 use crate::model::resnet::{ResNet, ResNetConfig};
-use crate::optim::{ema_update, GradAccumulator};
+use crate::optim::{ema_update, GradAccumulator, Grads};
 use crate::run::Learner;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
 use candle_nn::{Init, VarBuilder, VarMap};
 use poodle_common::rng::SplitMix64;
 use serde_json::{json, Value};
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -1011,7 +1012,7 @@ pub fn synthetic_batch(
 }
 
 /// One optimiser step as `run::train` takes it: both frame orders, backward, AdamW, EMA.
-fn train_step(l: &mut Learner, b: &Batch) -> Result<(crate::loss::LossTerms, crate::optim::Grads)> {
+fn train_step(l: &mut Learner, b: &Batch) -> Result<(crate::loss::LossTerms, Grads)> {
     let (tot, terms, _, _) = l.losses(b)?;
     let mut acc = GradAccumulator::new();
     acc.add(&tot.backward()?, &l.online_params)?;
@@ -1046,14 +1047,6 @@ fn parity_step(cuda: &Device, out: &mut Out) -> Result<()> {
     let (tg, gg) = train_step(&mut lg, &bg)?;
     let cached = gpu::algo_cache_len(cuda);
     let tol = tolerance(Precision::F32);
-    let row = |tensor: String, rel: f64, tol: f64, ok: bool, extra: Value| {
-        let mut v = json!({"kind": "parity", "op": "train step (tiny)", "precision": "f32",
-            "tensor": tensor, "rel_err": rel, "tol": tol, "ok": ok && rel <= tol});
-        if let (Some(v), Value::Object(e)) = (v.as_object_mut(), extra) {
-            v.extend(e);
-        }
-        v
-    };
     let terms = [
         ("dense_ab", tg.dense_ab, tc.dense_ab),
         ("dense_ba", tg.dense_ba, tc.dense_ba),
@@ -1063,12 +1056,48 @@ fn parity_step(cuda: &Device, out: &mut Out) -> Result<()> {
     ];
     for (nm, g, c) in terms {
         let rel = ((g - c) / c.abs().max(1e-12)).abs() as f64;
-        out.emit(row(format!("loss {nm}"), rel, tol, true, Value::Null))?;
+        out.emit(step_row(format!("loss {nm}"), rel, tol, true, Value::Null))?;
     }
-    // Gradients: per-parameter relative L2 error, the denominator floored at (1e-3 x the RMS
-    // gradient of the whole network)^2 an element. The bias of each head's first layer has an
-    // exact gradient of 0 (BatchNorm follows it), so both devices hold rounding noise there,
-    // whose relative error is of order 1. A gradient on one side only fails the check.
+    let floored = step_gradient_parity(out, &lc, &gc, &gg, tol)?;
+    step_update_parity(out, &lc, &lg, &floored)?;
+    train_step(&mut lg, &bg)?;
+    let again = gpu::algo_cache_len(cuda);
+    let Some(((before, cached), again)) = before.zip(cached).zip(again) else {
+        let why = "no cuDNN algorithm cache on this device";
+        return out.emit(skipped("parity", "algorithm cache", Precision::F32, why));
+    };
+    out.emit(
+        json!({"kind": "parity", "op": "algorithm cache", "precision": "f32",
+        "tensor": "entries before step 1, after steps 1 and 2", "cached": [before, cached, again],
+        "ok": cached > before && again == cached}),
+    )?;
+    Ok(())
+}
+
+/// One row of the training step's parity, with the `extra` fields.
+fn step_row(tensor: String, rel: f64, tol: f64, ok: bool, extra: Value) -> Value {
+    let mut v = json!({"kind": "parity", "op": "train step (tiny)", "precision": "f32",
+        "tensor": tensor, "rel_err": rel, "tol": tol, "ok": ok && rel <= tol});
+    if let (Some(v), Value::Object(e)) = (v.as_object_mut(), extra) {
+        v.extend(e);
+    }
+    v
+}
+
+/// The worst parameter gradient of the step, CUDA (`gg`) against the CPU (`gc`), as one
+/// row; returns the parameters whose gradient is below the floor (rounding noise).
+///
+/// Per-parameter relative L2 error, the denominator floored at (1e-3 x the RMS gradient of
+/// the whole network)^2 an element. The bias of each head's first layer has an exact
+/// gradient of 0 (BatchNorm follows it), so both devices hold rounding noise there, whose
+/// relative error is of order 1. A gradient on one side only fails the check.
+fn step_gradient_parity(
+    out: &mut Out,
+    lc: &Learner,
+    gc: &Grads,
+    gg: &Grads,
+    tol: f64,
+) -> Result<HashSet<String>> {
     let (mut rows, mut one_sided, mut unused) = (Vec::new(), Vec::new(), 0usize);
     let (mut sum_sq, mut n_all) = (0f64, 0usize);
     for (name, _) in &lc.online_params {
@@ -1086,11 +1115,11 @@ fn parity_step(cuda: &Device, out: &mut Out) -> Result<()> {
     }
     let floor = 1e-6 * sum_sq / n_all.max(1) as f64;
     let (mut worst, mut worst_name) = (0f64, String::new());
-    let mut floored = std::collections::HashSet::new();
+    let mut floored = HashSet::new();
     for (name, num, den, n) in &rows {
         let floor_n = floor * *n as f64;
         if *den < floor_n {
-            floored.insert(name.as_str());
+            floored.insert(name.clone());
         }
         let rel = (num / den.max(floor_n).max(1e-30)).sqrt();
         // The first row names the worst even when every error is 0 (the CPU on both sides).
@@ -1099,22 +1128,32 @@ fn parity_step(cuda: &Device, out: &mut Out) -> Result<()> {
         }
     }
     // BatchNorm of small batches amplifies differences over ~20 layers: 10x the op tolerance.
-    let gtol = 10.0 * tol;
-    out.emit(row(
+    out.emit(step_row(
         format!("worst gradient ({worst_name})"),
         worst,
-        gtol,
+        10.0 * tol,
         one_sided.is_empty() && !rows.is_empty(),
         json!({"compared": rows.len(), "floored": floored.len(), "missing": one_sided,
             "unused": unused}),
     ))?;
-    // Weights after AdamW and the target after the EMA, as the RMS difference in units of
-    // the step (lr, and (1 - m) lr for the target). AdamW's first step is about lr sign(g) an
-    // element, so an element whose gradient is within its rounding error of 0 moves by +lr on
-    // one device and -lr on the other: the floored parameters are left out, and elsewhere a
-    // gradient at the gradient tolerance flips ~0.1% of the elements, ~0.06 step RMS.
+    Ok(floored)
+}
+
+/// The weights after AdamW and the target after the EMA, CUDA (`lg`) against the CPU
+/// (`lc`), one row each: the RMS difference in units of the step (lr, and (1 - m) lr for
+/// the target). AdamW's first step is about lr sign(g) an element, so an element whose
+/// gradient is within its rounding error of 0 moves by +lr on one device and -lr on the
+/// other: the `floored` parameters are left out, and elsewhere a gradient at the gradient
+/// tolerance flips ~0.1% of the elements, ~0.06 step RMS.
+fn step_update_parity(
+    out: &mut Out,
+    lc: &Learner,
+    lg: &Learner,
+    floored: &HashSet<String>,
+) -> Result<()> {
     let lr = lc.cfg.optim.lr;
     let wtol = 0.1;
+    let target_step = (1.0 - lc.cfg.optim.ema_m0) * lr;
     let sets = [
         (
             &lc.online_params,
@@ -1126,7 +1165,7 @@ fn parity_step(cuda: &Device, out: &mut Out) -> Result<()> {
             &lc.target_params,
             &lg.target_params,
             "target after EMA",
-            (1.0 - lc.cfg.optim.ema_m0) * lr,
+            target_step,
         ),
     ];
     for (pc, pg, what, step) in sets {
@@ -1134,7 +1173,7 @@ fn parity_step(cuda: &Device, out: &mut Out) -> Result<()> {
             pg.iter().map(|(n, v)| (n.as_str(), v)).collect();
         let (mut sq, mut n, mut missing) = (0f64, 0usize, Vec::new());
         let (mut worst, mut worst_name) = (0f64, String::new());
-        for (name, vc) in pc.iter().filter(|(n, _)| !floored.contains(n.as_str())) {
+        for (name, vc) in pc.iter().filter(|(n, _)| !floored.contains(n)) {
             let Some(vg) = pg.get(name.as_str()) else {
                 missing.push(name.clone());
                 continue;
@@ -1148,7 +1187,7 @@ fn parity_step(cuda: &Device, out: &mut Out) -> Result<()> {
             n += vc.elem_count();
         }
         let rms = (sq / n.max(1) as f64).sqrt() / step;
-        out.emit(row(
+        out.emit(step_row(
             format!("{what}, RMS difference / step"),
             rms,
             wtol,
@@ -1157,17 +1196,6 @@ fn parity_step(cuda: &Device, out: &mut Out) -> Result<()> {
                 "left_out": floored.len()}),
         ))?;
     }
-    train_step(&mut lg, &bg)?;
-    let again = gpu::algo_cache_len(cuda);
-    let Some(((before, cached), again)) = before.zip(cached).zip(again) else {
-        let why = "no cuDNN algorithm cache on this device";
-        return out.emit(skipped("parity", "algorithm cache", Precision::F32, why));
-    };
-    out.emit(
-        json!({"kind": "parity", "op": "algorithm cache", "precision": "f32",
-        "tensor": "entries before step 1, after steps 1 and 2", "cached": [before, cached, again],
-        "ok": cached > before && again == cached}),
-    )?;
     Ok(())
 }
 
