@@ -6,7 +6,7 @@ use crate::checkpoint::{self, Progress};
 use crate::config::TrainConfig;
 use crate::data::loader::{Batch, Loader, LoaderConfig, Shard};
 use crate::dist::{self, Collective, LaunchEnv};
-use crate::loss::dense::{dense_loss, Correspondence};
+use crate::loss::dense::{dense_loss_with_plans, Correspondence, DensePlans};
 use crate::loss::{check_finite, pooled::pooled_loss, total, LossTerms};
 use crate::model::{copy_vars, trainable_vars, Encoder, Online};
 use crate::optim::{ema_update, is_no_decay, AdamW, AdamWConfig, GradAccumulator, Grads, Schedule};
@@ -248,8 +248,15 @@ impl Learner {
                 crop: (h, w),
                 order: m.dense_order,
             };
-            let (l, s) = dense_loss(&q[0], &t[1], &corr(0))?;
-            let (l2, s2) = dense_loss(&q[1], &t[0], &corr(1))?;
+            // Both frame orders' plans (host work) before either loss uploads anything: an
+            // upload waits for the queued forward passes, and the second order's host work
+            // would then run while the GPU idles.
+            let plans = [
+                DensePlans::new(&q[0], &t[1], &corr(0))?,
+                DensePlans::new(&q[1], &t[0], &corr(1))?,
+            ];
+            let (l, s) = dense_loss_with_plans(&q[0], &t[1], &plans[0])?;
+            let (l2, s2) = dense_loss_with_plans(&q[1], &t[0], &plans[1])?;
             d_ab = l;
             d_ba = l2;
             mask_fraction = (s.mask_fraction + s2.mask_fraction) / 2.0;

@@ -126,6 +126,24 @@ pub fn dense_loss(
     dense_loss_impl(pred_online, &proj_target.detach(), c, Form::Fused, false)
 }
 
+/// [`dense_loss`] through plans built beforehand by [`DensePlans::new`] from the same maps'
+/// shapes. Building plans is host work only; the loss uploads them. The training step builds
+/// both frame orders' plans first, so that on a GPU all of that host work runs while the
+/// forward passes execute (an upload from pageable memory waits for the queued work).
+pub fn dense_loss_with_plans(
+    pred_online: &Tensor,
+    proj_target: &Tensor,
+    plans: &DensePlans,
+) -> Result<(Tensor, DenseStats)> {
+    compare_with_plans(
+        pred_online,
+        &proj_target.detach(),
+        plans,
+        Form::Fused,
+        false,
+    )
+}
+
 /// [`dense_loss`] without the stop-gradient: gradients also flow into `proj_target` (for
 /// gradient checks of the target path; training uses [`dense_loss`]).
 pub fn dense_loss_with_target_grad(
@@ -163,23 +181,23 @@ enum Form {
 
 /// The sampling plans and the mask of one dense-loss call: what both forms share, and all
 /// the host work of a call on the GPU (the coordinates and masks are computed on the CPU).
+/// Building them touches no device: the loss that uses them uploads them.
 pub struct DensePlans {
     online: SampleGrid,
     /// The target chain, innermost first (one plan, or warp then undo).
     target: Vec<SampleGrid>,
-    /// `(N, 1, H, W)` f32.
+    /// `(N, 1, H, W)` f32, a CPU tensor until a loss uploads it.
     m: Tensor,
     stats: DenseStats,
 }
 
 impl DensePlans {
-    /// The plans of comparing `pred_online` with `proj_target` (only their shapes and device
-    /// are read) through `c`.
+    /// The plans of comparing `pred_online` with `proj_target` (only their shapes are read)
+    /// through `c`.
     pub fn new(pred_online: &Tensor, proj_target: &Tensor, c: &Correspondence) -> Result<Self> {
         let (h, w) = c.crop;
         let (n, _, _, _) = pred_online.dims4()?;
         check_shapes(pred_online, proj_target, c)?;
-        let dev = pred_online.device();
 
         // Online branch: crop pixel y samples the upsampled view at A_o^-1 y. The plan composes
         // the bilinear upsampling to the crop with the sampling (exact, see `sample`).
@@ -188,9 +206,9 @@ impl DensePlans {
         let online = SampleGrid::from_fn_upsampled(n, (h_o, w_o), (h, w), (h, w), |b, y, x| {
             Some(inv_o[b].apply(x as f64, y as f64))
         });
-        // The mask and its statistics on the host, uploaded once: nothing here waits for the
-        // GPU (the flow and occlusion of a training batch are CPU tensors), so on a GPU this
-        // host work runs while the networks' forward pass does.
+        // The mask and its statistics on the host, uploaded once by the loss: nothing here
+        // waits for the GPU (the flow and occlusion of a training batch are CPU tensors), so
+        // on a GPU this host work runs while the networks' forward pass does.
         let (target, mask_t) = target_branch(proj_target, c)?;
         let occ: Vec<f32> = c.occluded.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let mask_o = online.mask_host().concat();
@@ -206,7 +224,7 @@ impl DensePlans {
             target_valid: mean(&mut mask_t.iter().copied()),
             non_occluded: mean(&mut occ.iter().map(|o| 1.0 - o)),
         };
-        let m = Tensor::from_vec(m, (n, 1, h, w), dev)?;
+        let m = Tensor::from_vec(m, (n, 1, h, w), &candle_core::Device::Cpu)?;
         Ok(DensePlans {
             online,
             target,
@@ -232,7 +250,7 @@ pub fn dense_aligned(
 ) -> Result<(Tensor, Tensor, Tensor, DenseStats)> {
     let p = DensePlans::new(pred_online, proj_target, c)?;
     let (z_o, z_t) = p.aligned(pred_online, proj_target)?;
-    let m = p.m.to_dtype(z_o.dtype())?;
+    let m = p.m.to_device(z_o.device())?.to_dtype(z_o.dtype())?;
     Ok((z_o, z_t, m, p.stats))
 }
 
@@ -314,25 +332,32 @@ fn dense_loss_impl(
     target_grad: bool,
 ) -> Result<(Tensor, DenseStats)> {
     let p = DensePlans::new(pred_online, proj_target, c)?;
+    compare_with_plans(pred_online, proj_target, &p, form, target_grad)
+}
+
+/// The loss of one call from its plans, in `form` (`proj_target` detached by the caller
+/// unless `target_grad`).
+fn compare_with_plans(
+    pred_online: &Tensor,
+    proj_target: &Tensor,
+    p: &DensePlans,
+    form: Form,
+    target_grad: bool,
+) -> Result<(Tensor, DenseStats)> {
+    // The mask's upload: on a GPU the first wait for the queued forward passes.
+    let m = p.m.to_device(pred_online.device())?;
     let fused = form == Form::Fused
         && fused::supported(pred_online)
         && proj_target.dtype() == pred_online.dtype();
     let num = if fused {
         let chain: Vec<&SampleGrid> = p.target.iter().collect();
-        fused::masked_sq_diff_sums(
-            pred_online,
-            proj_target,
-            &p.online,
-            &chain,
-            &p.m,
-            target_grad,
-        )?
+        fused::masked_sq_diff_sums(pred_online, proj_target, &p.online, &chain, &m, target_grad)?
     } else {
         let (z_o, z_t) = p.aligned(pred_online, proj_target)?;
-        let m = p.m.to_dtype(z_o.dtype())?;
+        let m = m.to_dtype(z_o.dtype())?;
         normalized_sq_diff(&z_o, &z_t)?.mul(&m)?.sum((1, 2, 3))? // (N,)
     };
-    let m = p.m.to_dtype(num.dtype())?;
+    let m = m.to_dtype(num.dtype())?;
     let den = m.sum((1, 2, 3))?.affine(1.0, DENSE_DEN_EPS)?;
     let loss = num.div(&den)?.mean_all()?;
     Ok((loss, p.stats))
@@ -807,6 +832,41 @@ mod tests {
         .unwrap();
         let g = l.backward().unwrap();
         assert!(g.get(q.as_tensor()).is_some());
+    }
+
+    /// The training step's form: plans built first (host only: the mask stays a CPU tensor),
+    /// then the loss; the same value, gradient and stop-gradient as `dense_loss`.
+    #[test]
+    fn loss_through_prebuilt_plans_equals_dense_loss() {
+        let (n, c, h, w) = (2, 5, 4, 6);
+        let p = Var::from_tensor(&feats(n, c, h, w, 20)).unwrap();
+        let q = Var::from_tensor(&feats(n, c, h, w, 21)).unwrap();
+        let a = [
+            Affine::IDENTITY,
+            Affine::about_centre(12, 8, 15.0, 1.2, true),
+        ];
+        let fl = feats(n, 2, 8, 12, 22).affine(3.0, 0.5).unwrap();
+        let occ = zeros(n, 1, 8, 12);
+        let corr = Correspondence::new(&a, &a, &fl, &occ, (8, 12), TargetOrder::Authors);
+        let plans = DensePlans::new(p.as_tensor(), q.as_tensor(), &corr).unwrap();
+        assert!(plans.m.device().is_cpu());
+        let (l1, s1) = dense_loss_with_plans(p.as_tensor(), q.as_tensor(), &plans).unwrap();
+        let (l2, s2) = dense_loss(p.as_tensor(), q.as_tensor(), &corr).unwrap();
+        assert_eq!(s1, s2);
+        let v = |l: &Tensor| l.to_scalar::<f32>().unwrap();
+        assert_eq!(v(&l1), v(&l2));
+        assert!(v(&l1) > 0.0);
+        let (g1, g2) = (l1.backward().unwrap(), l2.backward().unwrap());
+        assert!(g1.get(q.as_tensor()).is_none());
+        let grad = |g: &candle_core::backprop::GradStore| -> Vec<f32> {
+            g.get(p.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        assert_eq!(grad(&g1), grad(&g2));
     }
 
     #[test]
