@@ -331,6 +331,9 @@ impl TrainConfig {
         if self.method.pooled && self.augment.subcrops.k == 0 {
             bail!("method.pooled needs augment.subcrops.k > 0");
         }
+        if self.run.log_every == 0 || self.run.checkpoint_every == 0 {
+            bail!("run.log_every and run.checkpoint_every must be at least 1");
+        }
         let bucket = self.dist.bucket_mb;
         if bucket.is_nan() || bucket <= 0.0 || self.dist.check_every == Some(0) {
             bail!("dist.bucket_mb must be positive and dist.check_every at least 1 (or null)");
@@ -394,5 +397,9 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("at least one"), "{e}");
+        for zero in ["run.log_every=0", "run.checkpoint_every=0"] {
+            let e = TrainConfig::load("tiny", &[zero.into()]).unwrap_err();
+            assert!(e.to_string().contains("must be at least 1"), "{zero}: {e}");
+        }
     }
 }

@@ -503,6 +503,8 @@ struct StepSums {
 }
 
 impl StepSums {
+    /// Adds one micro-batch: its queued loss values (summed on the device, not read), its
+    /// mask fraction, its loader wait and its pairs.
     fn add(&mut self, q: &QueuedLosses, b: &Batch) -> Result<()> {
         self.logged = Some(match self.logged.take() {
             Some(sum) => (sum + &q.logged)?,
@@ -754,9 +756,9 @@ impl Trainer<'_> {
             mom,
         )?;
         self.step += 1;
-        let local = sums.read()?;
-        check_finite(self.step, &local.0).map_err(|e| anyhow::anyhow!("{e}; stopping"))?;
-        let loss = sums.mean_over_ranks(local, n, self.group.as_ref())?;
+        let loss = sums.mean_over_ranks(sums.read()?, n, self.group.as_ref())?;
+        // On the mean over ranks, which every rank holds: all stop together, with one message.
+        check_finite(self.step, &loss.0).map_err(|e| anyhow::anyhow!("{e}; stopping"))?;
         let (allreduce_bytes, allreduce_calls) = self.counted.take();
         self.first_loss.get_or_insert(loss.0.total);
         self.last_loss = Some(loss.0.total);

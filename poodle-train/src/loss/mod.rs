@@ -91,12 +91,6 @@ impl LossTerms {
             total,
         }
     }
-
-    /// Term-wise sum.
-    pub fn add(&self, other: &Self) -> Self {
-        let (a, b) = (self.values(), other.values());
-        Self::from_values(std::array::from_fn(|i| a[i] + b[i]))
-    }
 }
 
 /// The symmetric total: `w_dense * (dense_ab + dense_ba) / 2 + w_pooled * (pooled_ab +
