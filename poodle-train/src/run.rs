@@ -516,25 +516,15 @@ impl StepSums {
         Ok(())
     }
 
-    /// The summed terms and projection std, read from the device: on CUDA the step's one
-    /// wait for it (with the logged gradient norm's).
-    fn read(&self) -> Result<(LossTerms, f32)> {
-        read_logged(
-            self.logged
-                .as_ref()
-                .context("a step without micro-batches")?,
-        )
-    }
-
-    /// The step's loss terms, mask fraction and projection std from the summed `terms` and
-    /// `proj_std`: the mean over its `n` micro-batches, then over ranks (one small
-    /// all-reduce).
-    fn mean_over_ranks(
-        &self,
-        (terms, proj_std): (LossTerms, f32),
-        n: f32,
-        group: &dyn Collective,
-    ) -> Result<(LossTerms, f32, f32)> {
+    /// The step's loss terms, mask fraction and projection std: the mean over its `n`
+    /// micro-batches, then over ranks (one small all-reduce). Reading the summed values is,
+    /// on CUDA, the step's one wait for the device (with the logged gradient norm's).
+    fn mean_over_ranks(&self, n: f32, group: &dyn Collective) -> Result<(LossTerms, f32, f32)> {
+        let logged = self
+            .logged
+            .as_ref()
+            .context("a step without micro-batches")?;
+        let (terms, proj_std) = read_logged(logged)?;
         let mut v = [0f32; 9];
         v[..7].copy_from_slice(&terms.values());
         (v[7], v[8]) = (self.mask, proj_std);
@@ -641,9 +631,7 @@ fn train_rank(
         out: (rank == 0).then(|| RunOutputs::open(cfg)).transpose()?,
         reporter: StepReporter::new(max_steps, step, quiet),
         quiet,
-        group,
-        counted,
-        world,
+        group: counted,
         sched,
         max_steps,
         step,
@@ -651,7 +639,7 @@ fn train_rank(
         last_loss: None,
         last_ckpt: None,
     };
-    t.counted.take(); // the start-up check is not a step's traffic
+    t.group.take(); // the start-up check is not a step's traffic
     t.run(&loader, pass, start_batch)?;
     t.reporter.finish();
     // The other ranks wait until rank 0 has written the last checkpoint.
@@ -677,10 +665,8 @@ struct Trainer<'a> {
     out: Option<RunOutputs>,
     reporter: StepReporter,
     quiet: bool,
-    group: Arc<dyn Collective>,
-    /// The same group, counting each step's all-reduce traffic.
-    counted: Arc<dist::Counted>,
-    world: usize,
+    /// This rank's group, counting each step's all-reduce traffic.
+    group: Arc<dist::Counted>,
     sched: Schedule,
     max_steps: u64,
     /// Optimiser steps done.
@@ -692,7 +678,7 @@ struct Trainer<'a> {
 
 impl Trainer<'_> {
     fn pairs_per_step(&self) -> u64 {
-        (self.cfg.data.batch_size * self.cfg.optim.accumulate * self.world) as u64
+        (self.cfg.data.batch_size * self.cfg.optim.accumulate * self.group.world()) as u64
     }
 
     /// Passes over the loader from `pass`, batch `start_batch`, until `max_steps`: each
@@ -756,10 +742,10 @@ impl Trainer<'_> {
             mom,
         )?;
         self.step += 1;
-        let loss = sums.mean_over_ranks(sums.read()?, n, self.group.as_ref())?;
+        let loss = sums.mean_over_ranks(n, self.group.as_ref())?;
         // On the mean over ranks, which every rank holds: all stop together, with one message.
         check_finite(self.step, &loss.0).map_err(|e| anyhow::anyhow!("{e}; stopping"))?;
-        let (allreduce_bytes, allreduce_calls) = self.counted.take();
+        let (allreduce_bytes, allreduce_calls) = self.group.take();
         self.first_loss.get_or_insert(loss.0.total);
         self.last_loss = Some(loss.0.total);
         if cfg
@@ -789,7 +775,7 @@ impl Trainer<'_> {
                 grad_norm: grad_norm.context("no gradient norm for a logged step")?,
                 allreduce_bytes,
                 allreduce_calls,
-                pairs_per_s: (sums.pairs * self.world) as f64
+                pairs_per_s: (sums.pairs * self.group.world()) as f64
                     / t_step.elapsed().as_secs_f64().max(1e-9),
                 data_wait_s: sums.wait_s,
             };
@@ -828,7 +814,7 @@ impl Trainer<'_> {
             batch: bi + 1,
             file: String::new(),
             config_json: self.config_json.clone(),
-            world_size: self.world,
+            world_size: self.group.world(),
         };
         let l = &self.learner;
         let path = checkpoint::save(
